@@ -1,0 +1,195 @@
+//! Events: decoded once into field slots, raw JSON text kept for output.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+use crate::fields::{FieldId, FieldRegistry};
+use crate::value::Value;
+use crate::Millis;
+
+/// One input event. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Event(Arc<EventInner>);
+
+struct EventInner {
+    time: Millis,
+    slots: Box<[Value]>,
+    raw: Box<str>,
+}
+
+impl Event {
+    /// Builds an event directly (tests, generators).
+    pub fn new(time: Millis, slots: Vec<Value>, raw: impl Into<Box<str>>) -> Event {
+        Event(Arc::new(EventInner { time, slots: slots.into_boxed_slice(), raw: raw.into() }))
+    }
+
+    /// Event time in milliseconds, as read from the source's time field.
+    pub fn time(&self) -> Millis {
+        self.0.time
+    }
+
+    /// The value in a field slot; NULL when the event lacks the field.
+    #[inline]
+    pub fn get(&self, id: FieldId) -> &Value {
+        static NULL: Value = Value::Null;
+        self.0.slots.get(id as usize).unwrap_or(&NULL)
+    }
+
+    /// Number of slots decoded (the registry size at decode time).
+    pub fn slot_count(&self) -> usize {
+        self.0.slots.len()
+    }
+
+    /// The event as received.
+    pub fn raw(&self) -> &str {
+        &self.0.raw
+    }
+
+    /// The event as a JSON value (parsed from the raw text).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0.raw).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Same allocation?
+    pub fn ptr_eq(&self, other: &Event) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Event(t={}, {})", self.0.time, self.0.raw)
+    }
+}
+
+/// Why a line could not become an event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a JSON object: {0}")]
+    NotJson(String),
+    #[error("missing time field `{0}`")]
+    MissingTime(String),
+    #[error("time field `{field}` is not an integer number of milliseconds: {value}")]
+    BadTime { field: String, value: String },
+}
+
+/// Decodes JSON text into [`Event`]s against a [`FieldRegistry`]: only the
+/// registered fields are materialised, everything else is skipped unparsed.
+pub struct EventDecoder<'r> {
+    registry: &'r FieldRegistry,
+    time_field: FieldId,
+}
+
+impl<'r> EventDecoder<'r> {
+    /// `time_field` must be registered in `registry`.
+    pub fn new(registry: &'r FieldRegistry, time_field: FieldId) -> Self {
+        EventDecoder { registry, time_field }
+    }
+
+    pub fn decode(&self, text: &str) -> Result<Event, DecodeError> {
+        let mut slots = vec![Value::Null; self.registry.len()];
+        let mut de = serde_json::Deserializer::from_str(text);
+        ObjectSeed { registry: self.registry, prefix: String::new(), slots: &mut slots }
+            .deserialize(&mut de)
+            .map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        de.end().map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let field = self.registry.path(self.time_field);
+        let time = match &slots[self.time_field as usize] {
+            Value::Int(i) => *i,
+            Value::Float(f) if f.fract() == 0.0 => *f as i64,
+            Value::Null => return Err(DecodeError::MissingTime(field.to_string())),
+            other => {
+                return Err(DecodeError::BadTime { field: field.to_string(), value: other.to_string() })
+            }
+        };
+        Ok(Event::new(time, slots, text.trim()))
+    }
+
+    /// Decodes an already parsed JSON object (test cases).
+    pub fn decode_value(&self, v: &serde_json::Value) -> Result<Event, DecodeError> {
+        self.decode(&v.to_string())
+    }
+}
+
+struct ObjectSeed<'a> {
+    registry: &'a FieldRegistry,
+    prefix: String,
+    slots: &'a mut Vec<Value>,
+}
+
+impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut path = self.prefix;
+        let base = path.len();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            path.truncate(base);
+            if base > 0 {
+                path.push('.');
+            }
+            path.push_str(&key);
+            if let Some(id) = self.registry.get(&path) {
+                let v: serde_json::Value = map.next_value()?;
+                if self.registry.is_prefix(&path) && v.is_object() {
+                    fill_nested(self.registry, &path, &v, self.slots);
+                }
+                self.slots[id as usize] = Value::from_json(&v);
+            } else if self.registry.is_prefix(&path) {
+                let v: serde_json::Value = map.next_value()?;
+                fill_nested(self.registry, &path, &v, self.slots);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fill_nested(registry: &FieldRegistry, prefix: &str, v: &serde_json::Value, slots: &mut [Value]) {
+    if let serde_json::Value::Object(m) = v {
+        for (k, v) in m {
+            let path = format!("{prefix}.{k}");
+            if let Some(id) = registry.get(&path) {
+                slots[id as usize] = Value::from_json(v);
+            }
+            if registry.is_prefix(&path) {
+                fill_nested(registry, &path, v, slots);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_only_registered_fields() {
+        let mut reg = FieldRegistry::new();
+        let t = reg.intern("eventTime");
+        let p = reg.intern("price");
+        let sku = reg.intern("payload.sku");
+        let dec = EventDecoder::new(&reg, t);
+        let e = dec
+            .decode(r#"{"eventTime": 5, "price": 1.5, "other": [1,2], "payload": {"sku": "x"}}"#)
+            .unwrap();
+        assert_eq!(e.time(), 5);
+        assert_eq!(e.get(p), &Value::Float(1.5));
+        assert_eq!(e.get(sku), &Value::str("x"));
+        assert!(matches!(dec.decode("{}"), Err(DecodeError::MissingTime(_))));
+        assert!(matches!(dec.decode("nope"), Err(DecodeError::NotJson(_))));
+        assert!(matches!(dec.decode(r#"{"eventTime":"x"}"#), Err(DecodeError::BadTime { .. })));
+    }
+}
