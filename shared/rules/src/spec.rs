@@ -694,7 +694,8 @@ impl Reader {
                     self.err(Diagnostic::new("E026", "`greedy` cannot be combined with inner \"any\"").stage(name).key("greedy"));
                 }
             }
-            if i > 0 && optional && stages[i - 1].greedy {
+            if i > 0 && s.optional && stages[i - 1].greedy {
+                // Flink refuses `optional()` after a greedy stage; `times: [0, n]` is accepted.
                 self.err(Diagnostic::new("E027", format!("an optional stage cannot follow the greedy stage `{}`", stages[i - 1].name)).stage(name).key("optional"));
             }
             if let Some(w) = s.within {

@@ -1,0 +1,98 @@
+//! The compiled automaton: states with ordered transitions (the order is part
+//! of the semantics — it fixes Dewey numbers and therefore reported paths).
+
+use std::sync::Arc;
+
+use cepheid_rules::{AfterMatch, AggSpec, Expr};
+
+pub type StateId = u32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateKind {
+    Start,
+    Normal,
+    Final,
+    Stop,
+    Pending,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Take,
+    Ignore,
+    Proceed,
+}
+
+/// A transition condition, built from stage conditions.
+#[derive(Clone, Debug)]
+pub enum Cond {
+    True,
+    /// Index into [`Nfa::exprs`].
+    Expr(u32),
+    Not(Box<Cond>),
+    And(Box<Cond>, Box<Cond>),
+    /// Any of (used by `all` stages: "some empty inner stage takes it").
+    Or(Vec<Cond>),
+}
+
+impl Cond {
+    pub fn and(a: Cond, b: Cond) -> Cond {
+        Cond::And(Box::new(a), Box::new(b))
+    }
+    #[allow(clippy::should_implement_trait)]
+    pub fn not(a: Cond) -> Cond {
+        Cond::Not(Box::new(a))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub action: Action,
+    pub source: StateId,
+    pub target: StateId,
+    pub cond: Cond,
+    /// For TAKE: the leaf stage the event is recorded under.
+    pub page: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct State {
+    /// Unique internal name (`stage`, `stage:0`, …) as Flink names them.
+    pub name: String,
+    pub kind: StateKind,
+    pub transitions: Vec<Transition>,
+    /// Stage window (ms) checked against the previous taken event.
+    pub window: Option<i64>,
+}
+
+/// One rule's automaton.
+#[derive(Clone, Debug)]
+pub struct Nfa {
+    pub states: Vec<State>,
+    pub start: StateId,
+    pub final_state: StateId,
+    /// Rule window in ms (0 = none).
+    pub window: i64,
+    pub exprs: Vec<Arc<Expr>>,
+    /// Per expression: does it read stage aggregates?
+    pub expr_reads_stages: Vec<bool>,
+    pub aggs: Vec<AggSpec>,
+    /// Leaf → aggregate slots fed by that leaf.
+    pub aggs_by_leaf: Vec<Vec<u32>>,
+    pub after_match: AfterMatch,
+    pub emit_timeouts: bool,
+    /// Leaf names, for output.
+    pub leaf_names: Vec<String>,
+    pub leaf_negated: Vec<bool>,
+}
+
+impl Nfa {
+    #[inline]
+    pub fn kind(&self, s: StateId) -> StateKind {
+        self.states[s as usize].kind
+    }
+    #[inline]
+    pub fn is_start(&self, s: StateId) -> bool {
+        self.kind(s) == StateKind::Start
+    }
+}

@@ -1,0 +1,500 @@
+//! Running one key's automaton: Flink's `NFA.process` / `advanceTime` /
+//! after-match skip, mirrored step by step (`flink-nfa.md` §2–§5).
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use cepheid_rules::{AfterMatch, AggState, EvalCtx};
+use cepheid_types::Value;
+use cepheid_types::Event;
+
+use super::buffer::{EventId, NodeId, Path, SharedBuffer};
+use super::dewey::Dewey;
+use super::model::{Action, Cond, Nfa, StateId, StateKind};
+use super::pq::{JavaPq, PqKey};
+
+/// A partial match (Flink's `ComputationState`).
+#[derive(Clone, Debug)]
+pub struct Cs {
+    pub state: StateId,
+    pub node: Option<NodeId>,
+    pub version: Dewey,
+    pub start_ts: i64,
+    pub prev_ts: i64,
+    pub start_id: Option<EventId>,
+    /// Aggregate slots over the events taken so far (None = all empty).
+    pub aggs: Option<Arc<Vec<AggState>>>,
+}
+
+impl PqKey for Cs {
+    fn pq_cmp(&self, o: &Self) -> Ordering {
+        match (&self.start_id, &o.start_id) {
+            (Some(a), Some(b)) => a.cmp(b),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
+        }
+    }
+}
+
+/// What a step produced.
+#[derive(Clone, Debug)]
+pub enum NfaOutput {
+    /// A completed match: leaf → events, leaves in order of their first event.
+    Match { events: Vec<(u16, Vec<Event>)>, ids: Path },
+    /// An expired partial match (`emit_timeouts`), with the time it expired.
+    Timeout { events: Vec<(u16, Vec<Event>)>, ids: Path, at: i64 },
+}
+
+/// One key's state for one rule.
+#[derive(Clone, Debug)]
+pub struct NfaState {
+    pub partial: JavaPq<Cs>,
+    pub completed: JavaPq<Cs>,
+    pub buffer: SharedBuffer,
+    pub next_seq: u64,
+}
+
+struct Ctx<'a> {
+    nfa: &'a Nfa,
+    event: &'a Event,
+    aggs: Option<&'a [AggState]>,
+}
+
+impl EvalCtx for Ctx<'_> {
+    fn event(&self) -> &Event {
+        self.event
+    }
+    fn agg(&self, id: u32) -> Value {
+        let kind = self.nfa.aggs[id as usize].kind;
+        match self.aggs {
+            Some(a) => a[id as usize].value(kind),
+            None => AggState::new(kind).value(kind),
+        }
+    }
+}
+
+/// Per-event cache of history-free condition results (0 unknown, 1 false, 2 true).
+pub struct CondCache {
+    vals: Vec<u8>,
+}
+
+impl CondCache {
+    pub fn new(n: usize) -> Self {
+        CondCache { vals: vec![0; n] }
+    }
+    pub fn reset(&mut self, n: usize) {
+        self.vals.clear();
+        self.vals.resize(n, 0);
+    }
+}
+
+fn check(nfa: &Nfa, c: &Cond, cx: &Ctx, cache: &mut CondCache) -> bool {
+    match c {
+        Cond::True => true,
+        Cond::Expr(i) => {
+            let i = *i as usize;
+            if nfa.expr_reads_stages[i] {
+                nfa.exprs[i].holds(cx)
+            } else {
+                match cache.vals[i] {
+                    1 => false,
+                    2 => true,
+                    _ => {
+                        let r = nfa.exprs[i].holds(cx);
+                        cache.vals[i] = if r { 2 } else { 1 };
+                        r
+                    }
+                }
+            }
+        }
+        Cond::Not(x) => !check(nfa, x, cx, cache),
+        Cond::And(a, b) => check(nfa, a, cx, cache) && check(nfa, b, cx, cache),
+        Cond::Or(v) => v.iter().any(|x| check(nfa, x, cx, cache)),
+    }
+}
+
+struct EdgeRef {
+    action: Action,
+    source: StateId,
+    target: StateId,
+    page: u16,
+}
+
+impl NfaState {
+    pub fn new(nfa: &Nfa) -> NfaState {
+        let mut partial = JavaPq::new();
+        partial.add(Cs {
+            state: nfa.start,
+            node: None,
+            version: Dewey::start(),
+            start_ts: -1,
+            prev_ts: -1,
+            start_id: None,
+            aggs: None,
+        });
+        NfaState { partial, completed: JavaPq::new(), buffer: SharedBuffer::default(), next_seq: 0 }
+    }
+
+    /// Only the start state is alive: nothing to keep for this key.
+    pub fn is_idle(&self) -> bool {
+        self.completed.is_empty() && self.partial.len() == 1 && self.partial.as_slice()[0].node.is_none()
+    }
+
+    /// Number of live partial matches (excluding the start state).
+    pub fn partial_count(&self) -> usize {
+        self.partial.as_slice().iter().filter(|c| c.start_id.is_some()).count()
+    }
+
+    /// Earliest time at which `advance_time` would change something.
+    pub fn next_deadline(&self, nfa: &Nfa) -> Option<i64> {
+        let mut d: Option<i64> = None;
+        for cs in self.partial.as_slice() {
+            if nfa.is_start(cs.state) {
+                continue;
+            }
+            if nfa.window > 0 {
+                let t = cs.start_ts.saturating_add(nfa.window);
+                d = Some(d.map_or(t, |x| x.min(t)));
+            }
+            if let Some(w) = nfa.states[cs.state as usize].window {
+                let t = cs.prev_ts.saturating_add(w);
+                d = Some(d.map_or(t, |x| x.min(t)));
+            }
+        }
+        d
+    }
+
+    /// Flink's `process(event, timestamp)` (call `advance_time(ts)` first).
+    pub fn process(&mut self, nfa: &Nfa, event: &Event, ts: i64, cache: &mut CondCache, out: &mut Vec<NfaOutput>) {
+        let eid = EventId { t: ts, seq: self.next_seq };
+        self.next_seq += 1;
+        let mut registered = false;
+        cache.reset(nfa.exprs.len());
+        let old = std::mem::take(&mut self.partial).into_vec();
+        let mut new_partial = JavaPq::new();
+        let mut potential = JavaPq::new();
+        let mut successors = Vec::new();
+        for cs in old {
+            successors.clear();
+            self.compute_next_states(nfa, &cs, event, ts, eid, &mut registered, cache, &mut successors);
+            let mut discard = false;
+            let mut retain = Vec::new();
+            for s in successors.drain(..) {
+                match nfa.kind(s.state) {
+                    StateKind::Final => potential.add(s),
+                    StateKind::Stop => {
+                        discard = true;
+                        if let Some(n) = s.node {
+                            self.buffer.release_node(n, &s.version);
+                        }
+                    }
+                    _ => retain.push(s),
+                }
+            }
+            if discard {
+                for s in retain {
+                    if let Some(n) = s.node {
+                        self.buffer.release_node(n, &s.version);
+                    }
+                }
+            } else {
+                for s in retain {
+                    new_partial.add(s);
+                }
+            }
+        }
+        self.process_matches(nfa, potential, &mut new_partial, out);
+        self.partial = new_partial;
+        if registered {
+            self.buffer.release_event(eid);
+        }
+    }
+
+    /// Flink's `advanceTime(timestamp)`: expire windows, complete pending
+    /// trailing absences, release held-back matches.
+    pub fn advance_time(&mut self, nfa: &Nfa, ts: i64, out: &mut Vec<NfaOutput>) {
+        let old = std::mem::take(&mut self.partial).into_vec();
+        let mut new_partial = JavaPq::new();
+        let mut potential = JavaPq::new();
+        for cs in old {
+            let is_start = nfa.is_start(cs.state);
+            let stage_w = nfa.states[cs.state as usize].window;
+            let by_prev = !is_start && stage_w.is_some_and(|w| w > 0 && ts.saturating_sub(cs.prev_ts) >= w);
+            let by_first = !is_start && nfa.window > 0 && ts.saturating_sub(cs.start_ts) >= nfa.window;
+            if by_prev || by_first {
+                if nfa.kind(cs.state) == StateKind::Pending {
+                    potential.add(cs);
+                    continue;
+                }
+                if nfa.emit_timeouts {
+                    if let Some(n) = cs.node {
+                        let paths = self.buffer.extract_paths(n, &cs.version);
+                        if let Some(p) = paths.into_iter().next() {
+                            let at = if by_prev { cs.prev_ts + stage_w.unwrap() } else { cs.start_ts + nfa.window };
+                            out.push(NfaOutput::Timeout { events: self.materialize(&p), ids: p, at });
+                        }
+                    }
+                }
+                if let Some(n) = cs.node {
+                    self.buffer.release_node(n, &cs.version);
+                }
+            } else {
+                new_partial.add(cs);
+            }
+        }
+        self.process_matches(nfa, potential, &mut new_partial, out);
+        self.partial = new_partial;
+    }
+
+    fn materialize(&self, p: &Path) -> Vec<(u16, Vec<Event>)> {
+        p.iter()
+            .map(|(page, ids)| (*page, ids.iter().filter_map(|i| self.buffer.event(*i).cloned()).collect()))
+            .collect()
+    }
+
+    fn process_matches(&mut self, nfa: &Nfa, potential: JavaPq<Cs>, partial: &mut JavaPq<Cs>, out: &mut Vec<NfaOutput>) {
+        for m in potential.into_vec() {
+            self.completed.add(m);
+        }
+        let skip = nfa.after_match != AfterMatch::NoSkip;
+        let mut emitted: Vec<Path> = Vec::new();
+        while let Some(earliest) = self.completed.peek() {
+            if skip {
+                if let Some(p) = partial.peek() {
+                    if earliest.pq_cmp(p) == Ordering::Greater {
+                        break;
+                    }
+                }
+            }
+            let m = self.completed.poll().unwrap();
+            let Some(node) = m.node else { continue };
+            let paths = self.buffer.extract_paths(node, &m.version);
+            if let Some((pruning, inclusive)) = pruning_id(nfa.after_match, &paths) {
+                let pred = |c: &Cs| match c.start_id {
+                    Some(s) => {
+                        if inclusive {
+                            s <= pruning
+                        } else {
+                            s < pruning
+                        }
+                    }
+                    None => false,
+                };
+                for c in partial.remove_where(pred) {
+                    if let Some(n) = c.node {
+                        self.buffer.release_node(n, &c.version);
+                    }
+                }
+                for c in self.completed.remove_where(pred) {
+                    if let Some(n) = c.node {
+                        self.buffer.release_node(n, &c.version);
+                    }
+                }
+            }
+            if let Some(first) = paths.into_iter().next() {
+                // A match identical to one already emitted for this event is emitted once.
+                if !emitted.contains(&first) {
+                    out.push(NfaOutput::Match { events: self.materialize(&first), ids: first.clone() });
+                    emitted.push(first);
+                }
+            }
+            self.buffer.release_node(node, &m.version);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn compute_next_states(
+        &mut self,
+        nfa: &Nfa,
+        cs: &Cs,
+        event: &Event,
+        ts: i64,
+        eid: EventId,
+        registered: &mut bool,
+        cache: &mut CondCache,
+        out: &mut Vec<Cs>,
+    ) {
+        let cx = Ctx { nfa, event, aggs: cs.aggs.as_deref().map(|v| v.as_slice()) };
+        let is_start = nfa.is_start(cs.state);
+        // Decision graph: depth-first over PROCEED edges, collecting TAKE/IGNORE.
+        let mut edges: Vec<EdgeRef> = Vec::new();
+        let (mut n_take, mut n_ignore) = (0i64, 0i64);
+        let mut stack: Vec<(StateId, Option<i64>)> = vec![(cs.state, nfa.states[cs.state as usize].window)];
+        while let Some((s, guard)) = stack.pop() {
+            for t in &nfa.states[s as usize].transitions {
+                if !check(nfa, &t.cond, &cx, cache) {
+                    continue;
+                }
+                match t.action {
+                    Action::Proceed => {
+                        let w = nfa.states[t.target as usize].window;
+                        let g = match (guard, w) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                        stack.push((t.target, g));
+                    }
+                    Action::Take => {
+                        // Stage windows are enforced on every take (the spec's
+                        // rule; Flink checks only while resting in the stage).
+                        if !is_start && guard.is_some_and(|w| ts.saturating_sub(cs.prev_ts) >= w) {
+                            continue;
+                        }
+                        n_take += 1;
+                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page });
+                    }
+                    Action::Ignore => {
+                        if t.target != cs.state {
+                            n_ignore += 1;
+                        }
+                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page });
+                    }
+                }
+            }
+        }
+        let inc = if n_take == 0 && n_ignore == 0 { 0 } else { n_ignore + n_take.max(1) };
+        let mut take_to_visit = (n_take - 1).max(0);
+        let mut ignore_to_visit = n_ignore;
+        let total_take_to_skip = (n_take - 1).max(0);
+        for e in &edges {
+            match e.action {
+                Action::Ignore => {
+                    if is_start {
+                        continue;
+                    }
+                    let version = if e.target == cs.state {
+                        cs.version.increase(inc)
+                    } else {
+                        let v = cs.version.increase(total_take_to_skip + ignore_to_visit).add_stage();
+                        ignore_to_visit -= 1;
+                        v
+                    };
+                    self.add_cs(out, Cs { state: e.target, version, ..cs.clone() });
+                }
+                Action::Take => {
+                    let _ = e.source;
+                    let cur_version = cs.version.increase(take_to_visit);
+                    let next_version = cur_version.add_stage();
+                    take_to_visit -= 1;
+                    if !*registered {
+                        self.buffer.register_event(eid, event);
+                        *registered = true;
+                    }
+                    let node = self.buffer.put(e.page, eid, cs.node, &cur_version);
+                    let (start_ts, start_id) = if is_start { (ts, Some(eid)) } else { (cs.start_ts, cs.start_id) };
+                    let aggs = self.updated_aggs(nfa, cs, e.page, event);
+                    let next = Cs {
+                        state: e.target,
+                        node: Some(node),
+                        version: next_version,
+                        start_ts,
+                        prev_ts: ts,
+                        start_id,
+                        aggs,
+                    };
+                    let reaches_final = self.final_after_proceed(nfa, e.target, &cx, cache);
+                    if reaches_final {
+                        let fin = Cs { state: nfa.final_state, ..next.clone() };
+                        self.add_cs(out, next);
+                        self.add_cs(out, fin);
+                    } else {
+                        self.add_cs(out, next);
+                    }
+                }
+                Action::Proceed => unreachable!(),
+            }
+        }
+        if is_start {
+            out.push(Cs {
+                state: cs.state,
+                node: None,
+                version: cs.version.increase(inc),
+                start_ts: -1,
+                prev_ts: -1,
+                start_id: None,
+                aggs: None,
+            });
+        }
+        if let Some(n) = cs.node {
+            self.buffer.release_node(n, &cs.version);
+        }
+    }
+
+    fn add_cs(&mut self, out: &mut Vec<Cs>, cs: Cs) {
+        if let Some(n) = cs.node {
+            self.buffer.lock_node(n, &cs.version);
+        }
+        out.push(cs);
+    }
+
+    fn updated_aggs(&self, nfa: &Nfa, cs: &Cs, page: u16, event: &Event) -> Option<Arc<Vec<AggState>>> {
+        let slots = &nfa.aggs_by_leaf[page as usize];
+        if slots.is_empty() {
+            return cs.aggs.clone();
+        }
+        let mut v: Arc<Vec<AggState>> = match &cs.aggs {
+            Some(a) => a.clone(),
+            None => Arc::new(nfa.aggs.iter().map(|a| AggState::new(a.kind)).collect()),
+        };
+        let m = Arc::make_mut(&mut v);
+        for &s in slots {
+            m[s as usize].update(nfa.aggs[s as usize].kind, event);
+        }
+        Some(v)
+    }
+
+    fn final_after_proceed(&self, nfa: &Nfa, from: StateId, cx: &Ctx, cache: &mut CondCache) -> bool {
+        let mut stack = vec![from];
+        while let Some(s) = stack.pop() {
+            for t in &nfa.states[s as usize].transitions {
+                if t.action == Action::Proceed && check(nfa, &t.cond, cx, cache) {
+                    if nfa.kind(t.target) == StateKind::Final {
+                        return true;
+                    }
+                    stack.push(t.target);
+                }
+            }
+        }
+        false
+    }
+}
+
+/// The pruning event of a match and whether starts equal to it are pruned.
+fn pruning_id(am: AfterMatch, paths: &[Path]) -> Option<(EventId, bool)> {
+    let mut id: Option<EventId> = None;
+    match am {
+        AfterMatch::NoSkip => return None,
+        AfterMatch::SkipToNext => {
+            for p in paths {
+                for (_, l) in p {
+                    if let Some(f) = l.first() {
+                        id = Some(id.map_or(*f, |x| x.min(*f)));
+                    }
+                }
+            }
+            id.map(|i| (i, true))
+        }
+        AfterMatch::SkipPastLastEvent => {
+            for p in paths {
+                for (_, l) in p {
+                    if let Some(f) = l.last() {
+                        id = Some(id.map_or(*f, |x| x.max(*f)));
+                    }
+                }
+            }
+            id.map(|i| (i, true))
+        }
+        AfterMatch::SkipToFirst(leaf) | AfterMatch::SkipToLast(leaf) => {
+            for p in paths {
+                if let Some((_, l)) = p.iter().find(|(pg, _)| *pg == leaf) {
+                    let e = if matches!(am, AfterMatch::SkipToFirst(_)) { l.first() } else { l.last() };
+                    if let Some(f) = e {
+                        id = Some(id.map_or(*f, |x| x.max(*f)));
+                    }
+                }
+            }
+            id.map(|i| (i, false))
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Rule test cases in the spec's format (`expected` as stage → ids or flat id
+//! lists, `expected_timeouts`, `expected_error`), and a readable diff.
+
+use std::collections::BTreeMap;
+use std::path::{Path as FsPath, PathBuf};
+
+use cepheid_rules::{compile, parse_rule_value};
+use cepheid_types::{EventDecoder, FieldRegistry};
+use serde_json::Value as Json;
+
+use crate::nfa::{build_nfa, CondCache, NfaOutput, NfaState};
+
+/// One case file.
+#[derive(Clone, Debug)]
+pub struct TestCase {
+    pub name: String,
+    pub file: PathBuf,
+    pub rule: Json,
+    pub events: Vec<Json>,
+    pub expected: Option<Vec<Json>>,
+    pub expected_timeouts: Option<Vec<Json>>,
+    pub expected_error: Option<String>,
+}
+
+/// A match as the case format compares it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Shape {
+    Map(BTreeMap<String, Vec<String>>),
+    Flat(Vec<String>),
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shape::Flat(v) => write!(f, "[{}]", v.join(", ")),
+            Shape::Map(m) => {
+                write!(f, "{{")?;
+                for (i, (k, v)) in m.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, ", ")?;
+                    }
+                    write!(f, "{k}: [{}]", v.join(", "))?;
+                }
+                write!(f, "}}")
+            }
+        }
+    }
+}
+
+/// Outcome of one case.
+#[derive(Clone, Debug)]
+pub struct CaseOutcome {
+    pub name: String,
+    pub file: PathBuf,
+    /// Empty when the case passed.
+    pub failures: Vec<String>,
+}
+
+impl CaseOutcome {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaseError {
+    #[error("{file}: cannot read: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("{file}: not a test case: {msg}")]
+    Format { file: PathBuf, msg: String },
+}
+
+impl TestCase {
+    pub fn load(file: &FsPath) -> Result<TestCase, CaseError> {
+        let text = std::fs::read_to_string(file).map_err(|e| CaseError::Io { file: file.into(), source: e })?;
+        let fmt = |msg: String| CaseError::Format { file: file.into(), msg };
+        let doc: Json = serde_json::from_str(&text).map_err(|e| fmt(format!("{e}")))?;
+        let obj = doc.as_object().ok_or_else(|| fmt("expected a JSON object".into()))?;
+        for k in obj.keys() {
+            if !["name", "origin", "rule", "events", "expected", "expected_timeouts", "expected_error"].contains(&k.as_str()) {
+                return Err(fmt(format!("unknown key `{k}`")));
+            }
+        }
+        let list = |k: &str| -> Result<Option<Vec<Json>>, CaseError> {
+            match obj.get(k) {
+                None => Ok(None),
+                Some(Json::Array(a)) => Ok(Some(a.clone())),
+                Some(_) => Err(fmt(format!("`{k}` must be an array"))),
+            }
+        };
+        Ok(TestCase {
+            name: obj
+                .get("name")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| file.file_stem().unwrap_or_default().to_string_lossy().into()),
+            file: file.into(),
+            rule: obj.get("rule").cloned().ok_or_else(|| fmt("missing `rule`".into()))?,
+            events: list("events")?.unwrap_or_default(),
+            expected: list("expected")?,
+            expected_timeouts: list("expected_timeouts")?,
+            expected_error: obj.get("expected_error").and_then(|v| v.as_str()).map(str::to_string),
+        })
+    }
+
+    /// Runs the case: events in order, watermark = each event's time, +∞ at the end.
+    pub fn run(&self) -> CaseOutcome {
+        let mut failures = Vec::new();
+        let spec = parse_rule_value(&self.rule);
+        let mut registry = FieldRegistry::new();
+        let time_field = registry.intern("event_time");
+        let compiled = spec.and_then(|s| compile(&s, &mut registry));
+        match (&self.expected_error, compiled) {
+            (Some(want), Err(d)) => {
+                let text = d.to_string();
+                if !text.contains(want.as_str()) {
+                    failures.push(format!("rule refused, but no message contains {want:?}:\n{text}"));
+                }
+            }
+            (Some(want), Ok(_)) => failures.push(format!("rule accepted, but an error containing {want:?} was expected")),
+            (None, Err(d)) => failures.push(format!("rule refused:\n{d}")),
+            (None, Ok(rule)) => {
+                let nfa = build_nfa(&rule);
+                let id_field = registry.intern("id");
+                let decoder = EventDecoder::new(&registry, time_field);
+                let mut state = NfaState::new(&nfa);
+                let mut cache = CondCache::new(nfa.exprs.len());
+                let mut out = Vec::new();
+                for (i, ev) in self.events.iter().enumerate() {
+                    let e = match decoder.decode_value(ev) {
+                        Ok(e) => e,
+                        Err(err) => {
+                            failures.push(format!("event #{}: {err}", i + 1));
+                            continue;
+                        }
+                    };
+                    if let Some(f) = &rule.filter {
+                        if !f.holds(&cepheid_rules::NoStages(&e)) {
+                            continue;
+                        }
+                    }
+                    state.advance_time(&nfa, e.time(), &mut out);
+                    state.process(&nfa, &e, e.time(), &mut cache, &mut out);
+                }
+                state.advance_time(&nfa, i64::MAX, &mut out);
+                let id_of = |e: &cepheid_types::Event| -> String {
+                    match e.get(id_field) {
+                        cepheid_types::Value::Null => e.raw().to_string(),
+                        v => v.to_string(),
+                    }
+                };
+                let mut matches = Vec::new();
+                let mut timeouts = Vec::new();
+                for o in &out {
+                    let (events, is_match) = match o {
+                        NfaOutput::Match { events, .. } => (events, true),
+                        NfaOutput::Timeout { events, .. } => (events, false),
+                    };
+                    let mut by_leaf: Vec<(u16, Vec<String>)> =
+                        events.iter().map(|(l, evs)| (*l, evs.iter().map(id_of).collect())).collect();
+                    by_leaf.sort_by_key(|(l, _)| *l);
+                    let named: Vec<(String, Vec<String>)> =
+                        by_leaf.into_iter().map(|(l, ids)| (nfa.leaf_names[l as usize].clone(), ids)).collect();
+                    if is_match {
+                        matches.push(named);
+                    } else {
+                        timeouts.push(named);
+                    }
+                }
+                if let Some(exp) = &self.expected {
+                    compare("matches", exp, &matches, &mut failures);
+                }
+                if let Some(exp) = &self.expected_timeouts {
+                    compare("timeouts", exp, &timeouts, &mut failures);
+                }
+            }
+        }
+        CaseOutcome { name: self.name.clone(), file: self.file.clone(), failures }
+    }
+}
+
+fn to_shape(j: &Json) -> Option<Shape> {
+    let id = |v: &Json| match v {
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match j {
+        Json::Array(a) => Some(Shape::Flat(a.iter().map(id).collect())),
+        Json::Object(o) => Some(Shape::Map(
+            o.iter()
+                .filter_map(|(k, v)| {
+                    let ids: Vec<String> = v.as_array()?.iter().map(id).collect();
+                    (!ids.is_empty()).then(|| (k.clone(), ids))
+                })
+                .collect(),
+        )),
+        _ => None,
+    }
+}
+
+fn compare(what: &str, expected: &[Json], actual: &[Vec<(String, Vec<String>)>], failures: &mut Vec<String>) {
+    let mut exp: Vec<Shape> = Vec::new();
+    for e in expected {
+        match to_shape(e) {
+            Some(s) => exp.push(s),
+            None => {
+                failures.push(format!("expected {what}: entry {e} is neither a list of ids nor a stage → ids object"));
+                return;
+            }
+        }
+    }
+    let flat = !exp.is_empty() && exp.iter().all(|s| matches!(s, Shape::Flat(_)));
+    let mut act: Vec<Shape> = actual
+        .iter()
+        .map(|m| {
+            if flat {
+                Shape::Flat(m.iter().flat_map(|(_, ids)| ids.clone()).collect())
+            } else {
+                Shape::Map(m.iter().filter(|(_, ids)| !ids.is_empty()).cloned().collect())
+            }
+        })
+        .collect();
+    if flat {
+        // Flat form compares either layout of a mixed list by the map form too.
+    } else {
+        exp = exp
+            .into_iter()
+            .map(|s| match s {
+                Shape::Flat(v) => Shape::Flat(v),
+                m => m,
+            })
+            .collect();
+    }
+    exp.sort();
+    act.sort();
+    let mut missing = Vec::new();
+    let mut unexpected = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < exp.len() || j < act.len() {
+        match (exp.get(i), act.get(j)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                missing.push(a.to_string());
+                i += 1;
+            }
+            (Some(_), Some(b)) => {
+                unexpected.push(b.to_string());
+                j += 1;
+            }
+            (Some(a), None) => {
+                missing.push(a.to_string());
+                i += 1;
+            }
+            (None, Some(b)) => {
+                unexpected.push(b.to_string());
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    if !missing.is_empty() || !unexpected.is_empty() {
+        let mut s = format!("{what}: expected {}, got {}", exp.len(), act.len());
+        for m in missing {
+            s.push_str(&format!("\n    missing     {m}"));
+        }
+        for u in unexpected {
+            s.push_str(&format!("\n    unexpected  {u}"));
+        }
+        failures.push(s);
+    }
+}
+
+/// Case files under the given paths (a directory means every `*.json` in it, sorted).
+pub fn collect_case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, CaseError> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| CaseError::Io { file: p.clone(), source: e })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "json"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
