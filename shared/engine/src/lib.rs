@@ -9,5 +9,7 @@
 //! - [`testcase`]: rule test cases in the spec's format, as used by
 //!   `cepheid test` and the conformance suites.
 
+pub mod engine;
+pub mod key;
 pub mod nfa;
 pub mod testcase;

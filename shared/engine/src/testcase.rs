@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path as FsPath, PathBuf};
 
-use cepheid_rules::{compile, parse_rule_value};
-use cepheid_types::{EventDecoder, FieldRegistry};
+use std::sync::Arc;
+
+use cepheid_rules::parse_rule_value;
+use cepheid_types::MatchKind;
 use serde_json::Value as Json;
 
-use crate::nfa::{build_nfa, CondCache, NfaOutput, NfaState};
+use crate::engine::{Engine, EngineConfig, ManualClock, Output, SourceConfig};
 
 /// One case file.
 #[derive(Clone, Debug)]
@@ -103,79 +105,87 @@ impl TestCase {
         })
     }
 
-    /// Runs the case: events in order, watermark = each event's time, +∞ at the end.
+    /// Runs the case through the engine: events in order on one source with
+    /// time field `event_time` and no out-of-orderness (so the watermark is
+    /// each event's time), then +∞.
     pub fn run(&self) -> CaseOutcome {
         let mut failures = Vec::new();
-        let spec = parse_rule_value(&self.rule);
-        let mut registry = FieldRegistry::new();
-        let time_field = registry.intern("event_time");
-        let compiled = spec.and_then(|s| compile(&s, &mut registry));
-        match (&self.expected_error, compiled) {
-            (Some(want), Err(d)) => {
-                let text = d.to_string();
-                if !text.contains(want.as_str()) {
-                    failures.push(format!("rule refused, but no message contains {want:?}:\n{text}"));
-                }
+        let spec = match parse_rule_value(&self.rule) {
+            Ok(s) => Some(s),
+            Err(d) => {
+                self.check_error(Err(d.to_string()), &mut failures);
+                None
             }
-            (Some(want), Ok(_)) => failures.push(format!("rule accepted, but an error containing {want:?} was expected")),
-            (None, Err(d)) => failures.push(format!("rule refused:\n{d}")),
-            (None, Ok(rule)) => {
-                let nfa = build_nfa(&rule);
-                let id_field = registry.intern("id");
-                let decoder = EventDecoder::new(&registry, time_field);
-                let mut state = NfaState::new(&nfa);
-                let mut cache = CondCache::new(nfa.exprs.len());
-                let mut out = Vec::new();
-                for (i, ev) in self.events.iter().enumerate() {
-                    let e = match decoder.decode_value(ev) {
-                        Ok(e) => e,
-                        Err(err) => {
-                            failures.push(format!("event #{}: {err}", i + 1));
-                            continue;
-                        }
-                    };
-                    if let Some(f) = &rule.filter {
-                        if !f.holds(&cepheid_rules::NoStages(&e)) {
-                            continue;
+        };
+        if let Some(spec) = spec {
+            let mut cfg = EngineConfig::default();
+            cfg.default_source = SourceConfig { time_field: "event_time".into(), out_of_orderness_ms: 0 };
+            let mut engine = Engine::new(cfg, Arc::new(ManualClock::new(0)));
+            match engine.upsert_rule(&spec) {
+                Err(e) => self.check_error(Err(e.to_string()), &mut failures),
+                Ok(_) if self.expected_error.is_some() => self.check_error(Ok(()), &mut failures),
+                Ok(_) => {
+                    let mut out = Vec::new();
+                    for (i, ev) in self.events.iter().enumerate() {
+                        match engine.decode("test", &ev.to_string()) {
+                            Ok(e) => engine.push("test", e, &mut out),
+                            Err(err) => failures.push(format!("event #{}: {err}", i + 1)),
                         }
                     }
-                    state.advance_time(&nfa, e.time(), &mut out);
-                    state.process(&nfa, &e, e.time(), &mut cache, &mut out);
-                }
-                state.advance_time(&nfa, i64::MAX, &mut out);
-                let id_of = |e: &cepheid_types::Event| -> String {
-                    match e.get(id_field) {
-                        cepheid_types::Value::Null => e.raw().to_string(),
-                        v => v.to_string(),
+                    engine.finish(&mut out);
+                    let mut matches = Vec::new();
+                    let mut timeouts = Vec::new();
+                    for o in out {
+                        match o {
+                            Output::Match(r) => {
+                                let named: Vec<(String, Vec<String>)> = r
+                                    .stages
+                                    .iter()
+                                    .map(|(name, evs)| (name.clone(), evs.iter().map(|e| event_id(e.get())).collect()))
+                                    .collect();
+                                match r.kind {
+                                    MatchKind::Match => matches.push(named),
+                                    MatchKind::Timeout => timeouts.push(named),
+                                }
+                            }
+                            Output::Late { event, .. } => failures.push(format!("event reported late: {}", event.raw())),
+                        }
                     }
-                };
-                let mut matches = Vec::new();
-                let mut timeouts = Vec::new();
-                for o in &out {
-                    let (events, is_match) = match o {
-                        NfaOutput::Match { events, .. } => (events, true),
-                        NfaOutput::Timeout { events, .. } => (events, false),
-                    };
-                    let mut by_leaf: Vec<(u16, Vec<String>)> =
-                        events.iter().map(|(l, evs)| (*l, evs.iter().map(id_of).collect())).collect();
-                    by_leaf.sort_by_key(|(l, _)| *l);
-                    let named: Vec<(String, Vec<String>)> =
-                        by_leaf.into_iter().map(|(l, ids)| (nfa.leaf_names[l as usize].clone(), ids)).collect();
-                    if is_match {
-                        matches.push(named);
-                    } else {
-                        timeouts.push(named);
+                    if let Some(exp) = &self.expected {
+                        compare("matches", exp, &matches, &mut failures);
                     }
-                }
-                if let Some(exp) = &self.expected {
-                    compare("matches", exp, &matches, &mut failures);
-                }
-                if let Some(exp) = &self.expected_timeouts {
-                    compare("timeouts", exp, &timeouts, &mut failures);
+                    if let Some(exp) = &self.expected_timeouts {
+                        compare("timeouts", exp, &timeouts, &mut failures);
+                    }
                 }
             }
         }
         CaseOutcome { name: self.name.clone(), file: self.file.clone(), failures }
+    }
+
+    fn check_error(&self, result: Result<(), String>, failures: &mut Vec<String>) {
+        match (&self.expected_error, result) {
+            (Some(want), Err(text)) => {
+                if !text.contains(want.as_str()) {
+                    failures.push(format!("rule refused, but no message contains {want:?}:\n{text}"));
+                }
+            }
+            (Some(want), Ok(())) => failures.push(format!("rule accepted, but an error containing {want:?} was expected")),
+            (None, Err(text)) => failures.push(format!("rule refused:\n{text}")),
+            (None, Ok(())) => {}
+        }
+    }
+}
+
+/// The `id` of an event as received (its whole text when it has none).
+fn event_id(raw: &str) -> String {
+    match serde_json::from_str::<Json>(raw) {
+        Ok(Json::Object(o)) => match o.get("id") {
+            Some(Json::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => raw.to_string(),
+        },
+        _ => raw.to_string(),
     }
 }
 

@@ -498,3 +498,25 @@ fn pruning_id(am: AfterMatch, paths: &[Path]) -> Option<(EventId, bool)> {
         }
     }
 }
+
+impl Nfa {
+    /// Would the start state take this event (through PROCEED edges)? A key
+    /// with no live state needs an event only then.
+    pub fn can_start(&self, event: &Event, cache: &mut CondCache) -> bool {
+        cache.reset(self.exprs.len());
+        let cx = Ctx { nfa: self, event, aggs: None };
+        let mut stack = vec![self.start];
+        while let Some(s) = stack.pop() {
+            for t in &self.states[s as usize].transitions {
+                if check(self, &t.cond, &cx, cache) {
+                    match t.action {
+                        Action::Take => return true,
+                        Action::Proceed => stack.push(t.target),
+                        Action::Ignore => {}
+                    }
+                }
+            }
+        }
+        false
+    }
+}

@@ -1,0 +1,552 @@
+//! The keyed, multi-rule engine: sources with watermarks, a reorder buffer,
+//! late events, per-(rule, key) automata, timers for every deadline, live
+//! rule versions, and snapshots.
+//!
+//! Time is event time driven by watermarks (or an injected [`Clock`] for
+//! processing-time rules); nothing here reads the wall clock directly.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering as AtOrd};
+use std::sync::Arc;
+
+use cepheid_rules::{compile, CompiledRule, Diagnostics, NoStages, RuleSpec, TimeMode};
+use cepheid_types::{match_id, DecodeError, Event, EventDecoder, FieldId, FieldRegistry, MatchKind, MatchRecord};
+use rustc_hash::FxHashMap;
+use serde_json::value::RawValue;
+
+use crate::key::KeyVals;
+use crate::nfa::{build_nfa, CondCache, Nfa, NfaOutput, NfaState};
+
+/// Where time comes from for processing-time rules and `detected_at`.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> i64;
+}
+
+/// The system clock (milliseconds since the epoch).
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock tests set by hand.
+#[derive(Clone, Default)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    pub fn new(t: i64) -> Self {
+        ManualClock(Arc::new(AtomicI64::new(t)))
+    }
+    pub fn set(&self, t: i64) {
+        self.0.store(t, AtOrd::SeqCst)
+    }
+    pub fn advance(&self, d: i64) {
+        self.0.fetch_add(d, AtOrd::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> i64 {
+        self.0.load(AtOrd::SeqCst)
+    }
+}
+
+/// A source's time field and bounded out-of-orderness.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Field holding the event time in epoch milliseconds.
+    #[serde(default = "default_time_field")]
+    pub time_field: String,
+    /// How late (ms) an event may arrive behind the newest one seen.
+    #[serde(default = "default_ooo")]
+    pub out_of_orderness_ms: i64,
+}
+
+fn default_time_field() -> String {
+    "eventTime".into()
+}
+fn default_ooo() -> i64 {
+    2_000
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig { time_field: default_time_field(), out_of_orderness_ms: default_ooo() }
+    }
+}
+
+/// Engine configuration.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Used for sources not listed in `sources`.
+    #[serde(default)]
+    pub default_source: SourceConfig,
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// What the engine emits.
+#[derive(Clone, Debug)]
+pub enum Output {
+    Match(MatchRecord),
+    /// An event behind its source's watermark: counted, never matched.
+    Late { source: String, event: Event, watermark: i64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Rule(#[from] Diagnostics),
+    #[error("rule `{id}`: version {offered} is not newer than the running version {running}; a change needs a higher version")]
+    StaleVersion { id: String, running: u64, offered: u64 },
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+}
+
+/// What applying a rule did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleChange {
+    Added { id: String, version: u64 },
+    Replaced { id: String, old_version: u64, version: u64 },
+}
+
+/// Counters.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EngineStats {
+    pub events: u64,
+    pub late: u64,
+    pub matches: u64,
+    pub timeouts: u64,
+    /// Events a rule's filter admitted but that lacked a key field.
+    pub missing_key: u64,
+}
+
+struct Source {
+    name: String,
+    time_field: FieldId,
+    bound: i64,
+    max_seen: Option<i64>,
+    watermark: i64,
+}
+
+struct Pending {
+    t: i64,
+    arrival: u64,
+    source: usize,
+    event: Event,
+}
+impl PartialEq for Pending {
+    fn eq(&self, o: &Self) -> bool {
+        (self.t, self.arrival) == (o.t, o.arrival)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.t, self.arrival).cmp(&(o.t, o.arrival))
+    }
+}
+
+pub(crate) struct KeyState {
+    pub(crate) nfa: NfaState,
+    pub(crate) timer: Option<i64>,
+}
+
+pub(crate) struct RuleSlot {
+    pub(crate) rule: Arc<CompiledRule>,
+    pub(crate) nfa: Arc<Nfa>,
+    source: Option<usize>,
+    key_names: Vec<String>,
+    pub(crate) keys: FxHashMap<KeyVals, KeyState>,
+    pub(crate) matches: u64,
+}
+
+/// The engine. Single-threaded: one instance per matcher thread / shard.
+pub struct Engine {
+    cfg: EngineConfig,
+    registry: FieldRegistry,
+    sources: Vec<Source>,
+    source_ix: HashMap<String, usize>,
+    pub(crate) slots: Vec<Option<RuleSlot>>,
+    by_id: HashMap<String, usize>,
+    reorder: BinaryHeap<Reverse<Pending>>,
+    arrival: u64,
+    released: i64,
+    timers: BTreeSet<(i64, usize, KeyVals)>,
+    pt_timers: BTreeSet<(i64, usize, KeyVals)>,
+    clock: Arc<dyn Clock>,
+    cache: CondCache,
+    scratch: Vec<NfaOutput>,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, clock: Arc<dyn Clock>) -> Engine {
+        Engine {
+            cfg,
+            registry: FieldRegistry::new(),
+            sources: Vec::new(),
+            source_ix: HashMap::new(),
+            slots: Vec::new(),
+            by_id: HashMap::new(),
+            reorder: BinaryHeap::new(),
+            arrival: 0,
+            released: i64::MIN,
+            timers: BTreeSet::new(),
+            pt_timers: BTreeSet::new(),
+            clock,
+            cache: CondCache::new(0),
+            scratch: Vec::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn registry(&self) -> &FieldRegistry {
+        &self.registry
+    }
+
+    /// Rules currently loaded: (id, version).
+    pub fn rules(&self) -> Vec<(String, u64)> {
+        self.slots.iter().flatten().map(|s| (s.rule.id().to_string(), s.rule.version())).collect()
+    }
+
+    /// Matches emitted per rule id.
+    pub fn matches_per_rule(&self) -> Vec<(String, u64)> {
+        self.slots.iter().flatten().map(|s| (s.rule.id().to_string(), s.matches)).collect()
+    }
+
+    /// Live partial matches and keys with state, over all rules.
+    pub fn state_size(&self) -> (usize, usize) {
+        let mut partial = 0;
+        let mut keys = 0;
+        for s in self.slots.iter().flatten() {
+            keys += s.keys.len();
+            partial += s.keys.values().map(|k| k.nfa.partial_count()).sum::<usize>();
+        }
+        (partial, keys)
+    }
+
+    fn source(&mut self, name: &str) -> usize {
+        if let Some(i) = self.source_ix.get(name) {
+            return *i;
+        }
+        let cfg = self.cfg.sources.get(name).cloned().unwrap_or_else(|| self.cfg.default_source.clone());
+        let time_field = self.registry.intern(&cfg.time_field);
+        self.sources.push(Source {
+            name: name.to_string(),
+            time_field,
+            bound: cfg.out_of_orderness_ms.max(0),
+            max_seen: None,
+            watermark: i64::MIN,
+        });
+        self.source_ix.insert(name.to_string(), self.sources.len() - 1);
+        self.sources.len() - 1
+    }
+
+    /// Decodes one JSON line of a source.
+    pub fn decode(&mut self, source: &str, line: &str) -> Result<Event, DecodeError> {
+        let si = self.source(source);
+        EventDecoder::new(&self.registry, self.sources[si].time_field).decode(line)
+    }
+
+    /// Adds a rule or replaces it with a newer version (new state; other
+    /// rules keep theirs). Refuses an equal or older version.
+    pub fn upsert_rule(&mut self, spec: &RuleSpec) -> Result<RuleChange, EngineError> {
+        if let Some(&i) = self.by_id.get(&spec.id) {
+            let running = self.slots[i].as_ref().unwrap().rule.version();
+            if spec.version <= running {
+                return Err(EngineError::StaleVersion { id: spec.id.clone(), running, offered: spec.version });
+            }
+        }
+        let before = self.registry.len();
+        let mut reg = self.registry.clone();
+        let rule = compile(spec, &mut reg)?;
+        self.registry = reg;
+        if self.registry.len() != before {
+            self.redecode_pending();
+        }
+        let source = spec.source.as_deref().map(|s| self.source(s));
+        let nfa = Arc::new(build_nfa(&rule));
+        let slot = RuleSlot {
+            key_names: spec.key_by.clone(),
+            rule: Arc::new(rule),
+            nfa,
+            source,
+            keys: FxHashMap::default(),
+            matches: 0,
+        };
+        match self.by_id.get(&spec.id) {
+            Some(&i) => {
+                let old = self.slots[i].take().unwrap();
+                self.slots[i] = Some(slot);
+                self.timers.retain(|(_, s, _)| *s != i);
+                self.pt_timers.retain(|(_, s, _)| *s != i);
+                Ok(RuleChange::Replaced { id: spec.id.clone(), old_version: old.rule.version(), version: spec.version })
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.by_id.insert(spec.id.clone(), self.slots.len() - 1);
+                Ok(RuleChange::Added { id: spec.id.clone(), version: spec.version })
+            }
+        }
+    }
+
+    /// Removes a rule and its state. Returns whether it existed.
+    pub fn remove_rule(&mut self, id: &str) -> bool {
+        match self.by_id.remove(id) {
+            Some(i) => {
+                self.slots[i] = None;
+                self.timers.retain(|(_, s, _)| *s != i);
+                self.pt_timers.retain(|(_, s, _)| *s != i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Events still in the reorder buffer were decoded before a new rule
+    /// registered new fields: decode them again from their text.
+    fn redecode_pending(&mut self) {
+        let pending: Vec<Pending> = std::mem::take(&mut self.reorder).into_iter().map(|r| r.0).collect();
+        for mut p in pending {
+            let dec = EventDecoder::new(&self.registry, self.sources[p.source].time_field);
+            if let Ok(e) = dec.decode(p.event.raw()) {
+                p.event = e;
+            }
+            self.reorder.push(Reverse(p));
+        }
+    }
+
+    fn global_watermark(&self) -> i64 {
+        self.sources.iter().filter(|s| s.max_seen.is_some()).map(|s| s.watermark).min().unwrap_or(i64::MIN)
+    }
+
+    /// Feeds one decoded event of `source`. Outputs are appended to `out`.
+    pub fn push(&mut self, source: &str, event: Event, out: &mut Vec<Output>) {
+        let si = self.source(source);
+        self.stats.events += 1;
+        if self.slots.iter().flatten().any(|s| s.rule.time() == TimeMode::Processing) {
+            let now = self.clock.now();
+            self.fire_timers(true, now, out);
+            self.dispatch(si, &event, now, true, out);
+        }
+        let t = event.time();
+        let src = &mut self.sources[si];
+        if t < src.watermark {
+            self.stats.late += 1;
+            out.push(Output::Late { source: src.name.clone(), event, watermark: src.watermark });
+            return;
+        }
+        let newest = src.max_seen.map_or(t, |m| m.max(t));
+        src.max_seen = Some(newest);
+        src.watermark = src.watermark.max(newest.saturating_sub(src.bound));
+        self.arrival += 1;
+        self.reorder.push(Reverse(Pending { t, arrival: self.arrival, source: si, event }));
+        let w = self.global_watermark();
+        if w > self.released {
+            self.advance_to(w, out);
+        }
+    }
+
+    /// Processing-time progress: fires processing-time deadlines up to `now`.
+    pub fn tick(&mut self, out: &mut Vec<Output>) {
+        let now = self.clock.now();
+        self.fire_timers(true, now, out);
+    }
+
+    /// End of a finite input: the watermark goes to +∞.
+    pub fn finish(&mut self, out: &mut Vec<Output>) {
+        self.advance_to(i64::MAX, out);
+    }
+
+    /// Current (global) watermark.
+    pub fn watermark(&self) -> i64 {
+        self.released
+    }
+
+    fn advance_to(&mut self, w: i64, out: &mut Vec<Output>) {
+        while let Some(top) = self.reorder.peek() {
+            if top.0.t >= w {
+                break;
+            }
+            let Reverse(p) = self.reorder.pop().unwrap();
+            self.dispatch(p.source, &p.event, p.t, false, out);
+        }
+        self.released = w;
+        self.fire_timers(false, w, out);
+    }
+
+    fn fire_timers(&mut self, processing: bool, w: i64, out: &mut Vec<Output>) {
+        loop {
+            let timers = if processing { &mut self.pt_timers } else { &mut self.timers };
+            let Some(first) = timers.first() else { break };
+            if first.0 > w {
+                break;
+            }
+            let (d, si, key) = timers.pop_first().unwrap();
+            let Some(slot) = self.slots.get_mut(si).and_then(|s| s.as_mut()) else { continue };
+            let Some(ks) = slot.keys.get_mut(&key) else { continue };
+            if ks.timer != Some(d) {
+                continue;
+            }
+            ks.timer = None;
+            let nfa = slot.nfa.clone();
+            self.scratch.clear();
+            ks.nfa.advance_time(&nfa, w, &mut self.scratch);
+            self.after_step(si, key, processing, out);
+        }
+    }
+
+    fn dispatch(&mut self, si: usize, ev: &Event, ts: i64, processing: bool, out: &mut Vec<Output>) {
+        for i in 0..self.slots.len() {
+            let Some(slot) = self.slots[i].as_mut() else { continue };
+            if !slot.rule.spec.enabled || (slot.rule.time() == TimeMode::Processing) != processing {
+                continue;
+            }
+            if slot.source.is_some_and(|s| s != si) {
+                continue;
+            }
+            if let Some(f) = &slot.rule.filter {
+                if !f.holds(&NoStages(ev)) {
+                    continue;
+                }
+            }
+            let mut key = KeyVals::default();
+            let mut missing = false;
+            for &f in &slot.rule.key_by {
+                let v = ev.get(f);
+                if v.is_null() {
+                    missing = true;
+                    break;
+                }
+                key.0.push(v.clone());
+            }
+            if missing {
+                self.stats.missing_key += 1;
+                continue;
+            }
+            let nfa = slot.nfa.clone();
+            self.scratch.clear();
+            match slot.keys.get_mut(&key) {
+                Some(ks) => {
+                    ks.nfa.advance_time(&nfa, ts, &mut self.scratch);
+                    ks.nfa.process(&nfa, ev, ts, &mut self.cache, &mut self.scratch);
+                }
+                None => {
+                    if !nfa.can_start(ev, &mut self.cache) {
+                        continue;
+                    }
+                    let mut st = NfaState::new(&nfa);
+                    st.process(&nfa, ev, ts, &mut self.cache, &mut self.scratch);
+                    slot.keys.insert(key.clone(), KeyState { nfa: st, timer: None });
+                }
+            }
+            self.after_step(i, key, processing, out);
+        }
+    }
+
+    /// Emits what a step produced, reschedules the key's deadline, drops idle keys.
+    fn after_step(&mut self, si: usize, key: KeyVals, processing: bool, out: &mut Vec<Output>) {
+        let now = self.clock.now();
+        let slot = self.slots[si].as_mut().unwrap();
+        for o in self.scratch.drain(..) {
+            let (events, kind) = match o {
+                NfaOutput::Match { events, .. } => (events, MatchKind::Match),
+                NfaOutput::Timeout { events, .. } => (events, MatchKind::Timeout),
+            };
+            match kind {
+                MatchKind::Match => {
+                    self.stats.matches += 1;
+                    slot.matches += 1;
+                }
+                MatchKind::Timeout => self.stats.timeouts += 1,
+            }
+            out.push(Output::Match(build_record(&slot.rule, &slot.nfa, &slot.key_names, &key, kind, events, now)));
+        }
+        let Some(ks) = slot.keys.get_mut(&key) else { return };
+        let timers = if processing { &mut self.pt_timers } else { &mut self.timers };
+        if ks.nfa.is_idle() {
+            if let Some(old) = ks.timer.take() {
+                timers.remove(&(old, si, key.clone()));
+            }
+            slot.keys.remove(&key);
+            return;
+        }
+        let next = ks.nfa.next_deadline(&slot.nfa);
+        if next != ks.timer {
+            if let Some(old) = ks.timer {
+                timers.remove(&(old, si, key.clone()));
+            }
+            if let Some(d) = next {
+                timers.insert((d, si, key));
+            }
+            ks.timer = next;
+        }
+    }
+}
+
+/// Builds the spec's match record.
+pub(crate) fn build_record(
+    rule: &CompiledRule,
+    nfa: &Nfa,
+    key_names: &[String],
+    key: &KeyVals,
+    kind: MatchKind,
+    events: Vec<(u16, Vec<Event>)>,
+    now: i64,
+) -> MatchRecord {
+    let mut by_leaf: Vec<Vec<Event>> = vec![Vec::new(); nfa.leaf_names.len()];
+    let (mut first, mut last) = (i64::MAX, i64::MIN);
+    for (leaf, evs) in events {
+        for e in &evs {
+            first = first.min(e.time());
+            last = last.max(e.time());
+        }
+        by_leaf[leaf as usize] = evs;
+    }
+    let raws: Vec<Vec<&str>> = by_leaf.iter().map(|l| l.iter().map(|e| e.raw()).collect()).collect();
+    let key_repr = key.repr();
+    let id = match_id(
+        rule.id(),
+        rule.version(),
+        kind,
+        &key_repr,
+        nfa.leaf_names.iter().zip(raws.iter()).map(|(n, r)| (n.as_str(), r.as_slice())),
+    );
+    let stages = nfa
+        .leaf_names
+        .iter()
+        .zip(by_leaf.iter())
+        .map(|(n, evs)| {
+            (n.clone(), evs.iter().map(|e| RawValue::from_string(e.raw().to_string()).expect("event text is JSON")).collect())
+        })
+        .collect();
+    MatchRecord {
+        rule_id: rule.id().to_string(),
+        rule_version: rule.version(),
+        kind,
+        key: key.to_json(key_names),
+        match_id: id,
+        first_event_time: if first == i64::MAX { 0 } else { first },
+        last_event_time: if last == i64::MIN { 0 } else { last },
+        detected_at: now,
+        stages,
+    }
+}
