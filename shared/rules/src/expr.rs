@@ -451,7 +451,12 @@ pub(crate) fn compile_condition(text: &str, scope: &mut Scope) -> Result<Expr, V
         Ok(a) => a,
         Err(e) => {
             let msg = e.to_string();
-            let (l, c) = parse_position(&msg);
+            let (mut l, mut c) = parse_position(&msg);
+            if l == 0 {
+                // Errors at the end of the text carry no position: point past the last character.
+                l = text.lines().count().max(1) as u64;
+                c = text.lines().last().map(|x| x.chars().count()).unwrap_or(0) as u64 + 1;
+            }
             let clean = msg
                 .trim_start_matches("sql parser error: ")
                 .split(" at Line: ")

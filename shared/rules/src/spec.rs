@@ -172,6 +172,17 @@ pub fn parse_rule_value(doc: &Json) -> Result<RuleSpec, Diagnostics> {
             return Ok(s);
         }
     }
+    // Report condition errors together with the structural ones.
+    if let Some(s) = &spec {
+        let mut scratch = cepheid_types::FieldRegistry::new();
+        if let Err(d) = crate::compile::compile(s, &mut scratch) {
+            for x in d.0 {
+                if !r.diags.contains(&x) {
+                    r.diags.push(x);
+                }
+            }
+        }
+    }
     let d = Diagnostics(r.diags);
     Err(match id {
         Some(id) => d.with_rule(&id),
