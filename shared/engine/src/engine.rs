@@ -266,6 +266,12 @@ impl Engine {
         EventDecoder::new(&self.registry, self.sources[si].time_field).decode(line)
     }
 
+    /// Decodes one JSON line, keeping the string as the event's text.
+    pub fn decode_owned(&mut self, source: &str, line: String) -> Result<Event, DecodeError> {
+        let si = self.source(source);
+        EventDecoder::new(&self.registry, self.sources[si].time_field).decode_owned(line)
+    }
+
     /// Adds a rule or replaces it with a newer version (new state; other
     /// rules keep theirs). Refuses an equal or older version.
     pub fn upsert_rule(&mut self, spec: &RuleSpec) -> Result<RuleChange, EngineError> {
@@ -446,7 +452,10 @@ impl Engine {
             self.scratch.clear();
             match slot.keys.get_mut(&key) {
                 Some(ks) => {
-                    ks.nfa.advance_time(&nfa, ts, &mut self.scratch);
+                    // Expiry first (only when a deadline is due: otherwise a no-op).
+                    if ks.timer.is_some_and(|d| d <= ts) {
+                        ks.nfa.advance_time(&nfa, ts, &mut self.scratch);
+                    }
                     ks.nfa.process(&nfa, ev, ts, &mut self.cache, &mut self.scratch);
                 }
                 None => {

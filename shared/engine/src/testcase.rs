@@ -97,7 +97,22 @@ impl TestCase {
                 .map(str::to_string)
                 .unwrap_or_else(|| file.file_stem().unwrap_or_default().to_string_lossy().into()),
             file: file.into(),
-            rule: obj.get("rule").cloned().ok_or_else(|| fmt("missing `rule`".into()))?,
+            rule: match obj.get("rule") {
+                // A path (relative to the case file) to a rule file, JSON or YAML.
+                Some(Json::String(path)) => {
+                    let rf = file.parent().unwrap_or(FsPath::new(".")).join(path);
+                    let text = std::fs::read_to_string(&rf)
+                        .map_err(|e| fmt(format!("cannot read rule file {}: {e}", rf.display())))?;
+                    let yaml = rf.extension().is_some_and(|x| x == "yaml" || x == "yml");
+                    if yaml {
+                        serde_yaml::from_str(&text).map_err(|e| fmt(format!("rule file {}: {e}", rf.display())))?
+                    } else {
+                        serde_json::from_str(&text).map_err(|e| fmt(format!("rule file {}: {e}", rf.display())))?
+                    }
+                }
+                Some(v) => v.clone(),
+                None => return Err(fmt("missing `rule`".into())),
+            },
             events: list("events")?.unwrap_or_default(),
             expected: list("expected")?,
             expected_timeouts: list("expected_timeouts")?,
@@ -126,9 +141,10 @@ impl TestCase {
                 Ok(_) if self.expected_error.is_some() => self.check_error(Ok(()), &mut failures),
                 Ok(_) => {
                     let mut out = Vec::new();
+                    let source = spec.source.clone().unwrap_or_else(|| "test".into());
                     for (i, ev) in self.events.iter().enumerate() {
-                        match engine.decode("test", &ev.to_string()) {
-                            Ok(e) => engine.push("test", e, &mut out),
+                        match engine.decode(&source, &ev.to_string()) {
+                            Ok(e) => engine.push(&source, e, &mut out),
                             Err(err) => failures.push(format!("event #{}: {err}", i + 1)),
                         }
                     }
@@ -274,10 +290,10 @@ fn compare(what: &str, expected: &[Json], actual: &[Vec<(String, Vec<String>)>],
     if !missing.is_empty() || !unexpected.is_empty() {
         let mut s = format!("{what}: expected {}, got {}", exp.len(), act.len());
         for m in missing {
-            s.push_str(&format!("\n    missing     {m}"));
+            s.push_str(&format!("\n  missing     {m}"));
         }
         for u in unexpected {
-            s.push_str(&format!("\n    unexpected  {u}"));
+            s.push_str(&format!("\n  unexpected  {u}"));
         }
         failures.push(s);
     }

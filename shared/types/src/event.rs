@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 
 use crate::fields::{FieldId, FieldRegistry};
 use crate::value::Value;
@@ -89,8 +90,17 @@ impl<'r> EventDecoder<'r> {
     }
 
     pub fn decode(&self, text: &str) -> Result<Event, DecodeError> {
+        self.decode_owned(text.trim().to_string())
+    }
+
+    /// Decodes a line it may keep as the event's text (no copy).
+    pub fn decode_owned(&self, mut text: String) -> Result<Event, DecodeError> {
+        let trimmed = text.trim();
+        if trimmed.len() != text.len() {
+            text = trimmed.to_string();
+        }
         let mut slots = vec![Value::Null; self.registry.len()];
-        let mut de = serde_json::Deserializer::from_str(text);
+        let mut de = serde_json::Deserializer::from_str(&text);
         ObjectSeed { registry: self.registry, prefix: String::new(), slots: &mut slots }
             .deserialize(&mut de)
             .map_err(|e| DecodeError::NotJson(e.to_string()))?;
@@ -104,7 +114,7 @@ impl<'r> EventDecoder<'r> {
                 return Err(DecodeError::BadTime { field: field.to_string(), value: other.to_string() })
             }
         };
-        Ok(Event::new(time, slots, text.trim()))
+        Ok(Event::new(time, slots, text.into_boxed_str()))
     }
 
     /// Decodes an already parsed JSON object (test cases).
@@ -135,25 +145,78 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
         let mut path = self.prefix;
         let base = path.len();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            path.truncate(base);
-            if base > 0 {
+            let full: &str = if base == 0 {
+                &key
+            } else {
+                path.truncate(base);
                 path.push('.');
-            }
-            path.push_str(&key);
-            if let Some(id) = self.registry.get(&path) {
+                path.push_str(&key);
+                &path
+            };
+            let id = self.registry.get(full);
+            if self.registry.is_prefix(full) {
+                let full = full.to_string();
                 let v: serde_json::Value = map.next_value()?;
-                if self.registry.is_prefix(&path) && v.is_object() {
-                    fill_nested(self.registry, &path, &v, self.slots);
+                fill_nested(self.registry, &full, &v, self.slots);
+                if let Some(id) = id {
+                    self.slots[id as usize] = Value::from_json(&v);
                 }
-                self.slots[id as usize] = Value::from_json(&v);
-            } else if self.registry.is_prefix(&path) {
-                let v: serde_json::Value = map.next_value()?;
-                fill_nested(self.registry, &path, &v, self.slots);
+            } else if let Some(id) = id {
+                self.slots[id as usize] = map.next_value_seed(ScalarSeed)?;
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
         }
         Ok(())
+    }
+}
+
+/// Deserializes a JSON value straight into a [`Value`] (no intermediate tree
+/// for scalars; objects and arrays become their JSON text).
+struct ScalarSeed;
+
+impl<'de> DeserializeSeed<'de> for ScalarSeed {
+    type Value = Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(i64::try_from(v).map(Value::Int).unwrap_or(Value::Float(v as f64)))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::Float(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::str(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        let v = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Value::from_json(&v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        let v = serde_json::Value::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Value::from_json(&v))
     }
 }
 

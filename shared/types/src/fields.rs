@@ -1,7 +1,7 @@
 //! Field registry: every field path a rule reads gets a slot, so events are
 //! decoded once into a slot array and conditions read slots by index.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 /// Index of a field slot in [`crate::Event`].
 pub type FieldId = u32;
@@ -54,6 +54,6 @@ impl FieldRegistry {
     }
 
     pub(crate) fn is_prefix(&self, path: &str) -> bool {
-        self.prefixes.contains(path)
+        !self.prefixes.is_empty() && self.prefixes.contains(path)
     }
 }

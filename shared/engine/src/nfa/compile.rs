@@ -121,8 +121,12 @@ pub fn build_nfa(rule: &CompiledRule) -> Nfa {
     for (i, a) in rule.aggs.iter().enumerate() {
         aggs_by_leaf[a.stage as usize].push(i as u32);
     }
-    let expr_reads_stages = c.exprs.iter().map(|e| e.reads_stages()).collect();
+    let expr_reads_stages: Vec<bool> = c.exprs.iter().map(|e| e.reads_stages()).collect();
+    let history_free = (0..c.states.len()).map(|s| history_free(&c.states, &expr_reads_stages, s as StateId)).collect();
+    let has_stage_windows = c.states.iter().any(|s| s.window.is_some());
     Nfa {
+        history_free,
+        has_stage_windows,
         states: c.states,
         start,
         final_state,
@@ -136,6 +140,36 @@ pub fn build_nfa(rule: &CompiledRule) -> Nfa {
         leaf_names: rule.leaves.iter().map(|l| l.name.clone()).collect(),
         leaf_negated: rule.leaves.iter().map(|l| l.negated).collect(),
     }
+}
+
+fn cond_reads_stages(c: &Cond, reads: &[bool]) -> bool {
+    match c {
+        Cond::True => false,
+        Cond::Expr(i) => reads[*i as usize],
+        Cond::Not(x) => cond_reads_stages(x, reads),
+        Cond::And(a, b) => cond_reads_stages(a, reads) || cond_reads_stages(b, reads),
+        Cond::Or(v) => v.iter().any(|x| cond_reads_stages(x, reads)),
+    }
+}
+
+/// No condition reachable from `s` through PROCEED edges reads stage history.
+fn history_free(states: &[State], reads: &[bool], s: StateId) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![s];
+    while let Some(x) = stack.pop() {
+        if !seen.insert(x) {
+            continue;
+        }
+        for t in &states[x as usize].transitions {
+            if cond_reads_stages(&t.cond, reads) {
+                return false;
+            }
+            if t.action == Action::Proceed {
+                stack.push(t.target);
+            }
+        }
+    }
+    true
 }
 
 impl<'a> Compiler<'a> {

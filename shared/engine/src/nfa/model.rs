@@ -84,6 +84,10 @@ pub struct Nfa {
     /// Leaf names, for output.
     pub leaf_names: Vec<String>,
     pub leaf_negated: Vec<bool>,
+    /// Per state: no condition reachable from it (through PROCEED) reads stage history.
+    pub history_free: Vec<bool>,
+    /// Some state has a stage window.
+    pub has_stage_windows: bool,
 }
 
 impl Nfa {

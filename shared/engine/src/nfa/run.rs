@@ -77,15 +77,22 @@ impl EvalCtx for Ctx<'_> {
 /// Per-event cache of history-free condition results (0 unknown, 1 false, 2 true).
 pub struct CondCache {
     vals: Vec<u8>,
+    /// Per state: 0 unknown, 1 changes runs, 2 leaves runs unchanged.
+    inert: Vec<u8>,
 }
 
 impl CondCache {
     pub fn new(n: usize) -> Self {
-        CondCache { vals: vec![0; n] }
+        CondCache { vals: vec![0; n], inert: Vec::new() }
     }
     pub fn reset(&mut self, n: usize) {
         self.vals.clear();
         self.vals.resize(n, 0);
+        self.inert.clear();
+    }
+    fn reset_states(&mut self, states: usize) {
+        self.inert.clear();
+        self.inert.resize(states, 0);
     }
 }
 
@@ -149,17 +156,21 @@ impl NfaState {
     /// Earliest time at which `advance_time` would change something.
     pub fn next_deadline(&self, nfa: &Nfa) -> Option<i64> {
         let mut d: Option<i64> = None;
-        for cs in self.partial.as_slice() {
-            if nfa.is_start(cs.state) {
-                continue;
+        if nfa.window > 0 {
+            // The heap's head has the earliest start.
+            if let Some(cs) = self.partial.peek().filter(|c| !nfa.is_start(c.state)) {
+                d = Some(cs.start_ts.saturating_add(nfa.window));
             }
-            if nfa.window > 0 {
-                let t = cs.start_ts.saturating_add(nfa.window);
-                d = Some(d.map_or(t, |x| x.min(t)));
-            }
-            if let Some(w) = nfa.states[cs.state as usize].window {
-                let t = cs.prev_ts.saturating_add(w);
-                d = Some(d.map_or(t, |x| x.min(t)));
+        }
+        if nfa.has_stage_windows {
+            for cs in self.partial.as_slice() {
+                if nfa.is_start(cs.state) {
+                    continue;
+                }
+                if let Some(w) = nfa.states[cs.state as usize].window {
+                    let t = cs.prev_ts.saturating_add(w);
+                    d = Some(d.map_or(t, |x| x.min(t)));
+                }
             }
         }
         d
@@ -171,36 +182,39 @@ impl NfaState {
         self.next_seq += 1;
         let mut registered = false;
         cache.reset(nfa.exprs.len());
-        let old = std::mem::take(&mut self.partial).into_vec();
-        let mut new_partial = JavaPq::new();
+        cache.reset_states(nfa.states.len());
+        let mut arr = std::mem::take(&mut self.partial).into_vec();
+        // Runs this event leaves unchanged keep their place: re-inserting an
+        // unchanged prefix of a heap array in order reproduces it exactly, so
+        // only the part from the first run the event changes is replayed.
+        let j = arr.iter().position(|cs| !self.inert(nfa, cs.state, event, cache)).unwrap_or(arr.len());
+        if j == arr.len() {
+            self.partial = JavaPq::from_array(arr);
+            return;
+        }
+        let suffix = arr.split_off(j);
+        let mut new_partial = JavaPq::from_array(arr);
         let mut potential = JavaPq::new();
         let mut successors = Vec::new();
-        for cs in old {
+        for cs in suffix {
             successors.clear();
-            self.compute_next_states(nfa, &cs, event, ts, eid, &mut registered, cache, &mut successors);
-            let mut discard = false;
-            let mut retain = Vec::new();
+            if !self.compute_next_states(nfa, &cs, event, ts, eid, &mut registered, cache, &mut successors) {
+                // Unchanged by this event (a lone self-ignore): Flink re-locks and
+                // releases the same node and version, a no-op; keep it as is.
+                new_partial.add(cs);
+                continue;
+            }
+            let discard = successors.iter().any(|s| nfa.kind(s.state) == StateKind::Stop);
             for s in successors.drain(..) {
                 match nfa.kind(s.state) {
                     StateKind::Final => potential.add(s),
-                    StateKind::Stop => {
-                        discard = true;
+                    _ if discard => {
+                        // A stop state was reached: this branch and all it kept die.
                         if let Some(n) = s.node {
                             self.buffer.release_node(n, &s.version);
                         }
                     }
-                    _ => retain.push(s),
-                }
-            }
-            if discard {
-                for s in retain {
-                    if let Some(n) = s.node {
-                        self.buffer.release_node(n, &s.version);
-                    }
-                }
-            } else {
-                for s in retain {
-                    new_partial.add(s);
+                    _ => new_partial.add(s),
                 }
             }
         }
@@ -209,6 +223,41 @@ impl NfaState {
         if registered {
             self.buffer.release_event(eid);
         }
+    }
+
+    /// Does this event leave every run resting in `state` unchanged? Decided
+    /// once per state and event, and only where no condition reachable from
+    /// the state reads the run's history (otherwise: no, check run by run).
+    fn inert(&self, nfa: &Nfa, state: StateId, event: &Event, cache: &mut CondCache) -> bool {
+        if !nfa.history_free[state as usize] {
+            return false;
+        }
+        let memo = &mut cache.inert[state as usize];
+        if *memo != 0 {
+            return *memo == 2;
+        }
+        let cx = Ctx { nfa, event, aggs: None };
+        let is_start = nfa.is_start(state);
+        let mut stack = vec![state];
+        let (mut takes, mut ignores, mut self_ignores) = (0, 0, 0);
+        let mut vals = std::mem::take(&mut cache.vals);
+        let mut sub = CondCache { vals: std::mem::take(&mut vals), inert: Vec::new() };
+        while let Some(s) = stack.pop() {
+            for t in &nfa.states[s as usize].transitions {
+                if check(nfa, &t.cond, &cx, &mut sub) {
+                    match t.action {
+                        Action::Proceed => stack.push(t.target),
+                        Action::Take => takes += 1,
+                        Action::Ignore if t.target == state => self_ignores += 1,
+                        Action::Ignore => ignores += 1,
+                    }
+                }
+            }
+        }
+        cache.vals = sub.vals;
+        let inert = takes == 0 && ignores == 0 && (is_start || self_ignores == 1);
+        cache.inert[state as usize] = if inert { 2 } else { 1 };
+        inert
     }
 
     /// Flink's `advanceTime(timestamp)`: expire windows, complete pending
@@ -314,7 +363,7 @@ impl NfaState {
         registered: &mut bool,
         cache: &mut CondCache,
         out: &mut Vec<Cs>,
-    ) {
+    ) -> bool {
         let cx = Ctx { nfa, event, aggs: cs.aggs.as_deref().map(|v| v.as_slice()) };
         let is_start = nfa.is_start(cs.state);
         // Decision graph: depth-first over PROCEED edges, collecting TAKE/IGNORE.
@@ -352,6 +401,10 @@ impl NfaState {
                     }
                 }
             }
+        }
+        if !is_start && n_take == 0 && n_ignore == 0 && edges.len() == 1 {
+            // Only a self-ignore: the successor equals `cs` (same node, same version).
+            return false;
         }
         let inc = if n_take == 0 && n_ignore == 0 { 0 } else { n_ignore + n_take.max(1) };
         let mut take_to_visit = (n_take - 1).max(0);
@@ -419,6 +472,7 @@ impl NfaState {
         if let Some(n) = cs.node {
             self.buffer.release_node(n, &cs.version);
         }
+        true
     }
 
     fn add_cs(&mut self, out: &mut Vec<Cs>, cs: Cs) {
