@@ -1,5 +1,8 @@
 //! `cepheid`: thin entry point over [`cepheid_cli`].
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -2,6 +2,9 @@
 //! then decodes and matches it on one thread, and reports events/s and state
 //! size. `cargo run --release -p cepheid-loadtest --bin embedded -- --help`
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,5 +1,8 @@
 //! Writes a generated clickstream as JSON lines.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufWriter, Write};
 
 use cepheid_loadtest::clickstream::{generate, Params};
