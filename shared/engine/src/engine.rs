@@ -559,3 +559,161 @@ pub(crate) fn build_record(
         stages,
     }
 }
+
+/// The whole engine's state (all rules' keys, watermarks, the reorder buffer).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineSnapshot {
+    pub format: u32,
+    pub sources: Vec<SourceSnap>,
+    pub released: i64,
+    pub arrival: u64,
+    /// Events received but not yet released by the watermark.
+    pub pending: Vec<PendingSnap>,
+    pub rules: Vec<RuleSnap>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SourceSnap {
+    pub name: String,
+    pub max_seen: Option<i64>,
+    pub watermark: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PendingSnap {
+    /// Event time (ms).
+    pub t: i64,
+    pub arrival: u64,
+    pub source: String,
+    pub raw: String,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RuleSnap {
+    pub id: String,
+    pub version: u64,
+    pub keys: Vec<KeyEntrySnap>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KeyEntrySnap {
+    pub key: Vec<serde_json::Value>,
+    pub state: crate::snapshot::KeySnapshot,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreReport {
+    pub keys: usize,
+    /// Rule states that could not be restored, with the reason (they start afresh).
+    pub dropped: Vec<String>,
+}
+
+impl Engine {
+    /// Snapshot of everything that decides future output.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let mut pending: Vec<PendingSnap> = self
+            .reorder
+            .iter()
+            .map(|Reverse(p)| PendingSnap {
+                t: p.t,
+                arrival: p.arrival,
+                source: self.sources[p.source].name.clone(),
+                raw: p.event.raw().to_string(),
+            })
+            .collect();
+        pending.sort_by_key(|p| (p.t, p.arrival));
+        let rules = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|s| {
+                let mut keys: Vec<KeyEntrySnap> = s
+                    .keys
+                    .iter()
+                    .map(|(k, ks)| KeyEntrySnap { key: crate::snapshot::key_to_json(k), state: ks.nfa.snapshot(&s.nfa) })
+                    .collect();
+                keys.sort_by(|a, b| serde_json::to_string(&a.key).unwrap().cmp(&serde_json::to_string(&b.key).unwrap()));
+                RuleSnap { id: s.rule.id().to_string(), version: s.rule.version(), keys }
+            })
+            .collect();
+        EngineSnapshot {
+            format: crate::snapshot::FORMAT,
+            sources: self
+                .sources
+                .iter()
+                .map(|s| SourceSnap { name: s.name.clone(), max_seen: s.max_seen, watermark: s.watermark })
+                .collect(),
+            released: self.released,
+            arrival: self.arrival,
+            pending,
+            rules,
+        }
+    }
+
+    /// Restores a snapshot into an engine that already has the rules loaded.
+    /// States of rules that are missing or at another version are dropped
+    /// (reported), never applied to the wrong rule.
+    pub fn restore(&mut self, snap: EngineSnapshot) -> Result<RestoreReport, EngineError> {
+        if snap.format > crate::snapshot::FORMAT {
+            return Err(EngineError::Snapshot(format!("format {} is newer than this build understands", snap.format)));
+        }
+        let mut report = RestoreReport::default();
+        for s in &snap.sources {
+            let i = self.source(&s.name);
+            self.sources[i].max_seen = s.max_seen;
+            self.sources[i].watermark = s.watermark;
+        }
+        self.released = snap.released;
+        self.arrival = snap.arrival;
+        self.reorder.clear();
+        for p in snap.pending {
+            let si = self.source(&p.source);
+            let dec = EventDecoder::new(&self.registry, self.sources[si].time_field);
+            let event = dec.decode_with_time(&p.raw, p.t).map_err(|e| EngineError::Snapshot(format!("pending event: {e}")))?;
+            self.reorder.push(Reverse(Pending { t: p.t, arrival: p.arrival, source: si, event }));
+        }
+        for r in snap.rules {
+            let Some(&si) = self.by_id.get(&r.id) else {
+                report.dropped.push(format!("rule `{}`: not loaded", r.id));
+                continue;
+            };
+            let slot = self.slots[si].as_mut().unwrap();
+            if slot.rule.version() != r.version {
+                report.dropped.push(format!(
+                    "rule `{}`: snapshot is of version {}, running version is {}",
+                    r.id,
+                    r.version,
+                    slot.rule.version()
+                ));
+                continue;
+            }
+            let source_ix = slot.source;
+            let time_field = match source_ix {
+                Some(i) => self.sources[i].time_field,
+                None => self.registry.get(&self.cfg.default_source.time_field).unwrap_or(0),
+            };
+            let dec = EventDecoder::new(&self.registry, time_field);
+            let processing = slot.rule.time() == TimeMode::Processing;
+            for k in r.keys {
+                let key = crate::snapshot::key_from_json(&k.key);
+                match NfaState::restore(k.state, &slot.nfa, &dec) {
+                    Ok(st) => {
+                        let deadline = st.next_deadline(&slot.nfa);
+                        slot.keys.insert(key.clone(), KeyState { nfa: st, timer: deadline });
+                        if let Some(d) = deadline {
+                            if processing {
+                                self.pt_timers.insert((d, si, key));
+                            } else {
+                                self.timers.insert((d, si, key));
+                            }
+                        }
+                        report.keys += 1;
+                    }
+                    Err(e) => report.dropped.push(format!("rule `{}` key {}: {e}", r.id, key.repr())),
+                }
+            }
+        }
+        Ok(report)
+    }
+}

@@ -12,4 +12,5 @@
 pub mod engine;
 pub mod key;
 pub mod nfa;
+pub mod snapshot;
 pub mod testcase;

@@ -93,6 +93,16 @@ impl<'r> EventDecoder<'r> {
         self.decode_owned(text.trim().to_string())
     }
 
+    /// Decodes the fields of a line whose time is already known (restores).
+    pub fn decode_with_time(&self, text: &str, time: Millis) -> Result<Event, DecodeError> {
+        let mut slots = vec![Value::Null; self.registry.len()];
+        let mut de = serde_json::Deserializer::from_str(text);
+        ObjectSeed { registry: self.registry, prefix: String::new(), slots: &mut slots }
+            .deserialize(&mut de)
+            .map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        Ok(Event::new(time, slots, text.trim()))
+    }
+
     /// Decodes a line it may keep as the event's text (no copy).
     pub fn decode_owned(&self, mut text: String) -> Result<Event, DecodeError> {
         let trimmed = text.trim();
