@@ -9,6 +9,7 @@ use cepheid_engine::testcase::{collect_case_files, TestCase};
 
 fn run_dir(dir: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(dir);
+    let root = root.canonicalize().unwrap_or(root);
     let files = collect_case_files(&[root.clone()]).expect("case directory");
     assert!(!files.is_empty(), "no cases in {}", root.display());
     let mut failed = Vec::new();
@@ -32,4 +33,38 @@ fn flink_and_extension_cases() {
 #[test]
 fn random_flink_cases() {
     run_dir("conformance-random");
+}
+
+#[test]
+fn example_rule_tests() {
+    run_dir("../rules/examples/tests");
+}
+
+/// The copy under `tests/` must equal the cases handed to the project when
+/// they are present beside the repository (`../shared`); a fresh clone has
+/// no `../shared` and uses the copy as is.
+#[test]
+fn shared_cases_in_sync() {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shared = std::env::var_os("CEPHEID_SHARED").map(PathBuf::from).unwrap_or_else(|| here.join("../shared"));
+    for d in ["conformance", "conformance-random"] {
+        let src = shared.join(d);
+        if !src.is_dir() {
+            continue;
+        }
+        let list = |p: &PathBuf| {
+            let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(p)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert!(
+            list(&src) == list(&here.join("tests").join(d)),
+            "tests/{d} differs from {}: run scripts/sync-shared-cases.sh",
+            src.display()
+        );
+    }
 }
