@@ -15,6 +15,7 @@ use cepheid_types::{match_id, DecodeError, Event, EventDecoder, FieldId, FieldRe
 use rustc_hash::FxHashMap;
 use serde_json::value::RawValue;
 
+use crate::index::{gate_for, Gate, RuleIndex};
 use crate::key::KeyVals;
 use crate::nfa::{build_nfa, CondCache, Nfa, NfaOutput, NfaState};
 
@@ -172,6 +173,9 @@ pub(crate) struct RuleSlot {
     key_names: Vec<String>,
     pub(crate) keys: FxHashMap<KeyVals, KeyState>,
     pub(crate) matches: u64,
+    /// For start-gated rules: the key signature, so keys holding state are
+    /// found from the event (see [`crate::index`]).
+    live_sig: Option<u32>,
 }
 
 /// The engine. Single-threaded: one instance per matcher thread / shard.
@@ -191,6 +195,13 @@ pub struct Engine {
     cache: CondCache,
     scratch: Vec<NfaOutput>,
     stats: EngineStats,
+    index: RuleIndex,
+    cand: Vec<usize>,
+    /// Distinct `key_by` lists of start-gated rules.
+    sigs: Vec<Vec<FieldId>>,
+    /// (signature, key) → start-gated rules holding state for that key.
+    live: FxHashMap<(u32, KeyVals), Vec<usize>>,
+    index_disabled: bool,
 }
 
 impl Engine {
@@ -211,6 +222,11 @@ impl Engine {
             cache: CondCache::new(0),
             scratch: Vec::new(),
             stats: EngineStats::default(),
+            index: RuleIndex::default(),
+            cand: Vec::new(),
+            sigs: Vec::new(),
+            live: FxHashMap::default(),
+            index_disabled: false,
         }
     }
 
@@ -290,6 +306,17 @@ impl Engine {
         }
         let source = spec.source.as_deref().map(|s| self.source(s));
         let nfa = Arc::new(build_nfa(&rule));
+        let gate = if self.index_disabled { Gate::None } else { gate_for(rule.filter.as_deref(), &nfa) };
+        let live_sig = match gate {
+            Gate::Start(..) => Some(match self.sigs.iter().position(|s| *s == rule.key_by) {
+                Some(i) => i as u32,
+                None => {
+                    self.sigs.push(rule.key_by.clone());
+                    (self.sigs.len() - 1) as u32
+                }
+            }),
+            _ => None,
+        };
         let slot = RuleSlot {
             key_names: spec.key_by.clone(),
             rule: Arc::new(rule),
@@ -297,20 +324,48 @@ impl Engine {
             source,
             keys: FxHashMap::default(),
             matches: 0,
+            live_sig,
         };
         match self.by_id.get(&spec.id) {
             Some(&i) => {
+                self.forget_slot(i);
                 let old = self.slots[i].take().unwrap();
                 self.slots[i] = Some(slot);
-                self.timers.retain(|(_, s, _)| *s != i);
-                self.pt_timers.retain(|(_, s, _)| *s != i);
+                self.index.insert(i, gate);
                 Ok(RuleChange::Replaced { id: spec.id.clone(), old_version: old.rule.version(), version: spec.version })
             }
             None => {
                 self.slots.push(Some(slot));
-                self.by_id.insert(spec.id.clone(), self.slots.len() - 1);
+                let i = self.slots.len() - 1;
+                self.by_id.insert(spec.id.clone(), i);
+                self.index.insert(i, gate);
                 Ok(RuleChange::Added { id: spec.id.clone(), version: spec.version })
             }
+        }
+    }
+
+    /// Offers every event to every rule (no index). For tests that check the
+    /// index never changes results.
+    pub fn disable_index(&mut self) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].is_some() {
+                self.index.insert(i, Gate::None);
+            }
+        }
+        self.index_disabled = true;
+    }
+
+    /// Drops a slot's timers and live-key entries (its state goes with it).
+    fn forget_slot(&mut self, i: usize) {
+        self.timers.retain(|(_, s, _)| *s != i);
+        self.pt_timers.retain(|(_, s, _)| *s != i);
+        if let Some(sig) = self.slots[i].as_ref().and_then(|s| s.live_sig) {
+            self.live.retain(|(g, _), rules| {
+                if *g == sig {
+                    rules.retain(|r| *r != i);
+                }
+                !rules.is_empty()
+            });
         }
     }
 
@@ -318,9 +373,9 @@ impl Engine {
     pub fn remove_rule(&mut self, id: &str) -> bool {
         match self.by_id.remove(id) {
             Some(i) => {
+                self.forget_slot(i);
+                self.index.remove(i);
                 self.slots[i] = None;
-                self.timers.retain(|(_, s, _)| *s != i);
-                self.pt_timers.retain(|(_, s, _)| *s != i);
                 true
             }
             None => false,
@@ -421,7 +476,28 @@ impl Engine {
     }
 
     fn dispatch(&mut self, si: usize, ev: &Event, ts: i64, processing: bool, out: &mut Vec<Output>) {
-        for i in 0..self.slots.len() {
+        let mut cand = std::mem::take(&mut self.cand);
+        self.index.candidates(ev, &mut cand);
+        if !self.live.is_empty() {
+            let before = cand.len();
+            for (g, fields) in self.sigs.iter().enumerate() {
+                let mut key = KeyVals::default();
+                if fields.iter().all(|f| {
+                    let v = ev.get(*f);
+                    key.0.push(v.clone());
+                    !v.is_null()
+                }) {
+                    if let Some(rules) = self.live.get(&(g as u32, key)) {
+                        cand.extend_from_slice(rules);
+                    }
+                }
+            }
+            if cand.len() != before {
+                cand.sort_unstable();
+                cand.dedup();
+            }
+        }
+        for &i in &cand {
             let Some(slot) = self.slots[i].as_mut() else { continue };
             if !slot.rule.spec.enabled || (slot.rule.time() == TimeMode::Processing) != processing {
                 continue;
@@ -465,10 +541,14 @@ impl Engine {
                     let mut st = NfaState::new(&nfa);
                     st.process(&nfa, ev, ts, &mut self.cache, &mut self.scratch);
                     slot.keys.insert(key.clone(), KeyState { nfa: st, timer: None });
+                    if let Some(g) = slot.live_sig {
+                        self.live.entry((g, key.clone())).or_default().push(i);
+                    }
                 }
             }
             self.after_step(i, key, processing, out);
         }
+        self.cand = cand;
     }
 
     /// Emits what a step produced, reschedules the key's deadline, drops idle keys.
@@ -496,6 +576,15 @@ impl Engine {
                 timers.remove(&(old, si, key.clone()));
             }
             slot.keys.remove(&key);
+            if let Some(g) = slot.live_sig {
+                let k = (g, key);
+                if let Some(rules) = self.live.get_mut(&k) {
+                    rules.retain(|r| *r != si);
+                    if rules.is_empty() {
+                        self.live.remove(&k);
+                    }
+                }
+            }
             return;
         }
         let next = ks.nfa.next_deadline(&slot.nfa);
@@ -701,6 +790,9 @@ impl Engine {
                     Ok(st) => {
                         let deadline = st.next_deadline(&slot.nfa);
                         slot.keys.insert(key.clone(), KeyState { nfa: st, timer: deadline });
+                        if let Some(g) = slot.live_sig {
+                            self.live.entry((g, key.clone())).or_default().push(si);
+                        }
                         if let Some(d) = deadline {
                             if processing {
                                 self.pt_timers.insert((d, si, key));

@@ -10,6 +10,7 @@
 //!   `cepheid test` and the conformance suites.
 
 pub mod engine;
+pub mod index;
 pub mod key;
 pub mod nfa;
 pub mod snapshot;

@@ -183,3 +183,32 @@ fn generated_streams_produce_matches() {
     }
     assert!(total > 100, "only {total} matches over 32 streams");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The rule index only skips rules that would have done nothing.
+    #[test]
+    fn index_never_changes_results(lines in stream()) {
+        let mut rules = rules();
+        for extra in [
+            r#"{"id":"gated_filter","version":1,"key_by":["k"],"filter":"name IN ('a', 'b')","pattern":[{"name":"x","where":"name = 'a'"},{"name":"y","where":"name = 'b'","contiguity":"strict"}]}"#,
+            r#"{"id":"gated_start","version":1,"key_by":["k"],"pattern":[{"name":"x","where":"name = 'c' AND price > 2"},{"name":"y","where":"price < x.price","contiguity":"strict","times":{"min":1}}],"within":8}"#,
+            r#"{"id":"gated_optional_start","version":1,"key_by":["k"],"pattern":[{"name":"x","where":"name = 'd'","optional":true},{"name":"y","where":"name = 'e'"},{"name":"z","where":"name = 'a'","contiguity":"strict"}]}"#,
+        ] {
+            rules.push(parse_rule_value(&serde_json::from_str(extra).unwrap()).unwrap());
+        }
+        let mut indexed = engine(&rules);
+        let mut plain = engine(&[]);
+        plain.disable_index();
+        for r in &rules {
+            plain.upsert_rule(r).unwrap();
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        feed(&mut indexed, &lines, &mut a);
+        indexed.finish(&mut a);
+        feed(&mut plain, &lines, &mut b);
+        plain.finish(&mut b);
+        prop_assert_eq!(render(&a), render(&b));
+    }
+}
