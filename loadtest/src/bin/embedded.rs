@@ -87,7 +87,15 @@ fn main() -> anyhow::Result<()> {
         matches += out.iter().filter(|o| matches!(o, Output::Match(_))).count() as u64;
         let secs = start.elapsed().as_secs_f64();
         let rate = lines.len() as f64 / secs;
-        eprintln!("  {:.0} events/s ({:.2} s), {} matches, peak {} partial matches over {} keys", rate, secs, matches, peak.0, peak.1);
+        eprintln!(
+            "  {:.0} events/s ({:.2} s), {} matches, peak {} partial matches over {} keys, {} deadlines fired",
+            rate,
+            secs,
+            matches,
+            peak.0,
+            peak.1,
+            engine.stats().timers_fired
+        );
         rates.push(rate);
         last = (lines.len(), matches as usize, peak.0, peak.1);
     }

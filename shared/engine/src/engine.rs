@@ -128,6 +128,8 @@ pub struct EngineStats {
     pub timeouts: u64,
     /// Events a rule's filter admitted but that lacked a key field.
     pub missing_key: u64,
+    /// Deadlines that fired (windows, timeouts, trailing absences).
+    pub timers_fired: u64,
 }
 
 struct Source {
@@ -468,6 +470,7 @@ impl Engine {
                 continue;
             }
             ks.timer = None;
+            self.stats.timers_fired += 1;
             let nfa = slot.nfa.clone();
             self.scratch.clear();
             ks.nfa.advance_time(&nfa, w, &mut self.scratch);

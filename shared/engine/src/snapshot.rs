@@ -185,12 +185,15 @@ impl NfaState {
         }
         let partial = snap.partial.into_iter().map(|c| cs_from(c, nfa)).collect::<Result<Vec<_>, _>>()?;
         let completed = snap.completed.into_iter().map(|c| cs_from(c, nfa)).collect::<Result<Vec<_>, _>>()?;
-        Ok(NfaState {
+        let mut st = NfaState {
             partial: JavaPq::from_array(partial),
             completed: JavaPq::from_array(completed),
             buffer,
             next_seq: snap.next_seq,
-        })
+            counts: Vec::new(),
+        };
+        st.recount(nfa);
+        Ok(st)
     }
 }
 

@@ -27,17 +27,32 @@ impl Dewey {
     }
 
     /// Flink's `isCompatibleWith`: `self` descends from `other`'s run.
+    #[inline]
     pub fn compatible_with(&self, other: &Dewey) -> bool {
-        let (a, b) = (&self.0, &other.0);
-        if a.len() > b.len() {
-            a[..b.len()] == b[..]
-        } else if a.len() == b.len() {
-            let last = a.len() - 1;
-            a[..last] == b[..last] && a[last] >= b[last]
+        let (a, b) = (self.0.as_slice(), other.0.as_slice());
+        let n = b.len();
+        if a.len() > n {
+            same(&a[..n], b)
+        } else if a.len() == n {
+            a[n - 1] >= b[n - 1] && same(&a[..n - 1], &b[..n - 1])
         } else {
             false
         }
     }
+}
+
+/// Digit-by-digit equality, last digits first (where runs differ most often);
+/// cheaper than a `memcmp` call for these short slices.
+#[inline]
+fn same(a: &[u32], b: &[u32]) -> bool {
+    let mut i = a.len();
+    while i > 0 {
+        i -= 1;
+        if a[i] != b[i] {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

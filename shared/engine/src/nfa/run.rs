@@ -53,6 +53,8 @@ pub struct NfaState {
     pub completed: JavaPq<Cs>,
     pub buffer: SharedBuffer,
     pub next_seq: u64,
+    /// Runs in `partial` per automaton state (derived; rebuilt on restore).
+    pub(crate) counts: Vec<u32>,
 }
 
 struct Ctx<'a> {
@@ -140,7 +142,18 @@ impl NfaState {
             start_id: None,
             aggs: None,
         });
-        NfaState { partial, completed: JavaPq::new(), buffer: SharedBuffer::default(), next_seq: 0 }
+        let mut counts = vec![0; nfa.states.len()];
+        counts[nfa.start as usize] = 1;
+        NfaState { partial, completed: JavaPq::new(), buffer: SharedBuffer::default(), next_seq: 0, counts }
+    }
+
+    /// Recounts runs per state (after a rebuild of the partial heap).
+    pub(crate) fn recount(&mut self, nfa: &Nfa) {
+        self.counts.clear();
+        self.counts.resize(nfa.states.len(), 0);
+        for cs in self.partial.as_slice() {
+            self.counts[cs.state as usize] += 1;
+        }
     }
 
     /// Only the start state is alive: nothing to keep for this key.
@@ -183,16 +196,47 @@ impl NfaState {
         let mut registered = false;
         cache.reset(nfa.exprs.len());
         cache.reset_states(nfa.states.len());
-        let mut arr = std::mem::take(&mut self.partial).into_vec();
         // Runs this event leaves unchanged keep their place: re-inserting an
         // unchanged prefix of a heap array in order reproduces it exactly, so
         // only the part from the first run the event changes is replayed.
-        let j = arr.iter().position(|cs| !self.inert(nfa, cs.state, event, cache)).unwrap_or(arr.len());
-        if j == arr.len() {
-            self.partial = JavaPq::from_array(arr);
+        // Which states change runs is decided once per state (see `inert`).
+        let mut changing = 0u32;
+        let mut only_start = true;
+        for st in 0..self.counts.len() {
+            let c = self.counts[st];
+            if c > 0 && !self.inert(nfa, st as StateId, event, cache) {
+                changing += c;
+                if st as StateId != nfa.start {
+                    only_start = false;
+                }
+            }
+        }
+        if changing == 0 {
             return;
         }
+        let mut arr = std::mem::take(&mut self.partial).into_vec();
+        let j = if only_start && arr.last().is_some_and(|c| c.state == nfa.start) && changing == 1 {
+            arr.len() - 1
+        } else {
+            // The smallest index of a changing run: scan from the end (new runs
+            // sit at the end) until all `changing` runs are found.
+            let mut found = 0;
+            let mut j = arr.len();
+            for (i, cs) in arr.iter().enumerate().rev() {
+                if !self.inert(nfa, cs.state, event, cache) {
+                    found += 1;
+                    j = i;
+                    if found == changing {
+                        break;
+                    }
+                }
+            }
+            j
+        };
         let suffix = arr.split_off(j);
+        for cs in &suffix {
+            self.counts[cs.state as usize] -= 1;
+        }
         let mut new_partial = JavaPq::from_array(arr);
         let mut potential = JavaPq::new();
         let mut successors = Vec::new();
@@ -201,6 +245,7 @@ impl NfaState {
             if !self.compute_next_states(nfa, &cs, event, ts, eid, &mut registered, cache, &mut successors) {
                 // Unchanged by this event (a lone self-ignore): Flink re-locks and
                 // releases the same node and version, a no-op; keep it as is.
+                self.counts[cs.state as usize] += 1;
                 new_partial.add(cs);
                 continue;
             }
@@ -214,12 +259,18 @@ impl NfaState {
                             self.buffer.release_node(n, &s.version);
                         }
                     }
-                    _ => new_partial.add(s),
+                    _ => {
+                        self.counts[s.state as usize] += 1;
+                        new_partial.add(s)
+                    }
                 }
             }
         }
-        self.process_matches(nfa, potential, &mut new_partial, out);
+        let pruned = self.process_matches(nfa, potential, &mut new_partial, out);
         self.partial = new_partial;
+        if pruned {
+            self.recount(nfa);
+        }
         if registered {
             self.buffer.release_event(eid);
         }
@@ -294,6 +345,7 @@ impl NfaState {
         }
         self.process_matches(nfa, potential, &mut new_partial, out);
         self.partial = new_partial;
+        self.recount(nfa);
     }
 
     fn materialize(&self, p: &Path) -> Vec<(u16, Vec<Event>)> {
@@ -302,7 +354,9 @@ impl NfaState {
             .collect()
     }
 
-    fn process_matches(&mut self, nfa: &Nfa, potential: JavaPq<Cs>, partial: &mut JavaPq<Cs>, out: &mut Vec<NfaOutput>) {
+    /// Returns whether partial matches were pruned.
+    fn process_matches(&mut self, nfa: &Nfa, potential: JavaPq<Cs>, partial: &mut JavaPq<Cs>, out: &mut Vec<NfaOutput>) -> bool {
+        let mut pruned = false;
         for m in potential.into_vec() {
             self.completed.add(m);
         }
@@ -331,6 +385,7 @@ impl NfaState {
                     None => false,
                 };
                 for c in partial.remove_where(pred) {
+                    pruned = true;
                     if let Some(n) = c.node {
                         self.buffer.release_node(n, &c.version);
                     }
@@ -350,6 +405,7 @@ impl NfaState {
             }
             self.buffer.release_node(node, &m.version);
         }
+        pruned
     }
 
     #[allow(clippy::too_many_arguments)]

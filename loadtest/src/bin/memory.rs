@@ -1,0 +1,66 @@
+//! Memory per open partial match and per key, measured with a counting
+//! allocator (heap bytes live, not RSS).
+//! `cargo run --release -p cepheid-loadtest --bin memory`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
+
+use cepheid_engine::engine::{Engine, EngineConfig, ManualClock, SourceConfig};
+use cepheid_rules::parse_rule_json;
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+fn engine() -> Engine {
+    let cfg = EngineConfig { default_source: SourceConfig { time_field: "t".into(), out_of_orderness_ms: 0 }, ..Default::default() };
+    let mut e = Engine::new(cfg, Arc::new(ManualClock::new(0)));
+    let r = r#"{"id":"wait","version":1,"key_by":"k","pattern":[{"name":"a","where":"kind = 'a'"},{"name":"b","where":"kind = 'b'"}],"within":"1d"}"#;
+    e.upsert_rule(&parse_rule_json(r).unwrap()).unwrap();
+    e
+}
+
+fn measure(n: usize, line: impl Fn(usize) -> String) -> (f64, usize) {
+    let mut e = engine();
+    let mut out = Vec::new();
+    // Warm up the engine's own structures.
+    let w = e.decode("s", &line(0)).unwrap();
+    e.push("s", w, &mut out);
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 1..=n {
+        let ev = e.decode("s", &line(i)).unwrap();
+        e.push("s", ev, &mut out);
+    }
+    let after = LIVE.load(Ordering::Relaxed);
+    let keys = e.state_size().1;
+    ((after - before) as f64 / n as f64, keys)
+}
+
+fn main() {
+    let n = 100_000;
+    // Each event is ~60 bytes of JSON text, stored once per event the state holds.
+    let (per_partial, _) = measure(n, |i| format!(r#"{{"t":{i},"k":1,"kind":"a"}}"#));
+    let (per_key, keys) = measure(n, |i| format!(r#"{{"t":{i},"k":{i},"kind":"a"}}"#));
+    let (per_idle, idle_keys) = measure(n, |i| format!(r#"{{"t":{i},"k":{i},"kind":"x"}}"#));
+    println!("memory: {per_partial:.0} bytes per open partial match (one key, {n} partial matches, event text included)");
+    println!("memory: {per_key:.0} bytes per key holding one partial match ({keys} keys)");
+    println!("memory: {per_idle:.1} bytes per key that holds no partial match ({idle_keys} keys kept)");
+}
