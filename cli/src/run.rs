@@ -134,8 +134,13 @@ impl Pipeline {
                     }
                     Err(cepheid_engine::engine::EngineError::StaleVersion { id, running, offered }) if offered == running => {
                         // Same version: unchanged content is fine (touch, re-save); changed content is refused.
-                        let _ = id;
-                        continue;
+                        if self.engine.rule_spec(&id).is_some_and(|r| r.document == spec.document) {
+                            continue;
+                        }
+                        format!(
+                            "rule file {} refused: rule `{id}` changed but its version is still {running}; raise the version to apply the change (version {running} keeps running)",
+                            file.display()
+                        )
                     }
                     Err(e) => format!("rule file {} refused; the running version (if any) keeps running:\n{}", file.display(), crate::indent(&e.to_string())),
                 },
@@ -199,6 +204,15 @@ impl Pipeline {
                 Output::Match(r) => {
                     self.out.write_all(r.to_json_line().as_bytes())?;
                     self.out.write_all(b"\n")?;
+                }
+                Output::MissingKey { event, rule, field } => {
+                    let rec = format!(
+                        "{{\"reason\":{},\"source\":{},\"event\":{}}}",
+                        serde_json::to_string(&format!("missing key field `{field}` (rule `{rule}` keys by it; no rule could use the event)"))?,
+                        serde_json::to_string(&self.source)?,
+                        event.raw()
+                    );
+                    self.rejected.write_line(&rec)?;
                 }
                 Output::Late { source, event, watermark } => {
                     let rec = format!(

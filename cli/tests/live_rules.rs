@@ -123,6 +123,11 @@ fn rule_changes_apply_while_running() {
     p.poll_rules().unwrap();
     assert!(log.take().contains("not newer than the running version 2"));
 
+    // The same version with other content is refused too: changes need a new version.
+    rule(&rules, "a.json", &A_V2.replace("kind = 'c'", "kind = 'd'"));
+    p.poll_rules().unwrap();
+    assert!(log.take().contains("changed but its version is still 2"));
+
     // Deleting a file removes its rule.
     std::fs::remove_file(rules.join("b.json")).unwrap();
     p.poll_rules().unwrap();
@@ -158,10 +163,12 @@ fn bad_lines_are_rejected_with_reasons_and_late_events_kept() {
     p.line("in.jsonl", 3, r#"{"user":"u1","kind":"b"}"#).unwrap();
     p.line("in.jsonl", 4, r#"{"t":30,"user":"u1","kind":"x"}"#).unwrap();
     p.line("in.jsonl", 5, r#"{"t":12,"user":"u1","kind":"b"}"#).unwrap();
+    p.line("in.jsonl", 6, r#"{"t":31,"kind":"a"}"#).unwrap();
     p.finish().unwrap();
     let rejected = std::fs::read_to_string(tmp.path().join("rejected.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = rejected.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 3);
+    assert!(lines[2]["reason"].as_str().unwrap().contains("missing key field `user`"), "{}", lines[2]);
     assert_eq!(lines[0]["line"], 2);
     assert!(lines[0]["reason"].as_str().unwrap().contains("not a JSON object"));
     assert_eq!(lines[1]["line"], 3);
@@ -173,5 +180,5 @@ fn bad_lines_are_rejected_with_reasons_and_late_events_kept() {
     assert_eq!(l["event"]["kind"], "b");
     // The late b was not matched.
     assert!(out.text().is_empty());
-    assert_eq!((p.late.count, p.rejected.count), (1, 2));
+    assert_eq!((p.late.count, p.rejected.count), (1, 3));
 }

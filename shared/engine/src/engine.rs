@@ -100,6 +100,9 @@ pub enum Output {
     Match(MatchRecord),
     /// An event behind its source's watermark: counted, never matched.
     Late { source: String, event: Event, watermark: i64 },
+    /// An event no rule could use because it lacks a `key_by` field of every
+    /// rule whose stream it belongs to.
+    MissingKey { event: Event, rule: String, field: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +241,11 @@ impl Engine {
 
     pub fn registry(&self) -> &FieldRegistry {
         &self.registry
+    }
+
+    /// The document of a loaded rule.
+    pub fn rule_spec(&self, id: &str) -> Option<&RuleSpec> {
+        self.by_id.get(id).and_then(|i| self.slots[*i].as_ref()).map(|s| s.rule.spec.as_ref())
     }
 
     /// Rules currently loaded: (id, version).
@@ -500,6 +508,8 @@ impl Engine {
                 cand.dedup();
             }
         }
+        let mut used = false;
+        let mut missing_key: Option<(String, String)> = None;
         for &i in &cand {
             let Some(slot) = self.slots[i].as_mut() else { continue };
             if !slot.rule.spec.enabled || (slot.rule.time() == TimeMode::Processing) != processing {
@@ -525,8 +535,19 @@ impl Engine {
             }
             if missing {
                 self.stats.missing_key += 1;
+                if missing_key.is_none() {
+                    let field = slot
+                        .rule
+                        .key_by
+                        .iter()
+                        .find(|f| ev.get(**f).is_null())
+                        .map(|f| self.registry.path(*f).to_string())
+                        .unwrap_or_default();
+                    missing_key = Some((slot.rule.id().to_string(), field));
+                }
                 continue;
             }
+            used = true;
             let nfa = slot.nfa.clone();
             self.scratch.clear();
             match slot.keys.get_mut(&key) {
@@ -552,6 +573,9 @@ impl Engine {
             self.after_step(i, key, processing, out);
         }
         self.cand = cand;
+        if let (false, Some((rule, field))) = (used, missing_key) {
+            out.push(Output::MissingKey { event: ev.clone(), rule, field });
+        }
     }
 
     /// Emits what a step produced, reschedules the key's deadline, drops idle keys.

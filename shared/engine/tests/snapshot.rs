@@ -57,6 +57,7 @@ fn render(out: &[Output]) -> Vec<String> {
                 r.to_json_line()
             }
             Output::Late { event, .. } => format!("late {}", event.raw()),
+            Output::MissingKey { event, .. } => format!("no key {}", event.raw()),
         })
         .collect()
 }
