@@ -2,6 +2,7 @@
 //! the embedded defaults), `test` (rule test cases), `validate` (rule files).
 //! Everything is a library function so tests call it in-process.
 
+pub mod rulescmd;
 pub mod rulesdir;
 pub mod run;
 pub mod settings;
@@ -25,6 +26,9 @@ pub enum Command {
     Run(run::RunArgs),
     /// Run rule test cases (a directory means every *.json in it).
     Test(test::TestArgs),
+    /// Manage the rules stored in Redis that the cluster runs.
+    #[command(subcommand)]
+    Rules(rulescmd::RulesCmd),
     /// Check rule files and print every problem found.
     Validate {
         /// Rule files (.json, .yaml, .yml) or directories of them.
@@ -37,6 +41,7 @@ pub fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args).map(|_| ExitCode::SUCCESS),
         Command::Test(args) => test::test(args),
+        Command::Rules(cmd) => rulescmd::run(cmd),
         Command::Validate { paths } => validate(&paths),
     }
 }

@@ -8,6 +8,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Behave like other Unix tools when the reader goes away (`cepheid ... | head`).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = cepheid_cli::Cli::parse();
     match cepheid_cli::main(cli) {
         Ok(code) => code,

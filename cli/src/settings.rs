@@ -16,6 +16,14 @@ pub const DEFAULTS: &str = include_str!("../../config/default.toml");
 pub struct Settings {
     pub engine: EngineConfig,
     pub run: RunSettings,
+    pub redis: RedisSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]

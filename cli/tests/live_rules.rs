@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cepheid_cli::run::Pipeline;
-use cepheid_cli::settings::{RunSettings, Settings};
+use cepheid_cli::settings::{RedisSettings, RunSettings, Settings};
 use cepheid_engine::engine::{EngineConfig, ManualClock, SourceConfig};
 
 #[derive(Clone, Default)]
@@ -39,6 +39,7 @@ fn settings() -> Settings {
             ..Default::default()
         },
         run: RunSettings { source: "clicks".into(), rules_poll_ms: 100, progress_interval_ms: 1000 },
+        redis: RedisSettings { url: "redis://127.0.0.1:6379".into(), prefix: "cepheid".into() },
     }
 }
 

@@ -1,0 +1,31 @@
+//! Cepheid's shared state.
+//!
+//! - [`rules`]: the rule store — the latest version of every rule plus its
+//!   history, with an atomic "newer version only" check, and a change feed
+//!   (Redis pub/sub) that services follow, resyncing fully on start and on
+//!   every reconnect because pub/sub drops messages while disconnected.
+
+pub mod rules;
+
+/// Errors of the state layer, classified by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Redis unreachable or failing: retry with backoff.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The rule was refused (invalid, or not a newer version): the caller's fault.
+    #[error("{0}")]
+    Refused(String),
+    #[error("rule `{0}` does not exist")]
+    NotFound(String),
+    /// Stored data that does not parse: someone wrote it by hand, or a bug.
+    #[error("corrupt stored data for {what}: {msg}")]
+    Corrupt { what: String, msg: String },
+}
+
+impl StateError {
+    /// Worth retrying (transient infrastructure failure)?
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StateError::Redis(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal())
+    }
+}
