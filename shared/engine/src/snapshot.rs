@@ -34,6 +34,8 @@ pub struct CsSnap {
     pub start_id: Option<EventId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggs: Option<Vec<AggState>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -107,6 +109,7 @@ fn cs_snap(c: &Cs) -> CsSnap {
         prev_ts: c.prev_ts,
         start_id: c.start_id,
         aggs: c.aggs.as_ref().map(|a| a.as_ref().clone()),
+        deadline: c.deadline,
     }
 }
 
@@ -122,6 +125,7 @@ fn cs_from(c: CsSnap, nfa: &Nfa) -> Result<Cs, SnapshotError> {
         prev_ts: c.prev_ts,
         start_id: c.start_id,
         aggs: c.aggs.map(std::sync::Arc::new),
+        deadline: c.deadline,
     })
 }
 

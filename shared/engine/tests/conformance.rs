@@ -68,3 +68,8 @@ fn shared_cases_in_sync() {
         );
     }
 }
+
+#[test]
+fn cepheid_own_cases() {
+    run_dir("cepheid");
+}

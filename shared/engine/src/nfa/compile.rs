@@ -373,6 +373,14 @@ impl<'a> Compiler<'a> {
                         self.add_proceed(nn, last_sink, Cond::not(not.clone()));
                     }
                     self.add_proceed(nn, stop, not);
+                    // Resting in a strict negation, the only next take is the
+                    // following stage's: its window applies here too (spec).
+                    let next_w = self.states[last_sink as usize].window;
+                    let own = self.states[nn as usize].window;
+                    self.states[nn as usize].window = match (own, next_w) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     last_sink = nn;
                 }
                 _ => {

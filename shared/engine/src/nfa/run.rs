@@ -24,6 +24,10 @@ pub struct Cs {
     pub start_id: Option<EventId>,
     /// Aggregate slots over the events taken so far (None = all empty).
     pub aggs: Option<Arc<Vec<AggState>>>,
+    /// A stage window this run still owes: it skipped an optional windowed
+    /// stage, so its next take must come before this time (spec; Flink does
+    /// not check it).
+    pub deadline: Option<i64>,
 }
 
 impl PqKey for Cs {
@@ -128,6 +132,8 @@ struct EdgeRef {
     source: StateId,
     target: StateId,
     page: u16,
+    /// For an ignore: the deadline the resulting run owes.
+    owed: Option<i64>,
 }
 
 impl NfaState {
@@ -141,6 +147,7 @@ impl NfaState {
             prev_ts: -1,
             start_id: None,
             aggs: None,
+            deadline: None,
         });
         let mut counts = vec![0; nfa.states.len()];
         counts[nfa.start as usize] = 1;
@@ -182,6 +189,9 @@ impl NfaState {
                 }
                 if let Some(w) = nfa.states[cs.state as usize].window {
                     let t = cs.prev_ts.saturating_add(w);
+                    d = Some(d.map_or(t, |x| x.min(t)));
+                }
+                if let Some(t) = cs.deadline {
                     d = Some(d.map_or(t, |x| x.min(t)));
                 }
             }
@@ -320,7 +330,8 @@ impl NfaState {
         for cs in old {
             let is_start = nfa.is_start(cs.state);
             let stage_w = nfa.states[cs.state as usize].window;
-            let by_prev = !is_start && stage_w.is_some_and(|w| w > 0 && ts.saturating_sub(cs.prev_ts) >= w);
+            let owed = !is_start && cs.deadline.is_some_and(|d| ts >= d);
+            let by_prev = owed || (!is_start && stage_w.is_some_and(|w| w > 0 && ts.saturating_sub(cs.prev_ts) >= w));
             let by_first = !is_start && nfa.window > 0 && ts.saturating_sub(cs.start_ts) >= nfa.window;
             if by_prev || by_first {
                 if nfa.kind(cs.state) == StateKind::Pending {
@@ -331,7 +342,13 @@ impl NfaState {
                     if let Some(n) = cs.node {
                         let paths = self.buffer.extract_paths(n, &cs.version);
                         if let Some(p) = paths.into_iter().next() {
-                            let at = if by_prev { cs.prev_ts + stage_w.unwrap() } else { cs.start_ts + nfa.window };
+                            let mut at = if by_prev { i64::MAX } else { cs.start_ts + nfa.window };
+                            if let Some(w) = stage_w.filter(|w| ts.saturating_sub(cs.prev_ts) >= *w) {
+                                at = at.min(cs.prev_ts + w);
+                            }
+                            if let Some(d) = cs.deadline.filter(|d| ts >= *d) {
+                                at = at.min(d);
+                            }
                             out.push(NfaOutput::Timeout { events: self.materialize(&p), ids: p, at });
                         }
                     }
@@ -425,35 +442,36 @@ impl NfaState {
         // Decision graph: depth-first over PROCEED edges, collecting TAKE/IGNORE.
         let mut edges: Vec<EdgeRef> = Vec::new();
         let (mut n_take, mut n_ignore) = (0i64, 0i64);
-        let mut stack: Vec<(StateId, Option<i64>)> = vec![(cs.state, nfa.states[cs.state as usize].window)];
-        while let Some((s, guard)) = stack.pop() {
+        let min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        // (state, deadline owed for windows of states proceeded through)
+        let owed0 = if is_start { None } else { cs.deadline };
+        let mut stack: Vec<(StateId, Option<i64>)> = vec![(cs.state, owed0)];
+        while let Some((s, owed)) = stack.pop() {
+            let own = if is_start { None } else { nfa.states[s as usize].window.map(|w| cs.prev_ts.saturating_add(w)) };
             for t in &nfa.states[s as usize].transitions {
                 if !check(nfa, &t.cond, &cx, cache) {
                     continue;
                 }
                 match t.action {
-                    Action::Proceed => {
-                        let w = nfa.states[t.target as usize].window;
-                        let g = match (guard, w) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
-                        stack.push((t.target, g));
-                    }
+                    // Proceeding skips this state's stage: its window stays owed.
+                    Action::Proceed => stack.push((t.target, min(owed, own))),
                     Action::Take => {
                         // Stage windows are enforced on every take (the spec's
                         // rule; Flink checks only while resting in the stage).
-                        if !is_start && guard.is_some_and(|w| ts.saturating_sub(cs.prev_ts) >= w) {
+                        if min(owed, own).is_some_and(|d| ts >= d) {
                             continue;
                         }
                         n_take += 1;
-                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page });
+                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page, owed: None });
                     }
                     Action::Ignore => {
                         if t.target != cs.state {
                             n_ignore += 1;
                         }
-                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page });
+                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page, owed });
                     }
                 }
             }
@@ -479,7 +497,7 @@ impl NfaState {
                         ignore_to_visit -= 1;
                         v
                     };
-                    self.add_cs(out, Cs { state: e.target, version, ..cs.clone() });
+                    self.add_cs(out, Cs { state: e.target, version, deadline: e.owed, ..cs.clone() });
                 }
                 Action::Take => {
                     let _ = e.source;
@@ -501,6 +519,7 @@ impl NfaState {
                         prev_ts: ts,
                         start_id,
                         aggs,
+                        deadline: None,
                     };
                     let reaches_final = self.final_after_proceed(nfa, e.target, &cx, cache);
                     if reaches_final {
@@ -523,6 +542,7 @@ impl NfaState {
                 prev_ts: -1,
                 start_id: None,
                 aggs: None,
+                deadline: None,
             });
         }
         if let Some(n) = cs.node {
