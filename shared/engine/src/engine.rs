@@ -207,6 +207,8 @@ pub struct Engine {
     /// (signature, key) → start-gated rules holding state for that key.
     live: FxHashMap<(u32, KeyVals), Vec<usize>>,
     index_disabled: bool,
+    /// Loaded rules with `time: processing`.
+    processing_rules: usize,
 }
 
 impl Engine {
@@ -232,6 +234,7 @@ impl Engine {
             sigs: Vec::new(),
             live: FxHashMap::default(),
             index_disabled: false,
+            processing_rules: 0,
         }
     }
 
@@ -336,6 +339,9 @@ impl Engine {
             matches: 0,
             live_sig,
         };
+        if spec.time == TimeMode::Processing {
+            self.processing_rules += 1;
+        }
         match self.by_id.get(&spec.id) {
             Some(&i) => {
                 self.forget_slot(i);
@@ -367,6 +373,9 @@ impl Engine {
 
     /// Drops a slot's timers and live-key entries (its state goes with it).
     fn forget_slot(&mut self, i: usize) {
+        if self.slots[i].as_ref().is_some_and(|s| s.rule.time() == TimeMode::Processing) {
+            self.processing_rules -= 1;
+        }
         self.timers.retain(|(_, s, _)| *s != i);
         self.pt_timers.retain(|(_, s, _)| *s != i);
         if let Some(sig) = self.slots[i].as_ref().and_then(|s| s.live_sig) {
@@ -413,7 +422,7 @@ impl Engine {
     pub fn push(&mut self, source: &str, event: Event, out: &mut Vec<Output>) {
         let si = self.source(source);
         self.stats.events += 1;
-        if self.slots.iter().flatten().any(|s| s.rule.time() == TimeMode::Processing) {
+        if self.processing_rules > 0 {
             let now = self.clock.now();
             self.fire_timers(true, now, out);
             self.dispatch(si, &event, now, true, out);
