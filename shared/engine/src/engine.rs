@@ -7,7 +7,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering as AtOrd};
 use std::sync::Arc;
 
 use cepheid_rules::{compile, CompiledRule, Diagnostics, NoStages, RuleSpec, TimeMode};
@@ -19,44 +18,7 @@ use crate::index::{gate_for, Gate, RuleIndex};
 use crate::key::KeyVals;
 use crate::nfa::{build_nfa, CondCache, Nfa, NfaOutput, NfaState};
 
-/// Where time comes from for processing-time rules and `detected_at`.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> i64;
-}
-
-/// The system clock (milliseconds since the epoch).
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-    }
-}
-
-/// A clock tests set by hand.
-#[derive(Clone, Default)]
-pub struct ManualClock(Arc<AtomicI64>);
-
-impl ManualClock {
-    pub fn new(t: i64) -> Self {
-        ManualClock(Arc::new(AtomicI64::new(t)))
-    }
-    pub fn set(&self, t: i64) {
-        self.0.store(t, AtOrd::SeqCst)
-    }
-    pub fn advance(&self, d: i64) {
-        self.0.fetch_add(d, AtOrd::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> i64 {
-        self.0.load(AtOrd::SeqCst)
-    }
-}
+pub use cepheid_types::{Clock, ManualClock, SystemClock};
 
 /// A source's time field and bounded out-of-orderness.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -233,6 +233,10 @@ pub fn compile(spec: &RuleSpec, registry: &mut FieldRegistry) -> Result<Compiled
         AfterMatchSpec::SkipToLast(s) => leaf_ix.get(s).map(|l| AfterMatch::SkipToLast(*l)).unwrap_or(AfterMatch::NoSkip),
     };
 
+    if let Some(action) = &spec.action {
+        check_action(action, &leaves, &mut diags);
+    }
+
     if !diags.is_empty() {
         return Err(Diagnostics(diags).with_rule(&spec.id));
     }
@@ -245,4 +249,58 @@ pub fn compile(spec: &RuleSpec, registry: &mut FieldRegistry) -> Result<Compiled
         aggs,
         after_match,
     })
+}
+
+/// Names a notification template can use besides stage names and enrichment aliases.
+pub const TEMPLATE_NAMES: &[&str] =
+    &["rule", "key", "kind", "match_id", "first_event_time", "last_event_time", "detected_at", "stages", "targets"];
+
+/// Template and enrichment checks: errors surface when the rule is validated,
+/// never at delivery.
+fn check_action(action: &ActionSpec, leaves: &[LeafStage], diags: &mut Vec<Diagnostic>) {
+    for e in &action.enrich {
+        let stage = e.key.split('.').next().unwrap_or("");
+        if !leaves.iter().any(|l| l.name == stage) || !e.key.contains('.') {
+            diags.push(
+                Diagnostic::new("E041", format!("enrich key `{}` must be `stage.field` of a stage of this rule", e.key))
+                    .key("action.enrich.key"),
+            );
+        }
+        if leaves.iter().any(|l| l.name == e.alias) || TEMPLATE_NAMES.contains(&e.alias.as_str()) {
+            diags.push(
+                Diagnostic::new("E041", format!("enrich alias `{}` collides with a stage or template name", e.alias))
+                    .key("action.enrich.as"),
+            );
+        }
+    }
+    let Some(t) = &action.template else { return };
+    let env = minijinja::Environment::new();
+    match env.template_from_str(t) {
+        Err(e) => diags.push(
+            Diagnostic::new("E040", format!("template does not parse: {}", e.detail().unwrap_or(&e.to_string())))
+                .key("action.template")
+                .at(e.line().unwrap_or(0) as u64, 0),
+        ),
+        Ok(tmpl) => {
+            let mut unknown: Vec<String> = tmpl
+                .undeclared_variables(false)
+                .into_iter()
+                .filter(|v| {
+                    !TEMPLATE_NAMES.contains(&v.as_str())
+                        && !leaves.iter().any(|l| &l.name == v)
+                        && !action.enrich.iter().any(|e| &e.alias == v)
+                })
+                .collect();
+            unknown.sort();
+            for v in unknown {
+                let mut names: Vec<&str> = TEMPLATE_NAMES.to_vec();
+                names.extend(leaves.iter().map(|l| l.name.as_str()));
+                names.extend(action.enrich.iter().map(|e| e.alias.as_str()));
+                diags.push(
+                    Diagnostic::new("E040", format!("template refers to `{v}`, which is not defined (available: {})", names.join(", ")))
+                        .key("action.template"),
+                );
+            }
+        }
+    }
 }

@@ -53,8 +53,10 @@ impl fmt::Display for Diagnostic {
         if let Some(k) = &self.key {
             write!(f, "{sep}key `{k}`")?;
         }
-        if let Some((l, c)) = self.position {
-            write!(f, " (line {l}, column {c})")?;
+        match self.position {
+            Some((l, c)) if c > 0 => write!(f, " (line {l}, column {c})")?,
+            Some((l, _)) => write!(f, " (line {l})")?,
+            None => {}
         }
         write!(f, ": {}", self.message)
     }

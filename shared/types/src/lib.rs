@@ -5,11 +5,13 @@
 //!
 //! Nothing here knows about rules or automata; every other crate depends on it.
 
+mod clock;
 mod event;
 mod fields;
 mod record;
 mod value;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use event::{DecodeError, Event, EventDecoder};
 pub use fields::{FieldId, FieldRegistry};
 pub use record::{match_id, MatchKind, MatchRecord};
