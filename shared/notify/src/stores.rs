@@ -1,0 +1,137 @@
+//! Where the notifier remembers things: delivered match ids and rule dedupe
+//! windows, and delayed alerts — in memory (embedded pipeline) or in Redis
+//! (the service: survives restarts, shared by replicas).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use cepheid_types::Clock;
+use redis::aio::MultiplexedConnection;
+
+use crate::NotifyError;
+
+/// Memory or Redis.
+#[derive(Clone)]
+pub enum Store {
+    Memory(Arc<MemoryStore>),
+    Redis { con: MultiplexedConnection, prefix: String },
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    keys: Mutex<HashMap<String, i64>>,
+    delayed: Mutex<BTreeMap<(i64, u64), String>>,
+    seq: Mutex<u64>,
+}
+
+impl Store {
+    pub fn memory() -> Store {
+        Store::Memory(Arc::new(MemoryStore::default()))
+    }
+
+    pub async fn redis(url: &str, prefix: &str) -> Result<Store, NotifyError> {
+        let client = redis::Client::open(url)?;
+        Ok(Store::Redis { con: client.get_multiplexed_async_connection().await?, prefix: prefix.to_string() })
+    }
+
+    /// Sets `key` for `ttl_ms` unless it is set: true the first time.
+    pub async fn set_once(&self, key: &str, ttl_ms: u64, clock: &dyn Clock) -> Result<bool, NotifyError> {
+        match self {
+            Store::Memory(m) => {
+                let now = clock.now();
+                let mut keys = m.keys.lock().unwrap();
+                if keys.len() > 100_000 {
+                    keys.retain(|_, exp| *exp > now);
+                }
+                match keys.get(key) {
+                    Some(exp) if *exp > now => Ok(false),
+                    _ => {
+                        keys.insert(key.to_string(), now + ttl_ms as i64);
+                        Ok(true)
+                    }
+                }
+            }
+            Store::Redis { con, prefix } => {
+                let r: Option<String> = redis::cmd("SET")
+                    .arg(format!("{prefix}:notify:{key}"))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms.max(1))
+                    .query_async(&mut con.clone())
+                    .await?;
+                Ok(r.is_some())
+            }
+        }
+    }
+
+    /// Is `key` set (and not expired)?
+    pub async fn is_set(&self, key: &str, clock: &dyn Clock) -> Result<bool, NotifyError> {
+        match self {
+            Store::Memory(m) => Ok(m.keys.lock().unwrap().get(key).is_some_and(|exp| *exp > clock.now())),
+            Store::Redis { con, prefix } => {
+                let n: i64 = redis::cmd("EXISTS").arg(format!("{prefix}:notify:{key}")).query_async(&mut con.clone()).await?;
+                Ok(n > 0)
+            }
+        }
+    }
+
+    /// Holds an item until `due` (ms).
+    pub async fn delay(&self, due: i64, item: String) -> Result<(), NotifyError> {
+        match self {
+            Store::Memory(m) => {
+                let mut seq = m.seq.lock().unwrap();
+                *seq += 1;
+                m.delayed.lock().unwrap().insert((due, *seq), item);
+                Ok(())
+            }
+            Store::Redis { con, prefix } => {
+                let _: i64 = redis::cmd("ZADD").arg(format!("{prefix}:notify:delayed")).arg(due).arg(item).query_async(&mut con.clone()).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes the items due at `now` (each is handed to exactly one caller).
+    pub async fn take_due(&self, now: i64) -> Result<Vec<String>, NotifyError> {
+        match self {
+            Store::Memory(m) => {
+                let mut d = m.delayed.lock().unwrap();
+                let later = d.split_off(&(now + 1, 0));
+                let due = std::mem::replace(&mut *d, later);
+                Ok(due.into_values().collect())
+            }
+            Store::Redis { con, prefix } => {
+                let key = format!("{prefix}:notify:delayed");
+                let items: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(now)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(500)
+                    .query_async(&mut con.clone())
+                    .await?;
+                let mut mine = Vec::new();
+                for it in items {
+                    let removed: i64 = redis::cmd("ZREM").arg(&key).arg(&it).query_async(&mut con.clone()).await?;
+                    if removed == 1 {
+                        mine.push(it);
+                    }
+                }
+                Ok(mine)
+            }
+        }
+    }
+
+    /// Number of delayed items waiting.
+    pub async fn delayed_len(&self) -> Result<usize, NotifyError> {
+        match self {
+            Store::Memory(m) => Ok(m.delayed.lock().unwrap().len()),
+            Store::Redis { con, prefix } => {
+                let n: usize = redis::cmd("ZCARD").arg(format!("{prefix}:notify:delayed")).query_async(&mut con.clone()).await?;
+                Ok(n)
+            }
+        }
+    }
+}
