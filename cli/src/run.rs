@@ -48,6 +48,75 @@ pub struct RunArgs {
     /// No progress line and no summary on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Also deliver alerts to the targets of each rule's `action` (see [notifier] in the configuration).
+    #[arg(long)]
+    pub notify: bool,
+}
+
+/// The notifier stage of the embedded pipeline (its own small runtime).
+pub struct NotifyStage {
+    rt: tokio::runtime::Runtime,
+    notifier: cepheid_notify::Notifier,
+    refused: std::collections::HashSet<String>,
+}
+
+impl NotifyStage {
+    pub fn start(cfg: cepheid_notify::NotifierConfig) -> anyhow::Result<NotifyStage> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let notifier = rt.block_on(async {
+            cepheid_notify::Notifier::start(
+                cfg,
+                cepheid_notify::NotifierDeps {
+                    clock: Arc::new(cepheid_types::SystemClock),
+                    sleeper: Arc::new(cepheid_notify::TokioSleeper),
+                    store: cepheid_notify::stores::Store::memory(),
+                    seed: std::process::id() as u64,
+                },
+            )
+        })?;
+        Ok(NotifyStage { rt, notifier, refused: Default::default() })
+    }
+
+    fn submit(&mut self, r: &cepheid_types::MatchRecord, spec: &cepheid_rules::RuleSpec, log: &mut dyn Write) {
+        let Some(action) = spec.action.clone() else { return };
+        if action.targets.is_empty() {
+            return;
+        }
+        for t in &action.targets {
+            if let Err(e) = self.notifier.resolve(t) {
+                if self.refused.insert(format!("{}/{t}", spec.id)) {
+                    let _ = writeln!(log, "rule `{}`: alerts not delivered to `{t}`: {e}", spec.id);
+                }
+                return;
+            }
+        }
+        let (n, r, name) = (self.notifier.clone(), r.clone(), spec.name.clone());
+        self.rt.spawn(async move {
+            if let Err(e) = n.submit(&r, &name, &action).await {
+                eprintln!("notifier: {e}");
+            }
+        });
+    }
+
+    fn tick(&self) {
+        let n = self.notifier.clone();
+        self.rt.spawn(async move {
+            let _ = n.poll_delayed().await;
+        });
+    }
+
+    /// Waits (at most `limit`) for queued alerts to be delivered.
+    fn finish(&self, limit: Duration) -> cepheid_notify::Metrics {
+        let n = self.notifier.clone();
+        self.rt.block_on(async move {
+            let _ = tokio::time::timeout(limit, async {
+                tokio::task::yield_now().await;
+                n.idle().await
+            })
+            .await;
+        });
+        self.notifier.metrics()
+    }
 }
 
 /// A sink opened on first use, so no empty late/rejected files appear.
@@ -92,6 +161,7 @@ pub struct Pipeline {
     log: Box<dyn Write + Send>,
     outputs: Vec<Output>,
     pub lines: u64,
+    pub notify: Option<NotifyStage>,
 }
 
 impl Pipeline {
@@ -117,6 +187,7 @@ impl Pipeline {
             log,
             outputs: Vec::new(),
             lines: 0,
+            notify: None,
         };
         p.poll_rules()?;
         Ok(p)
@@ -180,6 +251,9 @@ impl Pipeline {
     /// Processing-time progress (no input needed).
     pub fn tick(&mut self) -> anyhow::Result<()> {
         self.engine.tick(&mut self.outputs);
+        if let Some(n) = &self.notify {
+            n.tick();
+        }
         self.drain()
     }
 
@@ -187,6 +261,16 @@ impl Pipeline {
     pub fn finish(&mut self) -> anyhow::Result<()> {
         self.engine.finish(&mut self.outputs);
         self.drain()?;
+        if let Some(n) = &self.notify {
+            let m = n.finish(Duration::from_secs(30));
+            for (target, tm) in m.iter().filter(|(_, tm)| tm.attempts + tm.deduplicated > 0) {
+                writeln!(
+                    self.log,
+                    "  notifier target {target}: sent {}, retried {}, failed {}, dead-lettered {}, deduplicated {}",
+                    tm.sent, tm.retried, tm.failed, tm.dead_lettered, tm.deduplicated
+                )?;
+            }
+        }
         self.flush()
     }
 
@@ -204,6 +288,11 @@ impl Pipeline {
                 Output::Match(r) => {
                     self.out.write_all(r.to_json_line().as_bytes())?;
                     self.out.write_all(b"\n")?;
+                    if let Some(n) = &mut self.notify {
+                        if let Some(spec) = self.engine.rule_spec(&r.rule_id) {
+                            n.submit(&r, spec, &mut self.log);
+                        }
+                    }
                 }
                 Output::MissingKey { event, rule, field } => {
                     let rec = format!(
@@ -299,6 +388,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     for e in &args.events {
         anyhow::ensure!(e == "-" || Path::new(e).is_file(), "events file {e} does not exist");
+    }
+    if args.notify {
+        p.notify = Some(NotifyStage::start(settings.notifier.clone())?);
     }
 
     // Inputs are read on their own thread so that rule changes and

@@ -17,6 +17,8 @@ pub struct Settings {
     pub engine: EngineConfig,
     pub run: RunSettings,
     pub redis: RedisSettings,
+    #[serde(default)]
+    pub notifier: cepheid_notify::NotifierConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -40,10 +40,16 @@ pub fn default_message(record: &MatchRecord, rule_name: &str) -> String {
 }
 
 /// Compiled templates, cached by their source.
-#[derive(Default)]
 pub struct Templates {
     env: Mutex<minijinja::Environment<'static>>,
     names: Mutex<HashMap<String, String>>,
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        // `new()`, not `default()`: the built-in filters and tests (`length`, `upper`, …).
+        Templates { env: Mutex::new(minijinja::Environment::new()), names: Mutex::new(HashMap::new()) }
+    }
 }
 
 impl Templates {
