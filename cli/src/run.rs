@@ -58,6 +58,8 @@ pub struct NotifyStage {
     rt: tokio::runtime::Runtime,
     notifier: cepheid_notify::Notifier,
     refused: std::collections::HashSet<String>,
+    /// Submissions not yet handed to the target queues.
+    inflight: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl NotifyStage {
@@ -74,7 +76,7 @@ impl NotifyStage {
                 },
             )
         })?;
-        Ok(NotifyStage { rt, notifier, refused: Default::default() })
+        Ok(NotifyStage { rt, notifier, refused: Default::default(), inflight: Vec::new() })
     }
 
     fn submit(&mut self, r: &cepheid_types::MatchRecord, spec: &cepheid_rules::RuleSpec, log: &mut dyn Write) {
@@ -91,11 +93,14 @@ impl NotifyStage {
             }
         }
         let (n, r, name) = (self.notifier.clone(), r.clone(), spec.name.clone());
-        self.rt.spawn(async move {
+        if self.inflight.len() > 1024 {
+            self.inflight.retain(|h| !h.is_finished());
+        }
+        self.inflight.push(self.rt.spawn(async move {
             if let Err(e) = n.submit(&r, &name, &action).await {
                 eprintln!("notifier: {e}");
             }
-        });
+        }));
     }
 
     fn tick(&self) {
@@ -106,11 +111,15 @@ impl NotifyStage {
     }
 
     /// Waits (at most `limit`) for queued alerts to be delivered.
-    fn finish(&self, limit: Duration) -> cepheid_notify::Metrics {
+    fn finish(&mut self, limit: Duration) -> cepheid_notify::Metrics {
         let n = self.notifier.clone();
+        let inflight = std::mem::take(&mut self.inflight);
         self.rt.block_on(async move {
             let _ = tokio::time::timeout(limit, async {
-                tokio::task::yield_now().await;
+                for h in inflight {
+                    let _ = h.await;
+                }
+                let _ = n.poll_delayed().await;
                 n.idle().await
             })
             .await;
@@ -261,7 +270,7 @@ impl Pipeline {
     pub fn finish(&mut self) -> anyhow::Result<()> {
         self.engine.finish(&mut self.outputs);
         self.drain()?;
-        if let Some(n) = &self.notify {
+        if let Some(n) = &mut self.notify {
             let m = n.finish(Duration::from_secs(30));
             for (target, tm) in m.iter().filter(|(_, tm)| tm.attempts + tm.deduplicated > 0) {
                 writeln!(
