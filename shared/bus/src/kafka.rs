@@ -1,0 +1,172 @@
+//! Kafka through rdkafka (librdkafka built from source by rdkafka-sys; Debian's
+//! older librdkafka does not work with every Kafka-protocol broker).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::{BusError, Message};
+
+/// Connection settings: `bootstrap` plus any librdkafka property
+/// (`security.protocol`, `sasl.mechanisms`, `ssl.ca.location`, …).
+#[derive(Clone, Debug, Default)]
+pub struct KafkaConfig {
+    pub bootstrap: String,
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+fn classify(e: KafkaError) -> BusError {
+    let transient = match &e {
+        KafkaError::MessageProduction(code) | KafkaError::MessageConsumption(code) | KafkaError::Global(code) => matches!(
+            code,
+            RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::OperationTimedOut
+        ),
+        KafkaError::MetadataFetch(_) => true,
+        _ => false,
+    };
+    if transient {
+        BusError::Transient(e.to_string())
+    } else {
+        BusError::Refused(e.to_string())
+    }
+}
+
+pub struct KafkaBus {
+    cfg: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    partitions: Mutex<HashMap<String, i32>>,
+}
+
+impl KafkaBus {
+    pub fn new(cfg: &KafkaConfig) -> Result<KafkaBus, BusError> {
+        let producer: FutureProducer = cfg
+            .client()
+            .set("acks", "all")
+            .set("enable.idempotence", "false")
+            .set("message.timeout.ms", "60000")
+            .set("linger.ms", "5")
+            .create()
+            .map_err(classify)?;
+        let admin = cfg.client().create().map_err(classify)?;
+        Ok(KafkaBus { cfg: cfg.clone(), producer, admin, partitions: Mutex::new(HashMap::new()) })
+    }
+
+    pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BusError> {
+        let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let res = self.admin.create_topics(&[t], &opts).await.map_err(classify)?;
+        for r in res {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => return Err(BusError::Refused(format!("creating topic {name}: {code}"))),
+            }
+        }
+        self.partitions.lock().unwrap().remove(topic);
+        Ok(())
+    }
+
+    pub async fn partitions(&self, topic: &str) -> Result<i32, BusError> {
+        if let Some(n) = self.partitions.lock().unwrap().get(topic) {
+            return Ok(*n);
+        }
+        let client = self.producer.clone();
+        let t = topic.to_string();
+        let n = tokio::task::spawn_blocking(move || {
+            let md = client.client().fetch_metadata(Some(&t), Duration::from_secs(10)).map_err(classify)?;
+            match md.topics().first() {
+                Some(mt) if mt.error().is_none() && !mt.partitions().is_empty() => Ok(mt.partitions().len() as i32),
+                _ => Err(BusError::UnknownTopic(t.clone())),
+            }
+        })
+        .await
+        .map_err(|e| BusError::Transient(e.to_string()))??;
+        self.partitions.lock().unwrap().insert(topic.to_string(), n);
+        Ok(n)
+    }
+
+    pub async fn send(&self, topic: &str, partition: i32, key: Option<&[u8]>, payload: &[u8], headers: &[(&str, &[u8])]) -> Result<(i32, i64), BusError> {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(*v) });
+        }
+        let mut rec = FutureRecord::to(topic).partition(partition).payload(payload).headers(h);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        match self.producer.send(rec, Duration::from_secs(30)).await {
+            Ok(d) => Ok((d.partition, d.offset)),
+            Err((e, _)) => Err(classify(e)),
+        }
+    }
+
+    pub fn subscribe(&self, group: &str, topics: &[&str]) -> Result<KafkaConsumer, BusError> {
+        let consumer: StreamConsumer = self
+            .cfg
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .create()
+            .map_err(classify)?;
+        consumer.subscribe(topics).map_err(classify)?;
+        Ok(KafkaConsumer { consumer })
+    }
+}
+
+pub struct KafkaConsumer {
+    consumer: StreamConsumer,
+}
+
+impl KafkaConsumer {
+    pub async fn recv(&mut self) -> Result<Message, BusError> {
+        let m = self.consumer.recv().await.map_err(classify)?;
+        let headers = m
+            .headers()
+            .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
+            .unwrap_or_default();
+        Ok(Message {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+        })
+    }
+
+    pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset)).map_err(classify)?;
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(classify)
+    }
+}

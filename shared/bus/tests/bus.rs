@@ -1,0 +1,72 @@
+//! The bus contract, on the in-memory bus always and on a real
+//! Kafka-protocol broker when `CEPHEID_KAFKA_BOOTSTRAP` names one (CI starts
+//! `tansu` for this; see `.ci/run`).
+
+use std::time::Duration;
+
+use cepheid_bus::{partition_for, Bus, KafkaConfig};
+
+async fn contract(bus: Bus, topic: &str) {
+    bus.create_topic(topic, 3).await.unwrap();
+    bus.create_topic(topic, 3).await.unwrap(); // idempotent
+    assert_eq!(bus.partitions(topic).await.unwrap(), 3);
+    let mut sent = Vec::new();
+    for i in 0..9 {
+        let key = format!("user-{i}");
+        let (p, _off) = bus.send(topic, None, Some(key.as_bytes()), format!("event {i}").as_bytes(), &[("trace", b"t1")]).await.unwrap();
+        assert_eq!(p, partition_for(key.as_bytes(), 3));
+        sent.push((p, format!("event {i}")));
+    }
+    let group = format!("{topic}-g");
+    let mut c = bus.subscribe(&group, &[topic]).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..9 {
+        let m = tokio::time::timeout(Duration::from_secs(30), c.recv()).await.expect("a record within 30 s").unwrap();
+        assert_eq!(m.header("trace"), Some(&b"t1"[..]));
+        got.push((m.partition, String::from_utf8(m.payload.clone()).unwrap(), m.offset));
+    }
+    let mut a: Vec<(i32, String)> = got.iter().map(|(p, s, _)| (*p, s.clone())).collect();
+    a.sort();
+    sent.sort();
+    assert_eq!(a, sent);
+    // Per partition, offsets come in order.
+    for p in 0..3 {
+        let offs: Vec<i64> = got.iter().filter(|g| g.0 == p).map(|g| g.2).collect();
+        assert!(offs.windows(2).all(|w| w[0] < w[1]), "{offs:?}");
+    }
+    // Commit the first partition's first record only; a new member resumes after it.
+    let first = got.iter().find(|g| g.0 == got[0].0).unwrap();
+    c.commit(topic, first.0, first.2 + 1).unwrap();
+    for (p, _, off) in &got {
+        if *p != first.0 {
+            c.commit(topic, *p, off + 1).unwrap();
+        }
+    }
+    drop(c);
+    bus.send(topic, Some(first.0), None, b"later", &[]).await.unwrap();
+    let mut c2 = bus.subscribe(&group, &[topic]).unwrap();
+    let expected = got.iter().filter(|g| g.0 == first.0).count() - 1 + 1;
+    let mut again = Vec::new();
+    for _ in 0..expected {
+        let m = tokio::time::timeout(Duration::from_secs(30), c2.recv()).await.expect("resumed records").unwrap();
+        again.push(String::from_utf8(m.payload).unwrap());
+    }
+    assert_eq!(again.last().unwrap(), "later");
+    assert!(!again.contains(&first.1), "the committed record came back");
+}
+
+#[tokio::test]
+async fn memory_bus_contract() {
+    contract(Bus::memory(), "events").await;
+}
+
+#[tokio::test]
+async fn kafka_bus_contract() {
+    let Ok(bootstrap) = std::env::var("CEPHEID_KAFKA_BOOTSTRAP") else {
+        eprintln!("kafka_bus_contract: CEPHEID_KAFKA_BOOTSTRAP is not set; run through .ci/run (which starts a broker) to include Kafka");
+        return;
+    };
+    let bus = Bus::kafka(&KafkaConfig { bootstrap, properties: vec![] }).unwrap();
+    let topic = format!("cepheid-test-{}", std::process::id());
+    contract(bus, &topic).await;
+}
