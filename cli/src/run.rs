@@ -73,8 +73,10 @@ impl NotifyStage {
                     sleeper: Arc::new(cepheid_notify::TokioSleeper),
                     store: cepheid_notify::stores::Store::memory(),
                     seed: std::process::id() as u64,
+                    bus: Some(cepheid_bus::Bus::memory()),
                 },
             )
+            .await
         })?;
         Ok(NotifyStage { rt, notifier, refused: Default::default(), inflight: Vec::new() })
     }

@@ -104,6 +104,12 @@ pub enum TargetConfig {
         #[serde(default)]
         per_second: Option<u32>,
     },
+    /// A record on a topic of the bus (key: the match id), created if missing.
+    Kafka {
+        topic: String,
+        #[serde(default = "one")]
+        partitions: i32,
+    },
     /// JSON lines appended to a file.
     File { path: PathBuf },
     /// The rendered message on standard error.
@@ -115,12 +121,16 @@ impl TargetConfig {
         match self {
             TargetConfig::Feishu { .. } => "feishu",
             TargetConfig::Webhook { .. } => "webhook",
+            TargetConfig::Kafka { .. } => "kafka",
             TargetConfig::File { .. } => "file",
             TargetConfig::Log {} => "log",
         }
     }
 }
 
+fn one() -> i32 {
+    1
+}
 fn five() -> u32 {
     5
 }

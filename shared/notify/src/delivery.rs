@@ -52,6 +52,8 @@ pub struct NotifierDeps {
     pub store: Store,
     /// Seed of the backoff jitter.
     pub seed: u64,
+    /// The bus, for `kafka` targets.
+    pub bus: Option<cepheid_bus::Bus>,
 }
 
 /// Delivery counters of one target.
@@ -113,7 +115,13 @@ pub struct Notifier {
 
 impl Notifier {
     /// Builds every configured target (plus `log`) and starts their workers.
-    pub fn start(cfg: NotifierConfig, deps: NotifierDeps) -> Result<Notifier, NotifyError> {
+    pub async fn start(cfg: NotifierConfig, deps: NotifierDeps) -> Result<Notifier, NotifyError> {
+        for tc in cfg.targets.values() {
+            if let (TargetConfig::Kafka { topic, partitions }, Some(bus)) = (tc, &deps.bus) {
+                bus.create_topic(topic, *partitions).await.map_err(|e| NotifyError::Io(std::io::Error::other(e.to_string())))?;
+            }
+        }
+        let bus = deps.bus.clone();
         let dead = match &cfg.dead_letter {
             Some(p) => Some(std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?)),
             None => None,
@@ -137,7 +145,7 @@ impl Notifier {
         }
         let mut queues = HashMap::new();
         for (name, tc) in targets {
-            let target = Target::build(&tc)?;
+            let target = Target::build(&tc, bus.as_ref())?;
             let (tx, rx) = mpsc::unbounded_channel();
             inner.metrics.lock().unwrap().insert(name.clone(), TargetMetrics::default());
             tokio::spawn(worker(inner.clone(), name.clone(), tc, target, rx));

@@ -47,13 +47,18 @@ const CUT: &str = "\n…(message cut: over the 20 KB limit)";
 pub enum Target {
     Feishu { cfg: TargetConfig, http: reqwest::Client },
     Webhook { cfg: TargetConfig, http: reqwest::Client },
+    Kafka { bus: cepheid_bus::Bus, topic: String },
     File { out: Mutex<std::io::BufWriter<std::fs::File>> },
     Log,
 }
 
 impl Target {
-    pub fn build(cfg: &TargetConfig) -> std::io::Result<Target> {
+    pub fn build(cfg: &TargetConfig, bus: Option<&cepheid_bus::Bus>) -> std::io::Result<Target> {
         Ok(match cfg {
+            TargetConfig::Kafka { topic, .. } => match bus {
+                Some(b) => Target::Kafka { bus: b.clone(), topic: topic.clone() },
+                None => return Err(std::io::Error::other(format!("kafka target `{topic}` needs a bus (Kafka) to be configured"))),
+            },
             TargetConfig::Feishu { timeout_ms, .. } | TargetConfig::Webhook { timeout_ms, .. } => {
                 let http = reqwest::Client::builder().timeout(Duration::from_millis(*timeout_ms)).build().map_err(std::io::Error::other)?;
                 if matches!(cfg, TargetConfig::Feishu { .. }) {
@@ -74,6 +79,13 @@ impl Target {
         match self {
             Target::Feishu { cfg, http } => feishu(cfg, http, job, clock).await,
             Target::Webhook { cfg, http } => webhook(cfg, http, job, clock).await,
+            Target::Kafka { bus, topic } => {
+                let body = json!({"target": job.target, "message": &*job.message, "match": &*job.record}).to_string();
+                bus.send(topic, None, Some(job.match_id.as_bytes()), body.as_bytes(), &[])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| SendError { retryable: e.is_transient(), message: e.to_string() })
+            }
             Target::File { out } => {
                 let line = json!({"target": job.target, "message": &*job.message, "match": &*job.record}).to_string();
                 let mut w = out.lock().unwrap();

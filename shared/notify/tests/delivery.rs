@@ -111,7 +111,7 @@ fn feishu(addr: SocketAddr, secret: Option<&str>, format: FeishuFormat) -> Targe
     }
 }
 
-fn start(targets: Vec<(&str, TargetConfig)>, clock: &ManualClock, sleeper: Arc<dyn Sleeper>, store: Store, tweak: impl FnOnce(&mut NotifierConfig)) -> Notifier {
+async fn start(targets: Vec<(&str, TargetConfig)>, clock: &ManualClock, sleeper: Arc<dyn Sleeper>, store: Store, tweak: impl FnOnce(&mut NotifierConfig)) -> Notifier {
     let mut cfg = NotifierConfig {
         targets: targets.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         retry: RetryConfig { max_attempts: 4, base_ms: 500, max_ms: 30_000 },
@@ -119,7 +119,7 @@ fn start(targets: Vec<(&str, TargetConfig)>, clock: &ManualClock, sleeper: Arc<d
         ..Default::default()
     };
     tweak(&mut cfg);
-    Notifier::start(cfg, NotifierDeps { clock: Arc::new(clock.clone()), sleeper, store, seed: 7 }).unwrap()
+    Notifier::start(cfg, NotifierDeps { clock: Arc::new(clock.clone()), sleeper, store, seed: 7, bus: Some(cepheid_bus::Bus::memory()) }).await.unwrap()
 }
 
 fn mock(clock: &ManualClock, secret: Option<&str>, script: &[i64]) -> Shared {
@@ -137,7 +137,7 @@ async fn signed_text_and_card_bodies() {
         Arc::new(ClockSleeper(clock.clone())),
         Store::memory(),
         |_| {},
-    );
+    ).await;
     let a = action(&["feishu:growth", "feishu:risk"], Some("user {{ key.userId }} left ¥{{ cart[0].price }} in the cart"));
     assert_eq!(n.submit(&record("m1", "u42", "p1"), "High-value cart", &a).await.unwrap(), Submitted::Queued(2));
     n.idle().await;
@@ -167,7 +167,7 @@ async fn retry_on_11232_then_success_and_no_retry_on_19021() {
         Arc::new(ClockSleeper(clock.clone())),
         Store::memory(),
         |c| c.dead_letter = Some(dead.clone()),
-    );
+    ).await;
     n.submit(&record("m1", "u1", "p1"), "r", &action(&["feishu:ok"], None)).await.unwrap();
     n.idle().await;
     let ok = &n.metrics()["ok"];
@@ -189,7 +189,7 @@ async fn rate_limit_holds_under_a_burst() {
     let clock = ManualClock::new(T0);
     let m = mock(&clock, None, &[]);
     let addr = serve(m.clone()).await;
-    let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), Store::memory(), |_| {});
+    let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), Store::memory(), |_| {}).await;
     for i in 0..12 {
         n.submit(&record(&format!("m{i}"), "u1", "p1"), "r", &action(&["feishu:bot"], None)).await.unwrap();
     }
@@ -208,7 +208,7 @@ async fn dedupe_by_match_id_and_by_window() {
     let clock = ManualClock::new(T0);
     let m = mock(&clock, None, &[]);
     let addr = serve(m.clone()).await;
-    let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), Store::memory(), |_| {});
+    let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), Store::memory(), |_| {}).await;
     // The same match delivered twice (at-least-once input): one request.
     let plain = action(&["feishu:bot"], None);
     n.submit(&record("same", "u1", "p1"), "r", &plain).await.unwrap();
@@ -246,7 +246,7 @@ async fn dead_letter_after_n_attempts_and_a_failing_target_does_not_delay_anothe
     let dir = tempdir();
     let n = start(vec![("crm", webhook(a, Some("s"))), ("ops", webhook(b, None))], &clock, gate.clone(), Store::memory(), |c| {
         c.dead_letter = Some(dir.join("dead.jsonl"))
-    });
+    }).await;
     n.submit(&record("m1", "u1", "p1"), "r", &action(&["webhook:crm", "webhook:ops"], Some("hello {{ key.userId }}"))).await.unwrap();
     gate.waiting.notified().await; // crm failed once and is now backing off
     // ops was delivered while crm waits.
@@ -286,11 +286,11 @@ async fn delay_survives_a_notifier_restart() {
     let store = || async { Store::redis("redis://127.0.0.1:6379", &prefix).await.unwrap() };
     let a = ActionSpec { delay: Some(300_000), ..action(&["feishu:bot"], None) };
     {
-        let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), store().await, |_| {});
+        let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), store().await, |_| {}).await;
         assert_eq!(n.submit(&record("d1", "u1", "p1"), "r", &a).await.unwrap(), Submitted::Delayed(T0 + 300_000));
         assert_eq!(n.poll_delayed().await.unwrap(), 0);
     } // the notifier goes away
-    let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), store().await, |_| {});
+    let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), store().await, |_| {}).await;
     assert_eq!(n.delayed().await.unwrap(), 1);
     clock.advance(299_999);
     assert_eq!(n.poll_delayed().await.unwrap(), 0);
@@ -316,7 +316,7 @@ async fn enrichment_hit_miss_and_timeout() {
             LookupConfig::Redis { url: "redis://127.0.0.1:6379".into(), pattern: format!("{prefix}:products:{{key}}"), ttl_ms: 60_000, timeout_ms: 2_000 },
         );
         c.lookups.insert("slow".into(), LookupConfig::Http { url: format!("http://{addr}/slow/{{key}}"), ttl_ms: 60_000, timeout_ms: 100 });
-    });
+    }).await;
     let a = ActionSpec {
         enrich: vec![
             EnrichSpec { lookup: "products".into(), key: "cart.productId".into(), alias: "product".into() },
@@ -380,4 +380,27 @@ fn tempdir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("cepheid-notify-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[tokio::test]
+async fn kafka_target_puts_alerts_on_a_topic() {
+    let clock = ManualClock::new(T0);
+    let bus = cepheid_bus::Bus::memory();
+    let mut cfg = NotifierConfig::default();
+    cfg.targets.insert("alerts".into(), TargetConfig::Kafka { topic: "alerts".into(), partitions: 2 });
+    let n = Notifier::start(
+        cfg,
+        NotifierDeps { clock: Arc::new(clock.clone()), sleeper: Arc::new(ClockSleeper(clock.clone())), store: Store::memory(), seed: 1, bus: Some(bus.clone()) },
+    )
+    .await
+    .unwrap();
+    n.submit(&record("k1", "u9", "p1"), "r", &action(&["kafka:alerts"], Some("{{ key.userId }}"))).await.unwrap();
+    n.idle().await;
+    let mut c = bus.subscribe("reader", &["alerts"]).unwrap();
+    let m = c.recv().await.unwrap();
+    assert_eq!(m.key.as_deref(), Some(&b"k1"[..]));
+    let v: Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["message"], "u9");
+    assert_eq!(v["match"]["match_id"], "k1");
+    assert!(matches!(n.resolve("webhook:alerts"), Err(cepheid_notify::NotifyError::KindMismatch { .. })));
 }
