@@ -19,6 +19,11 @@ pub struct Settings {
     pub redis: RedisSettings,
     #[serde(default)]
     pub notifier: cepheid_notify::NotifierConfig,
+    /// Sections of the services (read by them, accepted here).
+    #[serde(default)]
+    pub kafka: Option<serde_json::Value>,
+    #[serde(default)]
+    pub notifier_service: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -41,6 +41,8 @@ fn settings() -> Settings {
         run: RunSettings { source: "clicks".into(), rules_poll_ms: 100, progress_interval_ms: 1000 },
         redis: RedisSettings { url: "redis://127.0.0.1:6379".into(), prefix: "cepheid".into() },
         notifier: Default::default(),
+        kafka: None,
+        notifier_service: None,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The in-memory bus: partition logs in memory, consumer groups with
 //! committed offsets. Members of one group split the partitions round-robin
-//! when they join (no rebalancing later).
+//! when they join (no rebalancing later); a member leaves when dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,9 @@ use crate::{BusError, Message};
 pub struct MemoryBus {
     topics: Mutex<HashMap<String, Vec<Vec<Message>>>>,
     committed: Mutex<HashMap<(String, String, i32), i64>>,
-    members: Mutex<HashMap<String, usize>>,
+    /// Live members per group.
+    members: Mutex<HashMap<String, Vec<u64>>>,
+    next_member: Mutex<u64>,
     appended: Arc<Notify>,
 }
 
@@ -49,11 +51,13 @@ impl MemoryBus {
     }
 
     pub fn subscribe(self: &Arc<Self>, group: &str, topics: &[&str]) -> Result<MemoryConsumer, BusError> {
-        let member = {
+        let (id, member) = {
+            let mut next = self.next_member.lock().unwrap();
+            *next += 1;
             let mut m = self.members.lock().unwrap();
-            let n = m.entry(group.to_string()).or_insert(0);
-            *n += 1;
-            *n - 1
+            let live = m.entry(group.to_string()).or_default();
+            live.push(*next);
+            (*next, live.len() - 1)
         };
         let mut positions = Vec::new();
         let t = self.topics.lock().unwrap();
@@ -70,7 +74,8 @@ impl MemoryBus {
                 i += 1;
             }
         }
-        Ok(MemoryConsumer { bus: self.clone(), group: group.to_string(), positions, next: 0 })
+        drop((t, committed));
+        Ok(MemoryConsumer { bus: self.clone(), group: group.to_string(), positions, next: 0, id })
     }
 }
 
@@ -80,6 +85,15 @@ pub struct MemoryConsumer {
     /// (topic, partition, next offset to read)
     positions: Vec<(String, i32, i64)>,
     next: usize,
+    id: u64,
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        if let Some(live) = self.bus.members.lock().unwrap().get_mut(&self.group) {
+            live.retain(|m| *m != self.id);
+        }
+    }
 }
 
 impl MemoryConsumer {

@@ -137,6 +137,16 @@ impl RedisRuleStore {
         doc.map(|d| parse_stored(id, &d)).transpose()
     }
 
+    /// A given version of a rule, from its history.
+    pub async fn get_version(&self, id: &str, version: u64) -> Result<Option<RuleSpec>, StateError> {
+        let doc: Option<String> = redis::cmd("HGET")
+            .arg(self.k(&format!("rule:{id}:history")))
+            .arg(version)
+            .query_async(&mut self.con.clone())
+            .await?;
+        doc.map(|d| parse_stored(id, &d)).transpose()
+    }
+
     /// Versions kept in a rule's history, oldest first.
     pub async fn history(&self, id: &str) -> Result<Vec<u64>, StateError> {
         let vs: Vec<String> =

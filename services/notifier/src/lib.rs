@@ -1,0 +1,174 @@
+//! The notifier service: consumes match records from the matches topic and
+//! delivers each to its rule's targets through [`cepheid_notify::Notifier`].
+//!
+//! Matches are consumed at least once: offsets are committed only after the
+//! alerts of every record before them were delivered or dead-lettered, and a
+//! record seen again is dropped by its `match_id`. The action comes from the
+//! rule version that produced the match (the rule store keeps history).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cepheid_bus::Bus;
+use cepheid_notify::{Notifier, NotifierConfig, NotifierDeps, Sleeper};
+use cepheid_rules::RuleSpec;
+use cepheid_state::rules::RedisRuleStore;
+use cepheid_types::{Clock, MatchRecord};
+use serde::Deserialize;
+
+/// The `[notifier_service]` configuration section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Topic the matcher shards write match records to.
+    #[serde(default = "matches_topic")]
+    pub matches_topic: String,
+    #[serde(default = "matches_partitions")]
+    pub matches_partitions: i32,
+    /// Consumer group of the notifier replicas.
+    #[serde(default = "group")]
+    pub group: String,
+    /// Commit at most this many records at once.
+    #[serde(default = "batch")]
+    pub batch: usize,
+    /// How often delayed alerts are checked (ms).
+    #[serde(default = "poll")]
+    pub delay_poll_ms: u64,
+}
+
+fn matches_topic() -> String {
+    "cepheid.matches".into()
+}
+fn matches_partitions() -> i32 {
+    8
+}
+fn group() -> String {
+    "cepheid-notifier".into()
+}
+fn batch() -> usize {
+    256
+}
+fn poll() -> u64 {
+    1_000
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            matches_topic: matches_topic(),
+            matches_partitions: matches_partitions(),
+            group: group(),
+            batch: batch(),
+            delay_poll_ms: poll(),
+        }
+    }
+}
+
+/// Everything the service talks to.
+pub struct Deps {
+    pub bus: Bus,
+    pub rules: RedisRuleStore,
+    /// Where delivered ids, dedupe windows and delayed alerts live.
+    pub store: cepheid_notify::stores::Store,
+    pub clock: Arc<dyn Clock>,
+    pub sleeper: Arc<dyn Sleeper>,
+}
+
+/// Counters of one run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub records: u64,
+    pub submitted: u64,
+    /// Records whose rule (version) is not in the store, or that do not parse.
+    pub skipped: u64,
+}
+
+/// Runs until `shutdown` completes; then finishes in-flight deliveries and
+/// commits.
+pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, shutdown: impl Future<Output = ()>) -> anyhow::Result<Report> {
+    deps.bus.create_topic(&service.matches_topic, service.matches_partitions).await.context("creating the matches topic")?;
+    let n = Notifier::start(
+        notifier,
+        NotifierDeps { clock: deps.clock.clone(), sleeper: deps.sleeper.clone(), store: deps.store.clone(), seed: std::process::id() as u64, bus: Some(deps.bus.clone()) },
+    )
+    .await?;
+    let mut consumer = deps.bus.subscribe(&service.group, &[&service.matches_topic])?;
+    let mut rules: HashMap<(String, u64), Option<RuleSpec>> = HashMap::new();
+    let mut report = Report::default();
+    // Offsets to commit once the deliveries before them are done.
+    let mut uncommitted: HashMap<i32, i64> = HashMap::new();
+    let mut since_commit = 0usize;
+    let mut poll = tokio::time::interval(Duration::from_millis(service.delay_poll_ms.max(10)));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = poll.tick() => {
+                n.poll_delayed().await.ok();
+                if !uncommitted.is_empty() {
+                    commit(&n, &consumer, &service.matches_topic, &mut uncommitted).await;
+                    since_commit = 0;
+                }
+            }
+            m = consumer.recv() => {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) if e.is_transient() => {
+                        eprintln!("notifier: bus: {e}; retrying");
+                        deps.sleeper.sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                report.records += 1;
+                uncommitted.insert(m.partition, m.offset + 1);
+                let record = std::str::from_utf8(&m.payload).ok().and_then(|s| MatchRecord::from_json_line(s).ok());
+                match record {
+                    Some(r) => {
+                        let key = (r.rule_id.clone(), r.rule_version);
+                        if !rules.contains_key(&key) {
+                            let spec = deps.rules.get_version(&r.rule_id, r.rule_version).await?;
+                            rules.insert(key.clone(), spec);
+                        }
+                        match rules.get(&key).and_then(|s| s.as_ref()) {
+                            Some(spec) => match &spec.action {
+                                Some(action) if !action.targets.is_empty() => {
+                                    n.submit(&r, &spec.name, action).await?;
+                                    report.submitted += 1;
+                                }
+                                _ => {}
+                            },
+                            None => {
+                                report.skipped += 1;
+                                eprintln!("notifier: rule `{}` version {} is not in the rule store; match {} not delivered", r.rule_id, r.rule_version, r.match_id);
+                            }
+                        }
+                    }
+                    None => {
+                        report.skipped += 1;
+                        eprintln!("notifier: record {}/{} is not a match record", m.partition, m.offset);
+                    }
+                }
+                since_commit += 1;
+                if since_commit >= service.batch {
+                    commit(&n, &consumer, &service.matches_topic, &mut uncommitted).await;
+                    since_commit = 0;
+                }
+            }
+        }
+    }
+    commit(&n, &consumer, &service.matches_topic, &mut uncommitted).await;
+    Ok(report)
+}
+
+async fn commit(n: &Notifier, c: &cepheid_bus::Consumer, topic: &str, offsets: &mut HashMap<i32, i64>) {
+    n.idle().await;
+    for (p, o) in offsets.drain() {
+        if let Err(e) = c.commit(topic, p, o) {
+            eprintln!("notifier: commit {topic}/{p}@{o}: {e}");
+        }
+    }
+}
