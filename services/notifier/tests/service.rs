@@ -48,14 +48,29 @@ async fn until_received(rx: &Rx, n: usize) {
 }
 
 #[tokio::test]
-async fn delivers_each_match_once_and_resumes_after_commits() {
+async fn on_the_memory_bus() {
+    delivers_each_match_once_and_resumes_after_commits(Bus::memory(), "mem").await;
+}
+
+#[tokio::test]
+async fn on_kafka() {
+    let Ok(bootstrap) = std::env::var("CEPHEID_KAFKA_BOOTSTRAP") else {
+        eprintln!("on_kafka: CEPHEID_KAFKA_BOOTSTRAP is not set; run through .ci/run (which starts a broker) to include Kafka");
+        return;
+    };
+    let bus = Bus::kafka(&cepheid_bus::KafkaConfig { bootstrap, properties: vec![] }).unwrap();
+    delivers_each_match_once_and_resumes_after_commits(bus, "kafka").await;
+}
+
+async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str) {
     let rx = Arc::new(Rx::default());
     let app = axum::Router::new().route("/hook", post(receive)).with_state(rx.clone());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
 
-    let prefix = format!("cepheid-test:notifier-svc:{}", std::process::id());
+    let prefix = format!("cepheid-test:notifier-svc-{tag}:{}", std::process::id());
+    let topic = format!("cepheid-test-matches-{tag}-{}", std::process::id());
     let rules = RedisRuleStore::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
     rules
         .apply(
@@ -68,16 +83,15 @@ async fn delivers_each_match_once_and_resumes_after_commits() {
         )
         .await
         .ok();
-    let dir = std::env::temp_dir().join(format!("cepheid-notifier-svc-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("cepheid-notifier-svc-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("ops.jsonl");
     let _ = std::fs::remove_file(&file);
     let mut ncfg = NotifierConfig::default();
     ncfg.targets.insert("crm".into(), TargetConfig::Webhook { url: format!("http://{addr}/hook"), secret: None, headers: Default::default(), timeout_ms: 5_000, per_second: None });
     ncfg.targets.insert("ops".into(), TargetConfig::File { path: file.clone() });
-    let scfg = ServiceConfig { matches_partitions: 2, delay_poll_ms: 50, ..Default::default() };
+    let scfg = ServiceConfig { matches_topic: topic.clone(), group: format!("{topic}-g"), matches_partitions: 2, delay_poll_ms: 50, ..Default::default() };
 
-    let bus = Bus::memory();
     let store = Store::redis("redis://127.0.0.1:6379", &prefix).await.unwrap();
     let start = |bus: Bus, store: Store| {
         let (tx, stop) = oneshot::channel::<()>();
@@ -97,34 +111,36 @@ async fn delivers_each_match_once_and_resumes_after_commits() {
     let (stop, handle) = start(bus.clone(), store.clone());
     // The service creates the topic; wait for it by sending until it exists.
     loop {
-        if bus.partitions("cepheid.matches").await.is_ok() {
+        if bus.partitions(&topic).await.is_ok() {
             break;
         }
         tokio::task::yield_now().await;
     }
-    bus.send("cepheid.matches", None, Some(b"o1"), &record("m1", "o1"), &[]).await.unwrap();
-    bus.send("cepheid.matches", None, Some(b"o2"), &record("m2", "o2"), &[]).await.unwrap();
-    bus.send("cepheid.matches", None, Some(b"o1"), &record("m1", "o1"), &[]).await.unwrap(); // redelivered
-    bus.send("cepheid.matches", Some(0), None, b"not a record", &[]).await.unwrap();
-    until_received(&rx, 2).await;
+    // One partition, so records are consumed in order; m3 comes last, so its
+    // delivery means every record before it was processed.
+    for (id, order) in [("m1", "o1"), ("m2", "o2"), ("m1", "o1")] {
+        bus.send(&topic, Some(0), Some(order.as_bytes()), &record(id, order), &[]).await.unwrap(); // m1 twice: redelivered
+    }
+    bus.send(&topic, Some(0), None, b"not a record", &[]).await.unwrap();
+    bus.send(&topic, Some(0), Some(b"o3"), &record("m3", "o3"), &[]).await.unwrap();
+    until_received(&rx, 3).await;
     stop.send(()).unwrap();
     let report: Report = handle.await.unwrap().unwrap();
-    assert_eq!((report.records, report.submitted, report.skipped), (4, 3, 1));
+    assert_eq!((report.records, report.submitted, report.skipped), (5, 4, 1));
     let got = rx.got.lock().unwrap().clone();
-    assert_eq!(got.len(), 2, "one delivery per match: {got:?}");
-    let mut msgs: Vec<String> = got.iter().map(|v| v["message"].as_str().unwrap().to_string()).collect();
-    msgs.sort();
-    assert_eq!(msgs, vec!["order o1 unpaid", "order o2 unpaid"]);
-    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 2);
+    let ids: Vec<String> = got.iter().map(|v| v["match"]["match_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, vec!["m1", "m2", "m3"], "one delivery per match");
+    assert_eq!(got[0]["message"], "order o1 unpaid");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 3);
 
     // A restart resumes after the committed records: only the new one is delivered.
-    bus.send("cepheid.matches", None, Some(b"o3"), &record("m3", "o3"), &[]).await.unwrap();
+    bus.send(&topic, Some(0), Some(b"o4"), &record("m4", "o4"), &[]).await.unwrap();
     let (stop, handle) = start(bus.clone(), store.clone());
-    until_received(&rx, 3).await;
+    until_received(&rx, 4).await;
     stop.send(()).unwrap();
     let report = handle.await.unwrap().unwrap();
     assert_eq!(report.records, 1);
-    assert_eq!(rx.got.lock().unwrap().len(), 3);
+    assert_eq!(rx.got.lock().unwrap().len(), 4);
 
     let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();

@@ -19,7 +19,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotifierConfig {
     /// Targets by name; a rule names them as `kind:name` (`feishu:growth`), and `log` needs none.
@@ -40,6 +40,18 @@ pub struct NotifierConfig {
 
 fn default_match_ttl() -> u64 {
     24 * 3_600_000
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig {
+            targets: BTreeMap::new(),
+            lookups: BTreeMap::new(),
+            retry: RetryConfig::default(),
+            dead_letter: None,
+            dedupe_ttl_ms: default_match_ttl(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]

@@ -382,6 +382,11 @@ fn tempdir() -> std::path::PathBuf {
     d
 }
 
+#[test]
+fn default_config_remembers_delivered_matches_for_a_day() {
+    assert_eq!(NotifierConfig::default().dedupe_ttl_ms, 86_400_000);
+}
+
 #[tokio::test]
 async fn kafka_target_puts_alerts_on_a_topic() {
     let clock = ManualClock::new(T0);
