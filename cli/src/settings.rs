@@ -24,6 +24,8 @@ pub struct Settings {
     pub kafka: Option<serde_json::Value>,
     #[serde(default)]
     pub notifier_service: Option<serde_json::Value>,
+    #[serde(default)]
+    pub ingest: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -43,6 +43,7 @@ fn settings() -> Settings {
         notifier: Default::default(),
         kafka: None,
         notifier_service: None,
+        ingest: None,
     }
 }
 

@@ -1,0 +1,337 @@
+//! The ingest service: the front door of the cluster.
+//!
+//! - `POST /v1/events?source=NAME` with a JSON array or NDJSON body: each
+//!   event is checked against the source's registered schema (a JSON object,
+//!   an integer time field, required fields of the right types); the good
+//!   ones go to the events topic, and the answer comes only after the bus
+//!   acknowledged them: `202` when all were accepted, `400` naming each bad
+//!   line and the reason (the good ones are kept), `503` when the bus failed.
+//! - Raw topics (e.g. `click_stream1`): records are checked the same way and
+//!   forwarded; bad ones go to the dead-letter topic with the reason in the
+//!   `cepheid-reason` header. Offsets are committed after forwarding.
+//! - `GET /healthz` (alive), `GET /readyz` (the events topic is reachable).
+//!
+//! Events are written as received (trimmed), with the source in the
+//! `cepheid-source` header, keyed by the schema's `partition_key` field.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cepheid_bus::Bus;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Field types a schema can require.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Object,
+    Array,
+    Any,
+}
+
+impl FieldType {
+    fn accepts(self, v: &Value) -> bool {
+        match self {
+            FieldType::String => v.is_string(),
+            FieldType::Integer => v.is_i64() || v.is_u64(),
+            FieldType::Number => v.is_number(),
+            FieldType::Boolean => v.is_boolean(),
+            FieldType::Object => v.is_object(),
+            FieldType::Array => v.is_array(),
+            FieldType::Any => !v.is_null(),
+        }
+    }
+}
+
+/// A registered event schema (one per source).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schema {
+    #[serde(default = "time_field")]
+    pub time_field: String,
+    /// Required fields and their types.
+    #[serde(default)]
+    pub required: BTreeMap<String, FieldType>,
+    /// Field whose value keys the record on the events topic.
+    #[serde(default)]
+    pub partition_key: Option<String>,
+}
+
+fn time_field() -> String {
+    "eventTime".into()
+}
+
+impl Default for Schema {
+    fn default() -> Self {
+        Schema { time_field: time_field(), required: BTreeMap::new(), partition_key: None }
+    }
+}
+
+/// The `[ingest]` configuration section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    #[serde(default = "listen")]
+    pub listen: String,
+    #[serde(default = "events_topic")]
+    pub events_topic: String,
+    #[serde(default = "partitions")]
+    pub events_partitions: i32,
+    #[serde(default = "dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Raw topics to consume, each with the source its events belong to.
+    #[serde(default)]
+    pub raw_topics: BTreeMap<String, String>,
+    #[serde(default = "group")]
+    pub group: String,
+    /// Schemas by source; sources not listed use `default_schema`.
+    #[serde(default)]
+    pub schemas: BTreeMap<String, Schema>,
+    #[serde(default)]
+    pub default_schema: Schema,
+    /// Whether sources without a schema of their own are accepted.
+    #[serde(default = "yes")]
+    pub accept_unknown_sources: bool,
+}
+
+fn listen() -> String {
+    "0.0.0.0:8080".into()
+}
+fn events_topic() -> String {
+    "cepheid.events".into()
+}
+fn partitions() -> i32 {
+    8
+}
+fn dead_letter_topic() -> String {
+    "cepheid.dead-letter".into()
+}
+fn group() -> String {
+    "cepheid-ingest".into()
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("defaults")
+    }
+}
+
+/// Why an event is refused.
+pub fn check(schema: &Schema, event: &Value) -> Result<(), String> {
+    let Some(obj) = event.as_object() else {
+        return Err(format!("not a JSON object: {}", short(event)));
+    };
+    match obj.get(&schema.time_field) {
+        None | Some(Value::Null) => return Err(format!("missing time field `{}`", schema.time_field)),
+        Some(v) if !(v.is_i64() || v.is_u64()) => {
+            return Err(format!("time field `{}` must be epoch milliseconds (an integer), got {}", schema.time_field, short(v)))
+        }
+        _ => {}
+    }
+    for (f, t) in &schema.required {
+        let v = f.split('.').try_fold(event, |v, part| v.get(part));
+        match v {
+            None | Some(Value::Null) => return Err(format!("missing required field `{f}`")),
+            Some(v) if !t.accepts(v) => return Err(format!("field `{f}` must be {t:?}, got {}", short(v)).to_lowercase()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 80 {
+        format!("{}…", &s[..s.char_indices().nth(77).map(|(i, _)| i).unwrap_or(77)])
+    } else {
+        s
+    }
+}
+
+struct Ctx {
+    cfg: IngestConfig,
+    bus: Bus,
+}
+
+impl Ctx {
+    fn schema(&self, source: &str) -> Option<&Schema> {
+        self.cfg.schemas.get(source).or(if self.cfg.accept_unknown_sources { Some(&self.cfg.default_schema) } else { None })
+    }
+
+    async fn forward(&self, source: &str, schema: &Schema, text: &str, event: &Value) -> Result<(), cepheid_bus::BusError> {
+        let key = schema.partition_key.as_ref().and_then(|k| event.get(k)).map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+        self.bus
+            .send(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &[("cepheid-source", source.as_bytes())])
+            .await
+            .map(|_| ())
+    }
+}
+
+#[derive(Deserialize)]
+struct SourceQuery {
+    source: Option<String>,
+}
+
+/// Splits a body into (line number, text) items: a JSON array or NDJSON.
+fn items(body: &str) -> Result<Vec<(usize, String)>, String> {
+    let trimmed = body.trim_start();
+    if trimmed.starts_with('[') {
+        let arr: Vec<Box<serde_json::value::RawValue>> =
+            serde_json::from_str(trimmed).map_err(|e| format!("body is not a JSON array of events: {e}"))?;
+        Ok(arr.into_iter().enumerate().map(|(i, r)| (i + 1, r.get().to_string())).collect())
+    } else {
+        Ok(body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| (i + 1, l.trim().to_string())).collect())
+    }
+}
+
+async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, body: String) -> impl IntoResponse {
+    let source = q.source.unwrap_or_else(|| "default".into());
+    let Some(schema) = ctx.schema(&source) else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": format!("unknown source `{source}`: no schema is registered for it")})));
+    };
+    let items = match items(&body) {
+        Ok(i) => i,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e, "accepted": 0}))),
+    };
+    let mut rejected = Vec::new();
+    let mut good = Vec::new();
+    for (line, text) in items {
+        match serde_json::from_str::<Value>(&text) {
+            Err(e) => rejected.push(json!({"line": line, "reason": format!("not JSON: {e}")})),
+            Ok(v) => match check(schema, &v) {
+                Ok(()) => good.push((line, text, v)),
+                Err(reason) => rejected.push(json!({"line": line, "reason": reason})),
+            },
+        }
+    }
+    // Send concurrently; answer only once the bus acknowledged each.
+    let sends = good.iter().map(|(line, text, v)| {
+        let ctx = ctx.clone();
+        let source = source.clone();
+        async move { (*line, ctx.forward(&source, schema_for(&ctx, &source), text, v).await) }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let mut accepted = 0;
+    let mut failed = Vec::new();
+    for (line, r) in results {
+        match r {
+            Ok(()) => accepted += 1,
+            Err(e) => failed.push(json!({"line": line, "reason": format!("not stored, retry: {e}")})),
+        }
+    }
+    let body = json!({"source": source, "accepted": accepted, "rejected": rejected, "failed": failed});
+    let status = if !failed.is_empty() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if !rejected.is_empty() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::ACCEPTED
+    };
+    (status, Json(body))
+}
+
+fn schema_for<'a>(ctx: &'a Ctx, source: &str) -> &'a Schema {
+    ctx.schema(source).expect("checked before")
+}
+
+async fn readyz(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
+    match ctx.bus.partitions(&ctx.cfg.events_topic).await {
+        Ok(_) => (StatusCode::OK, "ready"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "events topic unreachable"),
+    }
+}
+
+/// The HTTP routes (tests can serve them on any listener).
+pub fn router(cfg: IngestConfig, bus: Bus) -> Router {
+    let ctx = Arc::new(Ctx { cfg, bus });
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(ctx)
+}
+
+/// Runs the HTTP server and the raw-topic consumers until `shutdown`.
+pub async fn run(cfg: IngestConfig, bus: Bus, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    bus.create_topic(&cfg.events_topic, cfg.events_partitions).await?;
+    bus.create_topic(&cfg.dead_letter_topic, 1).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut raw = Vec::new();
+    if !cfg.raw_topics.is_empty() {
+        let ctx = Arc::new(Ctx { cfg: cfg.clone(), bus: bus.clone() });
+        raw.push(tokio::spawn(consume_raw(ctx, stop_rx.clone())));
+    }
+    let app = router(cfg, bus);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await?;
+    for r in raw {
+        r.await??;
+    }
+    Ok(())
+}
+
+async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    let topics: Vec<&str> = ctx.cfg.raw_topics.keys().map(String::as_str).collect();
+    let mut consumer = ctx.bus.subscribe(&ctx.cfg.group, &topics)?;
+    loop {
+        let m = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            m = consumer.recv() => m,
+        };
+        let m = match m {
+            Ok(m) => m,
+            Err(e) if e.is_transient() => {
+                eprintln!("ingest: bus: {e}; retrying");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let source = ctx.cfg.raw_topics.get(&m.topic).cloned().unwrap_or_default();
+        let text = String::from_utf8_lossy(&m.payload).trim().to_string();
+        let verdict = match (ctx.schema(&source), serde_json::from_str::<Value>(&text)) {
+            (None, _) => Err(format!("no schema for source `{source}`")),
+            (_, Err(e)) => Err(format!("not JSON: {e}")),
+            (Some(schema), Ok(v)) => check(schema, &v).map(|_| (schema, v)),
+        };
+        let sent = match verdict {
+            Ok((schema, v)) => ctx.forward(&source, schema, &text, &v).await,
+            Err(reason) => ctx
+                .bus
+                .send(
+                    &ctx.cfg.dead_letter_topic,
+                    None,
+                    None,
+                    &m.payload,
+                    &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
+                )
+                .await
+                .map(|_| ()),
+        };
+        match sent {
+            Ok(()) => consumer.commit(&m.topic, m.partition, m.offset + 1)?,
+            // Not committed: the record is read again after a restart.
+            Err(e) => eprintln!("ingest: forwarding {}/{}/{}: {e}", m.topic, m.partition, m.offset),
+        }
+    }
+}

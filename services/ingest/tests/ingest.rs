@@ -1,0 +1,116 @@
+//! The ingest service in-process, on the in-memory bus and (when
+//! `CEPHEID_KAFKA_BOOTSTRAP` names a broker) on Kafka.
+
+use cepheid_bus::Bus;
+use cepheid_ingest::{run, IngestConfig};
+use serde_json::Value;
+
+fn config(tag: &str) -> IngestConfig {
+    let mut cfg: IngestConfig = serde_json::from_value(serde_json::json!({
+        "events_topic": format!("events-{tag}"),
+        "dead_letter_topic": format!("dead-{tag}"),
+        "events_partitions": 2,
+        "group": format!("ingest-{tag}"),
+        "raw_topics": {format!("click_stream1-{tag}"): "clickstream"},
+        "schemas": {"clickstream": {"time_field": "eventTime", "partition_key": "userId",
+                    "required": {"eventType": "string", "userId": "integer"}}},
+        "accept_unknown_sources": false
+    }))
+    .unwrap();
+    cfg.listen = "127.0.0.1:0".into();
+    cfg
+}
+
+async fn scenario(bus: Bus, tag: &str) {
+    let cfg = config(tag);
+    let raw = format!("click_stream1-{tag}");
+    bus.create_topic(&raw, 1).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run(cfg.clone(), bus.clone(), listener, async move {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    // Wait until the service answers (it creates its topics first).
+    loop {
+        if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(http.get(format!("{url}/healthz")).send().await.unwrap().status(), 200);
+
+    // NDJSON with one bad line: 400 names it; the good ones are kept.
+    let body = [
+        r#"{"eventTime": 1, "eventType": "view", "userId": 7}"#,
+        r#"{"eventTime": 2, "eventType": "cart", "userId": 8}"#,
+        r#"{"eventTime": 3, "eventType": "view"}"#,
+        "not json",
+        r#"{"eventTime": "yesterday", "eventType": "view", "userId": 7}"#,
+        r#"{"eventTime": 4, "eventType": "view", "userId": "seven"}"#,
+    ]
+    .join("\n");
+    let r = http.post(format!("{url}/v1/events?source=clickstream")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["accepted"], 2);
+    let rejected = v["rejected"].as_array().unwrap();
+    let lines: Vec<i64> = rejected.iter().map(|x| x["line"].as_i64().unwrap()).collect();
+    assert_eq!(lines, vec![3, 4, 5, 6]);
+    assert!(rejected[0]["reason"].as_str().unwrap().contains("missing required field `userId`"));
+    assert!(rejected[1]["reason"].as_str().unwrap().contains("not JSON"));
+    assert!(rejected[2]["reason"].as_str().unwrap().contains("time field `eventTime`"));
+    assert!(rejected[3]["reason"].as_str().unwrap().contains("`userid` must be integer"));
+
+    // A JSON array, all good: 202.
+    let r = http
+        .post(format!("{url}/v1/events?source=clickstream"))
+        .body(r#"[{"eventTime": 5, "eventType": "purchase", "userId": 7}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // An unknown source is refused as a whole.
+    let r = http.post(format!("{url}/v1/events?source=nope")).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Raw topic: the good record is forwarded, the bad one dead-lettered with the reason.
+    bus.send(&raw, None, None, br#"{"eventTime": 6, "eventType": "view", "userId": 9}"#, &[]).await.unwrap();
+    bus.send(&raw, None, None, br#"{"eventType": "view", "userId": 9}"#, &[]).await.unwrap();
+
+    let mut events = bus.subscribe(&format!("reader-{tag}"), &[cfg.events_topic.as_str()]).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(20), events.recv()).await.expect("events").unwrap();
+        assert_eq!(m.header("cepheid-source"), Some(&b"clickstream"[..]));
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(m.key.as_deref().map(|k| String::from_utf8(k.to_vec()).unwrap()), Some(v["userId"].to_string()));
+        got.push(v["eventTime"].as_i64().unwrap());
+    }
+    got.sort();
+    assert_eq!(got, vec![1, 2, 5, 6]);
+    let mut dead = bus.subscribe(&format!("dead-reader-{tag}"), &[cfg.dead_letter_topic.as_str()]).unwrap();
+    let d = tokio::time::timeout(std::time::Duration::from_secs(20), dead.recv()).await.expect("dead letter").unwrap();
+    assert!(String::from_utf8_lossy(d.header("cepheid-reason").unwrap()).contains("missing time field `eventTime`"));
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn on_the_memory_bus() {
+    scenario(Bus::memory(), "mem").await;
+}
+
+#[tokio::test]
+async fn on_kafka() {
+    let Ok(bootstrap) = std::env::var("CEPHEID_KAFKA_BOOTSTRAP") else {
+        eprintln!("on_kafka: CEPHEID_KAFKA_BOOTSTRAP is not set; run through .ci/run (which starts a broker) to include Kafka");
+        return;
+    };
+    let bus = Bus::kafka(&cepheid_bus::KafkaConfig { bootstrap, properties: vec![] }).unwrap();
+    scenario(bus, &format!("kafka-{}", std::process::id())).await;
+}
