@@ -37,6 +37,13 @@ pub struct ServiceConfig {
     /// How often delayed alerts are checked (ms).
     #[serde(default = "poll")]
     pub delay_poll_ms: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[serde(default = "listen")]
+    pub listen: String,
+}
+
+fn listen() -> String {
+    "0.0.0.0:9102".into()
 }
 
 fn matches_topic() -> String {
@@ -63,8 +70,53 @@ impl Default for ServiceConfig {
             group: group(),
             batch: batch(),
             delay_poll_ms: poll(),
+            listen: listen(),
         }
     }
+}
+
+/// Prometheus text of the notifier's delivery counters.
+pub fn prometheus(m: &cepheid_notify::Metrics) -> String {
+    let mut out = String::new();
+    let series: [(&str, &str, &str, fn(&cepheid_notify::TargetMetrics) -> u64); 8] = [
+        ("cepheid_notifier_sent_total", "counter", "Alerts delivered, per target.", |t| t.sent),
+        ("cepheid_notifier_retried_total", "counter", "Attempts that failed and were retried, per target.", |t| t.retried),
+        ("cepheid_notifier_failed_total", "counter", "Alerts that failed for good (then dead-lettered), per target.", |t| t.failed),
+        ("cepheid_notifier_dead_lettered_total", "counter", "Alerts written to the dead-letter output, per target.", |t| t.dead_lettered),
+        ("cepheid_notifier_deduplicated_total", "counter", "Alerts dropped as duplicates (match id or dedupe window), per target.", |t| t.deduplicated),
+        ("cepheid_notifier_attempts_total", "counter", "Delivery attempts, per target.", |t| t.attempts),
+        ("cepheid_notifier_delivery_latency_ms_sum", "counter", "Time spent in delivery attempts (ms), per target; divide by attempts for the mean.", |t| t.latency_ms_sum),
+        ("cepheid_notifier_delivery_latency_ms_max", "gauge", "Slowest delivery attempt (ms), per target.", |t| t.latency_ms_max),
+    ];
+    for (name, kind, help, get) in series {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (target, tm) in m {
+            out.push_str(&format!("{name}{{target=\"{target}\"}} {}\n", get(tm)));
+        }
+    }
+    out
+}
+
+fn http(n: Notifier, bus: Bus, topic: String) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let (bus, topic) = (bus.clone(), topic.clone());
+                async move {
+                    match bus.partitions(&topic).await {
+                        Ok(_) => (axum::http::StatusCode::OK, "ready"),
+                        Err(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "matches topic unreachable"),
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(move || {
+            let n = n.clone();
+            async move { prometheus(&n.metrics()) }
+        }))
 }
 
 /// Everything the service talks to.
@@ -75,6 +127,8 @@ pub struct Deps {
     pub store: cepheid_notify::stores::Store,
     pub clock: Arc<dyn Clock>,
     pub sleeper: Arc<dyn Sleeper>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, if anywhere.
+    pub http: Option<tokio::net::TcpListener>,
 }
 
 /// Counters of one run.
@@ -96,6 +150,10 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
     )
     .await?;
     let mut consumer = deps.bus.subscribe(&service.group, &[&service.matches_topic])?;
+    let server = deps.http.map(|l| {
+        let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone());
+        tokio::spawn(async move { axum::serve(l, app).await })
+    });
     let mut rules: HashMap<(String, u64), Option<RuleSpec>> = HashMap::new();
     let mut report = Report::default();
     // Offsets to commit once the deliveries before them are done.
@@ -161,6 +219,9 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
         }
     }
     commit(&n, &consumer, &service.matches_topic, &mut uncommitted).await;
+    if let Some(s) = server {
+        s.abort();
+    }
     Ok(report)
 }
 

@@ -46,12 +46,14 @@ async fn main() -> anyhow::Result<()> {
     let bus = Bus::kafka(&KafkaConfig { bootstrap: cfg.kafka.bootstrap, properties: cfg.kafka.properties.into_iter().collect() })?;
     let rules = cepheid_state::rules::RedisRuleStore::connect(&cfg.redis.url, &cfg.redis.prefix).await?;
     let store = cepheid_notify::stores::Store::redis(&cfg.redis.url, &cfg.redis.prefix).await?;
+    let http = tokio::net::TcpListener::bind(&cfg.notifier_service.listen).await.with_context(|| format!("binding {}", cfg.notifier_service.listen))?;
     let deps = cepheid_notifier::Deps {
         bus,
         rules,
         store,
         clock: Arc::new(cepheid_types::SystemClock),
         sleeper: Arc::new(cepheid_notify::TokioSleeper),
+        http: Some(http),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

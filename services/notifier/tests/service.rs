@@ -93,14 +93,18 @@ async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str)
     let scfg = ServiceConfig { matches_topic: topic.clone(), group: format!("{topic}-g"), matches_partitions: 2, delay_poll_ms: 50, ..Default::default() };
 
     let store = Store::redis("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    let metrics_listener = std::sync::Mutex::new(Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()));
+    let metrics_addr = metrics_listener.lock().unwrap().as_ref().unwrap().local_addr().unwrap();
     let start = |bus: Bus, store: Store| {
         let (tx, stop) = oneshot::channel::<()>();
+        let http = metrics_listener.lock().unwrap().take();
         let deps = Deps {
             bus,
             rules: rules.clone(),
             store,
             clock: Arc::new(cepheid_types::SystemClock),
             sleeper: Arc::new(TokioSleeper),
+            http,
         };
         let h = tokio::spawn(run(scfg.clone(), ncfg.clone(), deps, async move {
             let _ = stop.await;
@@ -124,6 +128,10 @@ async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str)
     bus.send(&topic, Some(0), None, b"not a record", &[]).await.unwrap();
     bus.send(&topic, Some(0), Some(b"o3"), &record("m3", "o3"), &[]).await.unwrap();
     until_received(&rx, 3).await;
+    let metrics = reqwest::get(format!("http://{}/metrics", metrics_addr)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("cepheid_notifier_sent_total{target=\"crm\"} 3"), "{metrics}");
+    assert!(metrics.contains("cepheid_notifier_deduplicated_total{target=\"crm\"} 1"), "{metrics}");
+    assert_eq!(reqwest::get(format!("http://{}/readyz", metrics_addr)).await.unwrap().status(), 200);
     stop.send(()).unwrap();
     let report: Report = handle.await.unwrap().unwrap();
     assert_eq!((report.records, report.submitted, report.skipped), (5, 4, 1));
