@@ -26,6 +26,8 @@ pub struct Settings {
     pub notifier_service: Option<serde_json::Value>,
     #[serde(default)]
     pub ingest: Option<serde_json::Value>,
+    #[serde(default)]
+    pub router: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

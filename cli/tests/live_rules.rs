@@ -44,6 +44,7 @@ fn settings() -> Settings {
         kafka: None,
         notifier_service: None,
         ingest: None,
+        router: None,
     }
 }
 

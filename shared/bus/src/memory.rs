@@ -51,6 +51,13 @@ impl MemoryBus {
     }
 
     pub fn subscribe(self: &Arc<Self>, group: &str, topics: &[&str]) -> Result<MemoryConsumer, BusError> {
+        let t = self.topics.lock().unwrap();
+        // Check every topic before joining the group: a failed subscribe leaves no member behind.
+        for topic in topics {
+            if !t.contains_key(*topic) {
+                return Err(BusError::UnknownTopic(topic.to_string()));
+            }
+        }
         let (id, member) = {
             let mut next = self.next_member.lock().unwrap();
             *next += 1;
@@ -60,11 +67,10 @@ impl MemoryBus {
             (*next, live.len() - 1)
         };
         let mut positions = Vec::new();
-        let t = self.topics.lock().unwrap();
         let committed = self.committed.lock().unwrap();
         let mut i = 0usize;
         for topic in topics {
-            let logs = t.get(*topic).ok_or_else(|| BusError::UnknownTopic(topic.to_string()))?;
+            let logs = &t[*topic];
             for p in 0..logs.len() as i32 {
                 // Round-robin over members as they join; the first member takes all until others join.
                 if member == 0 || i % (member + 1) == member {

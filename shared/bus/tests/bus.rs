@@ -70,3 +70,16 @@ async fn kafka_bus_contract() {
     let topic = format!("cepheid-test-{}", std::process::id());
     contract(bus, &topic).await;
 }
+
+#[tokio::test]
+async fn a_failed_subscribe_does_not_join_the_group() {
+    let bus = Bus::memory();
+    assert!(bus.subscribe("g", &["later"]).is_err());
+    bus.create_topic("later", 2).await.unwrap();
+    bus.send("later", Some(0), None, b"a", &[]).await.unwrap();
+    bus.send("later", Some(1), None, b"b", &[]).await.unwrap();
+    let mut c = bus.subscribe("g", &["later"]).unwrap();
+    let mut got = vec![c.recv().await.unwrap().payload, c.recv().await.unwrap().payload];
+    got.sort();
+    assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()], "the only member reads every partition");
+}

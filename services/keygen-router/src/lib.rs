@@ -1,0 +1,320 @@
+//! The keygen-router: between ingest and the matcher shards.
+//!
+//! For each event of the events topic it finds the enabled rules whose
+//! `filter` admits it — through an index of the filters' equality atoms, so
+//! 10⁵ rules do not mean 10⁵ evaluations. It must not use the rules' start
+//! conditions: only a shard knows whether a key holds partial matches, and a
+//! rule with live state needs its whole filtered stream. The rules are grouped
+//! by their `key_by`; for each distinct key the event is published once to the
+//! keyed topic, partitioned by jump consistent hashing of the key.
+//!
+//! Keyed record: key = `signature|key`, payload = the event as received,
+//! headers `cepheid-source`, `cepheid-signature` (the key_by fields, `,`
+//! joined), `cepheid-time` (event time, ms). Every `watermark_interval_ms`
+//! the router sends each source's watermark to every partition: a record
+//! with no key, an empty payload and headers `cepheid-watermark`,
+//! `cepheid-source`, `cepheid-router` — a shard takes the minimum over routers.
+//!
+//! Rules come from the Redis rule store: a full resync at start and whenever
+//! the change feed ends (pub/sub drops messages while disconnected), live
+//! updates in between.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::Duration;
+
+use cepheid_bus::Bus;
+use cepheid_engine::engine::EngineConfig;
+use cepheid_engine::index::{required_atoms, Gate, RuleIndex};
+use cepheid_engine::key::KeyVals;
+use cepheid_rules::{compile, CompiledRule, NoStages, RuleSpec};
+use cepheid_state::rules::{ChangeOp, RedisRuleStore};
+use cepheid_types::{EventDecoder, FieldId, FieldRegistry};
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+/// The `[router]` configuration section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    #[serde(default = "events_topic")]
+    pub events_topic: String,
+    #[serde(default = "keyed_topic")]
+    pub keyed_topic: String,
+    #[serde(default = "partitions")]
+    pub keyed_partitions: i32,
+    #[serde(default = "group")]
+    pub group: String,
+    /// Identifies this router in watermark records (default: host and pid).
+    #[serde(default)]
+    pub router_id: Option<String>,
+    #[serde(default = "interval")]
+    pub watermark_interval_ms: u64,
+}
+
+fn events_topic() -> String {
+    "cepheid.events".into()
+}
+fn keyed_topic() -> String {
+    "cepheid.keyed".into()
+}
+fn partitions() -> i32 {
+    8
+}
+fn group() -> String {
+    "cepheid-router".into()
+}
+fn interval() -> u64 {
+    200
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults")
+    }
+}
+
+struct Rule {
+    compiled: CompiledRule,
+    /// Index into `Router::sigs`.
+    sig: usize,
+}
+
+/// One keyed record to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The key_by field paths.
+    pub signature: String,
+    /// The key values, rendered.
+    pub key: String,
+}
+
+/// The routing table: rules, their filter index, key signatures, watermarks.
+pub struct Router {
+    engine: EngineConfig,
+    registry: FieldRegistry,
+    rules: BTreeMap<String, Rule>,
+    slots: Vec<Option<String>>,
+    index: RuleIndex,
+    sigs: Vec<(String, Vec<FieldId>)>,
+    /// Per source: (time field, bound, newest time seen).
+    sources: HashMap<String, (FieldId, i64, Option<i64>)>,
+}
+
+impl Router {
+    pub fn new(engine: EngineConfig) -> Router {
+        Router {
+            engine,
+            registry: FieldRegistry::new(),
+            rules: BTreeMap::new(),
+            slots: Vec::new(),
+            index: RuleIndex::default(),
+            sigs: Vec::new(),
+            sources: HashMap::new(),
+        }
+    }
+
+    /// Adds or replaces a rule (disabled rules are removed: they see nothing).
+    pub fn upsert(&mut self, spec: &RuleSpec) -> Result<(), cepheid_rules::Diagnostics> {
+        self.remove(&spec.id);
+        if !spec.enabled {
+            return Ok(());
+        }
+        let compiled = compile(spec, &mut self.registry)?;
+        let fields: Vec<String> = spec.key_by.clone();
+        let sig_name = fields.join(",");
+        let sig = match self.sigs.iter().position(|(n, _)| *n == sig_name) {
+            Some(i) => i,
+            None => {
+                self.sigs.push((sig_name, compiled.key_by.clone()));
+                self.sigs.len() - 1
+            }
+        };
+        let gate = match compiled.filter.as_deref().and_then(|f| required_atoms(f).into_iter().next()) {
+            Some((f, vals)) => Gate::Filter(f, vals),
+            None => Gate::None,
+        };
+        let slot = match self.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[slot] = Some(spec.id.clone());
+        self.index.insert(slot, gate);
+        self.rules.insert(spec.id.clone(), Rule { compiled, sig });
+        Ok(())
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        if self.rules.remove(id).is_some() {
+            if let Some(slot) = self.slots.iter().position(|s| s.as_deref() == Some(id)) {
+                self.index.remove(slot);
+                self.slots[slot] = None;
+            }
+        }
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    fn source(&mut self, name: &str) -> (FieldId, i64) {
+        if let Some((f, b, _)) = self.sources.get(name) {
+            return (*f, *b);
+        }
+        let sc = self.engine.sources.get(name).cloned().unwrap_or_else(|| self.engine.default_source.clone());
+        let f = self.registry.intern(&sc.time_field);
+        self.sources.insert(name.to_string(), (f, sc.out_of_orderness_ms, None));
+        (f, sc.out_of_orderness_ms)
+    }
+
+    /// The keyed records an event becomes, and its time. An event without
+    /// the time field yields an error; one no rule admits yields no route.
+    pub fn route(&mut self, source: &str, text: &str) -> Result<(i64, Vec<Route>), cepheid_types::DecodeError> {
+        let (tf, _) = self.source(source);
+        let ev = EventDecoder::new(&self.registry, tf).decode(text)?;
+        let t = ev.time();
+        if let Some(e) = self.sources.get_mut(source) {
+            e.2 = Some(e.2.map_or(t, |m| m.max(t)));
+        }
+        let mut cand = Vec::new();
+        self.index.candidates(&ev, &mut cand);
+        let mut sigs_hit: Vec<usize> = Vec::new();
+        for slot in cand {
+            let Some(id) = self.slots.get(slot).and_then(|s| s.as_ref()) else { continue };
+            let rule = &self.rules[id];
+            if rule.compiled.spec.source.as_deref().is_some_and(|s| s != source) {
+                continue;
+            }
+            if let Some(f) = &rule.compiled.filter {
+                if !f.holds(&NoStages(&ev)) {
+                    continue;
+                }
+            }
+            if !sigs_hit.contains(&rule.sig) {
+                sigs_hit.push(rule.sig);
+            }
+        }
+        sigs_hit.sort_unstable();
+        let mut routes = Vec::new();
+        for s in sigs_hit {
+            let (name, fields) = &self.sigs[s];
+            let mut key = KeyVals::default();
+            if fields.iter().all(|f| {
+                let v = ev.get(*f);
+                key.0.push(v.clone());
+                !v.is_null()
+            }) {
+                routes.push(Route { signature: name.clone(), key: key.repr() });
+            }
+        }
+        Ok((t, routes))
+    }
+
+    /// Current watermark of every source seen (newest time − bound).
+    pub fn watermarks(&self) -> Vec<(String, i64)> {
+        let mut v: Vec<(String, i64)> =
+            self.sources.iter().filter_map(|(s, (_, bound, max))| max.map(|m| (s.clone(), m - bound))).collect();
+        v.sort();
+        v
+    }
+}
+
+/// Counters of one run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub events: u64,
+    pub routed: u64,
+    pub unrouted: u64,
+    pub rejected: u64,
+    pub watermarks_sent: u64,
+}
+
+/// Runs until `shutdown`. Events are committed after their keyed records
+/// were acknowledged.
+pub async fn run(cfg: RouterConfig, engine: EngineConfig, bus: Bus, rules: RedisRuleStore, shutdown: impl Future<Output = ()>) -> anyhow::Result<Report> {
+    bus.create_topic(&cfg.keyed_topic, cfg.keyed_partitions).await?;
+    bus.create_topic(&cfg.events_topic, cfg.keyed_partitions).await?;
+    let partitions = bus.partitions(&cfg.keyed_topic).await?;
+    let router_id = cfg.router_id.clone().unwrap_or_else(|| format!("router-{}", std::process::id()));
+    let mut router = Router::new(engine);
+    let mut feed = resync(&mut router, &rules).await?;
+    let mut consumer = bus.subscribe(&cfg.group, &[&cfg.events_topic])?;
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.watermark_interval_ms.max(10)));
+    let mut report = Report::default();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            change = feed.next() => match change {
+                Some(c) => match c.op {
+                    ChangeOp::Upsert => {
+                        if let Some(spec) = rules.get(&c.id).await? {
+                            if let Err(d) = router.upsert(&spec) {
+                                eprintln!("router: stored rule `{}` does not compile here: {d}", c.id);
+                            }
+                        }
+                    }
+                    ChangeOp::Delete => router.remove(&c.id),
+                },
+                // The feed ended (connection lost): resync everything, then follow again.
+                None => feed = resync(&mut router, &rules).await?,
+            },
+            _ = tick.tick() => {
+                for (source, wm) in router.watermarks() {
+                    let w = wm.to_string();
+                    for p in 0..partitions {
+                        bus.send(&cfg.keyed_topic, Some(p), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
+                        report.watermarks_sent += 1;
+                    }
+                }
+            }
+            m = consumer.recv() => {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) if e.is_transient() => { eprintln!("router: bus: {e}; retrying"); continue; }
+                    Err(e) => return Err(e.into()),
+                };
+                report.events += 1;
+                let source = m.header("cepheid-source").map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_else(|| "default".into());
+                let text = String::from_utf8_lossy(&m.payload).into_owned();
+                match router.route(&source, &text) {
+                    Err(e) => {
+                        report.rejected += 1;
+                        eprintln!("router: {}/{}/{}: {e}", m.topic, m.partition, m.offset);
+                    }
+                    Ok((_, routes)) if routes.is_empty() => report.unrouted += 1,
+                    Ok((t, routes)) => {
+                        let time = t.to_string();
+                        for r in routes {
+                            let key = format!("{}|{}", r.signature, r.key);
+                            bus.send(&cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, &[("cepheid-source", source.as_bytes()), ("cepheid-signature", r.signature.as_bytes()), ("cepheid-time", time.as_bytes())]).await?;
+                            report.routed += 1;
+                        }
+                    }
+                }
+                consumer.commit(&m.topic, m.partition, m.offset + 1)?;
+            }
+        }
+    }
+    Ok(report)
+}
+
+async fn resync(router: &mut Router, rules: &RedisRuleStore) -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = cepheid_state::rules::RuleChange> + Send>>> {
+    // Subscribe first, then list: a change between the two is seen twice, never missed.
+    let feed = Box::pin(rules.subscribe().await?);
+    let (all, _) = rules.list().await?;
+    let keep: std::collections::HashSet<String> = all.iter().map(|r| r.id.clone()).collect();
+    let stale: Vec<String> = router.rules.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+    for id in stale {
+        router.remove(&id);
+    }
+    for spec in &all {
+        if let Err(d) = router.upsert(spec) {
+            eprintln!("router: stored rule `{}` does not compile here: {d}", spec.id);
+        }
+    }
+    Ok(feed)
+}

@@ -1,0 +1,150 @@
+//! The keygen-router: routes by filter and key, never by start conditions;
+//! follows rule changes live; propagates watermarks to every partition.
+
+use std::time::Duration;
+
+use cepheid_bus::{partition_for, Bus};
+use cepheid_engine::engine::EngineConfig;
+use cepheid_keygen_router::{run, Route, Router, RouterConfig};
+use cepheid_rules::parse_rule_json;
+use cepheid_state::rules::RedisRuleStore;
+
+fn rule(id: &str, version: u64, body: &str) -> cepheid_rules::RuleSpec {
+    parse_rule_json(&format!(r#"{{"id":"{id}","version":{version},{body}}}"#)).unwrap()
+}
+
+#[test]
+fn routes_by_filter_and_key() {
+    let mut r = Router::new(EngineConfig::default());
+    r.upsert(&rule("by_user", 1, r#""filter":"eventType IN ('view','cart')","key_by":"userId","pattern":[{"name":"a","where":"eventType = 'cart'"}]"#)).unwrap();
+    r.upsert(&rule("by_user_product", 1, r#""key_by":["userId","productId"],"pattern":[{"name":"a","where":"price > 100"}]"#)).unwrap();
+    r.upsert(&rule("orders_only", 1, r#""source":"orders","key_by":"orderId","pattern":[{"name":"a"}]"#)).unwrap();
+    r.upsert(&rule("off", 1, r#""enabled":false,"key_by":"x","pattern":[{"name":"a"}]"#)).unwrap();
+    assert_eq!(r.rule_count(), 3);
+    // A view goes to both clickstream rules although neither's first stage
+    // takes it: shards with live state for the key need it.
+    let (t, routes) = r.route("clickstream", r#"{"eventTime":5,"eventType":"view","userId":7,"productId":3,"price":1}"#).unwrap();
+    assert_eq!(t, 5);
+    assert_eq!(
+        routes,
+        vec![Route { signature: "userId".into(), key: "7".into() }, Route { signature: "userId,productId".into(), key: "7|3".into() }]
+    );
+    // Filtered out of by_user; missing productId for the other.
+    let (_, routes) = r.route("clickstream", r#"{"eventTime":6,"eventType":"purchase","userId":7}"#).unwrap();
+    assert!(routes.is_empty());
+    assert!(r.route("clickstream", r#"{"eventType":"view"}"#).is_err());
+    // Watermark: newest time − 2 s default bound.
+    assert_eq!(r.watermarks(), vec![("clickstream".to_string(), 6 - 2_000)]);
+    r.remove("by_user");
+    let (_, routes) = r.route("clickstream", r#"{"eventTime":7,"eventType":"view","userId":7,"productId":3}"#).unwrap();
+    assert_eq!(routes.len(), 1);
+}
+
+#[test]
+fn many_equality_rules_route_through_the_index() {
+    let mut r = Router::new(EngineConfig::default());
+    for i in 0..20_000 {
+        r.upsert(&rule(&format!("p{i}"), 1, &format!(r#""filter":"productId = {i}","key_by":"userId","pattern":[{{"name":"a"}}]"#))).unwrap();
+    }
+    let (_, routes) = r.route("s", r#"{"eventTime":1,"productId":12345,"userId":1}"#).unwrap();
+    assert_eq!(routes, vec![Route { signature: "userId".into(), key: "1".into() }]);
+    let (_, routes) = r.route("s", r#"{"eventTime":1,"productId":99999,"userId":1}"#).unwrap();
+    assert!(routes.is_empty());
+}
+
+#[tokio::test]
+async fn service_follows_rule_changes_and_sends_watermarks() {
+    let prefix = format!("cepheid-test:router:{}", std::process::id());
+    let store = RedisRuleStore::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    store.apply(&rule("a", 1, r#""key_by":"userId","pattern":[{"name":"x","where":"kind = 'a'"}]"#)).await.unwrap();
+    let bus = Bus::memory();
+    // Watermarks are checked with a second router below; here they stay out of the way.
+    let cfg = RouterConfig { keyed_partitions: 3, watermark_interval_ms: 3_600_000, ..Default::default() };
+    bus.create_topic(&cfg.events_topic, 1).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(run(cfg.clone(), EngineConfig::default(), bus.clone(), store.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let mut keyed = loop {
+        if let Ok(c) = bus.subscribe("reader", &[cfg.keyed_topic.as_str()]) {
+            break c;
+        }
+        tokio::task::yield_now().await;
+    };
+    let send = |t: i64, user: i64, product: i64| {
+        let bus = bus.clone();
+        let topic = cfg.events_topic.clone();
+        async move {
+            let e = format!(r#"{{"eventTime":{t},"kind":"a","userId":{user},"productId":{product}}}"#);
+            bus.send(&topic, Some(0), None, e.as_bytes(), &[("cepheid-source", b"clickstream")]).await.unwrap();
+        }
+    };
+    let mut watermark_partitions = std::collections::BTreeSet::new();
+    send(1_000, 7, 1).await;
+    let got = take(&mut keyed, &mut watermark_partitions, 1).await;
+    assert_eq!(got, vec![("userId|7".to_string(), partition_for(b"userId|7", 3))]);
+
+    // A rule with another key arrives live.
+    store.apply(&rule("b", 1, r#""key_by":["userId","productId"],"pattern":[{"name":"x"}]"#)).await.unwrap();
+    // Until the router has applied it, events route to `a` only: keep sending until both keys appear.
+    let mut both = false;
+    for t in 0..200 {
+        send(2_000 + t, 8, 2).await;
+        let got = take(&mut keyed, &mut watermark_partitions, 1).await;
+        if got[0].0 == "userId,productId|8|2" {
+            both = true;
+            break;
+        }
+    }
+    assert!(both, "the new rule never took effect");
+    store.delete("a").await.unwrap();
+    stop.send(()).unwrap();
+    let report = handle.await.unwrap().unwrap();
+    assert!(report.routed >= 2, "{report:?}");
+
+    // A router with a short interval sends each source's watermark to every partition.
+    let cfg2 = RouterConfig { watermark_interval_ms: 20, group: "router-2".into(), ..cfg.clone() };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(run(cfg2, EngineConfig::default(), bus.clone(), store.clone(), async move {
+        let _ = stopped.await;
+    }));
+    send(9_000, 9, 9).await;
+    // It re-reads the topic from its own group's start; watermarks only grow,
+    // up to the newest event time minus the 2 s bound, on every partition.
+    let mut seen: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    while seen.len() < 3 || seen.values().any(|w| *w < 9_000 - 2_000) {
+        let m = tokio::time::timeout(Duration::from_secs(20), keyed.recv()).await.expect("watermarks").unwrap();
+        if let Some(w) = m.header("cepheid-watermark") {
+            let w: i64 = String::from_utf8_lossy(w).parse().unwrap();
+            assert_eq!(m.header("cepheid-source"), Some(&b"clickstream"[..]));
+            let prev = seen.insert(m.partition, w);
+            assert!(prev.is_none_or(|p| p <= w), "watermark went back on partition {}: {prev:?} -> {w}", m.partition);
+            assert!(w <= 9_000 - 2_000);
+        }
+    }
+    stop.send(()).unwrap();
+    let report = handle.await.unwrap().unwrap();
+    assert!(report.watermarks_sent >= 3, "{report:?}");
+    store.delete("b").await.unwrap();
+
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut con).await.unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut con).await.unwrap();
+    }
+}
+
+/// Reads keyed records (noting watermarks) until `n` arrived.
+async fn take(keyed: &mut cepheid_bus::Consumer, wp: &mut std::collections::BTreeSet<i32>, n: usize) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(20), keyed.recv()).await.expect("keyed records").unwrap();
+        if m.header("cepheid-watermark").is_some() {
+            wp.insert(m.partition);
+            continue;
+        }
+        out.push((String::from_utf8(m.key.clone().unwrap()).unwrap(), m.partition));
+    }
+    out
+}
