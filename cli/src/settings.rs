@@ -1,15 +1,15 @@
-//! Layered configuration: compiled-in `config/default.toml`, an optional
-//! file, then `CEPHEID__SECTION__KEY` environment variables.
+//! The `cepheid` command's view of the layered configuration (see
+//! [`cepheid_runtime::load`]): its own sections, and the services' sections
+//! accepted so that one file configures everything.
 
 use std::path::Path;
 
-use anyhow::Context;
 use cepheid_engine::engine::EngineConfig;
-use config::{Config, Environment, File, FileFormat};
+pub use cepheid_runtime::RedisSettings;
 use serde::Deserialize;
 
-/// The compiled-in defaults (the repository's `config/default.toml`).
-pub const DEFAULTS: &str = include_str!("../../config/default.toml");
+/// The compiled-in defaults.
+pub const DEFAULTS: &str = cepheid_runtime::DEFAULTS;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,13 +32,6 @@ pub struct Settings {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RedisSettings {
-    pub url: String,
-    pub prefix: String,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RunSettings {
     pub source: String,
     pub rules_poll_ms: u64,
@@ -48,13 +41,6 @@ pub struct RunSettings {
 impl Settings {
     /// Loads the layers; `file` is optional.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Settings> {
-        let mut b = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
-        if let Some(f) = file {
-            anyhow::ensure!(f.exists(), "config file {} does not exist", f.display());
-            b = b.add_source(File::from(f));
-        }
-        b = b.add_source(Environment::with_prefix("CEPHEID").prefix_separator("__").separator("__").try_parsing(true));
-        let cfg = b.build().context("reading configuration")?;
-        cfg.try_deserialize().context("invalid configuration")
+        cepheid_runtime::load(file)
     }
 }

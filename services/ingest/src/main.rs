@@ -1,43 +1,21 @@
-//! `cepheid-ingest`: configuration, connections, signals; the work is in [`cepheid_ingest::run`].
+//! `cepheid-ingest [CONFIG]`: configuration, connections, signals; the work is in [`cepheid_ingest::run`].
 
 use anyhow::Context;
-use cepheid_bus::{Bus, KafkaConfig};
-use config::{Config, Environment, File, FileFormat};
+use cepheid_runtime::{config_arg, load, shutdown_signal, KafkaSettings};
 use serde::Deserialize;
-
-const DEFAULTS: &str = include_str!("../../../config/default.toml");
 
 #[derive(Deserialize)]
 struct Settings {
     #[serde(default)]
     ingest: cepheid_ingest::IngestConfig,
-    kafka: Kafka,
-}
-
-#[derive(Deserialize)]
-struct Kafka {
-    bootstrap: String,
-    #[serde(default)]
-    properties: std::collections::BTreeMap<String, String>,
+    kafka: KafkaSettings,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut b = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
-    if let Some(f) = std::env::args().nth(1) {
-        b = b.add_source(File::with_name(&f));
-    }
-    let cfg: Settings = b
-        .add_source(Environment::with_prefix("CEPHEID").prefix_separator("__").separator("__").try_parsing(true))
-        .build()?
-        .try_deserialize()
-        .context("invalid configuration")?;
-    let bus = Bus::kafka(&KafkaConfig { bootstrap: cfg.kafka.bootstrap, properties: cfg.kafka.properties.into_iter().collect() })?;
+    let cfg: Settings = load(config_arg().as_deref())?;
+    let bus = cfg.kafka.bus()?;
     let listener = tokio::net::TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding {}", cfg.ingest.listen))?;
     eprintln!("cepheid-ingest: POST http://{}/v1/events?source=NAME", listener.local_addr()?);
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-    };
-    cepheid_ingest::run(cfg.ingest, bus, listener, shutdown).await
+    cepheid_ingest::run(cfg.ingest, bus, listener, shutdown_signal()).await
 }
