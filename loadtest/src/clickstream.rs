@@ -270,7 +270,7 @@ pub fn generate(p: &Params) -> Vec<String> {
         );
         out.push(s);
         if malformed_left > 0 && (i + 1) % every == 0 {
-            out.push(if malformed_left % 2 == 0 {
+            out.push(if malformed_left.is_multiple_of(2) {
                 format!("{{\"id\":\"bad-{malformed_left}\",\"eventType\":\"view\",\"productId\":1000001}}")
             } else {
                 "<html>502 Bad Gateway</html>".to_string()

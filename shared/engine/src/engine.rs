@@ -720,7 +720,7 @@ impl Engine {
                     .iter()
                     .map(|(k, ks)| KeyEntrySnap { key: crate::snapshot::key_to_json(k), state: ks.nfa.snapshot(&s.nfa) })
                     .collect();
-                keys.sort_by(|a, b| serde_json::to_string(&a.key).unwrap().cmp(&serde_json::to_string(&b.key).unwrap()));
+                keys.sort_by_key(|a| serde_json::to_string(&a.key).unwrap());
                 RuleSnap { id: s.rule.id().to_string(), version: s.rule.version(), keys }
             })
             .collect();

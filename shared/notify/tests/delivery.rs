@@ -36,7 +36,7 @@ type Shared = Arc<Mutex<Mock>>;
 
 async fn feishu_api(State(m): State<Shared>, Json(body): Json<Value>) -> Json<Value> {
     let mut m = m.lock().unwrap();
-    let now = m.clock.as_ref().map(|c| cepheid_types::Clock::now(c)).unwrap_or(T0);
+    let now = m.clock.as_ref().map(cepheid_types::Clock::now).unwrap_or(T0);
     m.got.push((now, body.clone(), HeaderMap::new()));
     if let Some(secret) = m.secret.clone() {
         let ts: i64 = body["timestamp"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -54,7 +54,7 @@ async fn feishu_api(State(m): State<Shared>, Json(body): Json<Value>) -> Json<Va
 
 async fn webhook_rx(State(m): State<Shared>, headers: HeaderMap, body: String) -> StatusCode {
     let mut m = m.lock().unwrap();
-    let now = m.clock.as_ref().map(|c| cepheid_types::Clock::now(c)).unwrap_or(T0);
+    let now = m.clock.as_ref().map(cepheid_types::Clock::now).unwrap_or(T0);
     m.got.push((now, serde_json::from_str(&body).unwrap_or(Value::Null), headers.clone()));
     if let Some(secret) = &m.secret {
         let ts: i64 = headers["x-cepheid-timestamp"].to_str().unwrap().parse().unwrap();

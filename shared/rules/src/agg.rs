@@ -127,11 +127,10 @@ impl AggState {
                     *cur = Some(v.into());
                 }
             }
-            (AggState::First(cur), AggKind::First(f)) => {
-                if cur.is_none() {
+            (AggState::First(cur), AggKind::First(f))
+                if cur.is_none() => {
                     *cur = Some(ev.get(f).into());
                 }
-            }
             (AggState::Last { keep, values }, AggKind::Last(f, _)) => {
                 values.push_back(ev.get(f).into());
                 while values.len() > *keep as usize + 1 {

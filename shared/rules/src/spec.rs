@@ -641,7 +641,7 @@ impl Reader {
                 self.err(Diagnostic::new("E012", format!("duplicate stage name `{n}`")).stage(*n).key("name"));
             }
         }
-        self.sequence(&rule.pattern, rule, true, true);
+        self.sequence(&rule.pattern, rule, true);
         match &rule.after_match {
             AfterMatchSpec::SkipToFirst(s) | AfterMatchSpec::SkipToLast(s) => {
                 let target = find_stage(&rule.pattern, s);
@@ -661,7 +661,7 @@ impl Reader {
     }
 
     /// Checks one sequence of stages (the pattern, or a group's body).
-    fn sequence(&mut self, stages: &[StageSpec], rule: &RuleSpec, top: bool, _first_seq: bool) {
+    fn sequence(&mut self, stages: &[StageSpec], rule: &RuleSpec, top: bool) {
         for (i, s) in stages.iter().enumerate() {
             let name = s.name.as_str();
             let (times, optional) = s.effective_times();
@@ -722,7 +722,7 @@ impl Reader {
                 }
             }
             if let StageKindSpec::Group(g) = &s.kind {
-                self.sequence(g, rule, false, false);
+                self.sequence(g, rule, false);
             }
         }
     }

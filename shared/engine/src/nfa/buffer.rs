@@ -103,8 +103,8 @@ impl SharedBuffer {
             self.lock_node(p, version);
         }
         let id = NodeId { event, page };
-        if !self.nodes.contains_key(&id) {
-            self.nodes.insert(id, Node::default());
+        if let std::collections::hash_map::Entry::Vacant(e) = self.nodes.entry(id) {
+            e.insert(Node::default());
             self.lock_event(event);
         }
         self.nodes

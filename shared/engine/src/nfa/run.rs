@@ -129,7 +129,6 @@ fn check(nfa: &Nfa, c: &Cond, cx: &Ctx, cache: &mut CondCache) -> bool {
 
 struct EdgeRef {
     action: Action,
-    source: StateId,
     target: StateId,
     page: u16,
     /// For an ignore: the deadline the resulting run owes.
@@ -465,13 +464,13 @@ impl NfaState {
                             continue;
                         }
                         n_take += 1;
-                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page, owed: None });
+                        edges.push(EdgeRef { action: t.action, target: t.target, page: t.page, owed: None });
                     }
                     Action::Ignore => {
                         if t.target != cs.state {
                             n_ignore += 1;
                         }
-                        edges.push(EdgeRef { action: t.action, source: t.source, target: t.target, page: t.page, owed });
+                        edges.push(EdgeRef { action: t.action, target: t.target, page: t.page, owed });
                     }
                 }
             }
@@ -500,7 +499,6 @@ impl NfaState {
                     self.add_cs(out, Cs { state: e.target, version, deadline: e.owed, ..cs.clone() });
                 }
                 Action::Take => {
-                    let _ = e.source;
                     let cur_version = cs.version.increase(take_to_visit);
                     let next_version = cur_version.add_stage();
                     take_to_visit -= 1;
@@ -594,7 +592,7 @@ impl NfaState {
 fn pruning_id(am: AfterMatch, paths: &[Path]) -> Option<(EventId, bool)> {
     let mut id: Option<EventId> = None;
     match am {
-        AfterMatch::NoSkip => return None,
+        AfterMatch::NoSkip => None,
         AfterMatch::SkipToNext => {
             for p in paths {
                 for (_, l) in p {
