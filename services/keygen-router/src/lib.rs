@@ -50,6 +50,13 @@ pub struct RouterConfig {
     pub router_id: Option<String>,
     #[serde(default = "interval")]
     pub watermark_interval_ms: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[serde(default = "listen")]
+    pub listen: String,
+}
+
+fn listen() -> String {
+    "0.0.0.0:9101".into()
 }
 
 fn events_topic() -> String {
@@ -230,11 +237,63 @@ pub struct Report {
     pub unrouted: u64,
     pub rejected: u64,
     pub watermarks_sent: u64,
+    /// Rules loaded at the last count.
+    pub rules: u64,
+}
+
+impl Report {
+    /// Prometheus text.
+    pub fn prometheus(&self) -> String {
+        let mut s = String::new();
+        for (name, kind, help, v) in [
+            ("cepheid_router_events_total", "counter", "Events read from the events topic.", self.events),
+            ("cepheid_router_routed_total", "counter", "Keyed records published (one per event and key signature).", self.routed),
+            ("cepheid_router_unrouted_total", "counter", "Events no enabled rule admits.", self.unrouted),
+            ("cepheid_router_rejected_total", "counter", "Events that cannot be decoded (no time field, not JSON).", self.rejected),
+            ("cepheid_router_watermarks_total", "counter", "Watermark records sent.", self.watermarks_sent),
+            ("cepheid_router_rules", "gauge", "Enabled rules loaded.", self.rules),
+        ] {
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        s
+    }
+}
+
+fn http(report: std::sync::Arc<std::sync::Mutex<Report>>, bus: Bus, topic: String) -> axum::Router {
+    use axum::routing::get;
+    let r2 = report.clone();
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let (bus, topic, report) = (bus.clone(), topic.clone(), r2.clone());
+                async move {
+                    let rules = report.lock().unwrap().rules;
+                    match bus.partitions(&topic).await {
+                        Ok(_) if rules > 0 => (axum::http::StatusCode::OK, "ready".to_string()),
+                        Ok(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no rules loaded".to_string()),
+                        Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("keyed topic unreachable: {e}")),
+                    }
+                }
+            }),
+        )
+        .route("/metrics", get(move || {
+            let report = report.clone();
+            async move { report.lock().unwrap().prometheus() }
+        }))
 }
 
 /// Runs until `shutdown`. Events are committed after their keyed records
 /// were acknowledged.
-pub async fn run(cfg: RouterConfig, engine: EngineConfig, bus: Bus, rules: RedisRuleStore, shutdown: impl Future<Output = ()>) -> anyhow::Result<Report> {
+pub async fn run(
+    cfg: RouterConfig,
+    engine: EngineConfig,
+    bus: Bus,
+    rules: RedisRuleStore,
+    http_listener: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Report> {
     bus.create_topic(&cfg.keyed_topic, cfg.keyed_partitions).await?;
     bus.create_topic(&cfg.events_topic, cfg.keyed_partitions).await?;
     let partitions = bus.partitions(&cfg.keyed_topic).await?;
@@ -244,8 +303,15 @@ pub async fn run(cfg: RouterConfig, engine: EngineConfig, bus: Bus, rules: Redis
     let mut consumer = bus.subscribe(&cfg.group, &[&cfg.events_topic])?;
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.watermark_interval_ms.max(10)));
     let mut report = Report::default();
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(Report::default()));
+    let server = http_listener.map(|l| {
+        let app = http(shared.clone(), bus.clone(), cfg.keyed_topic.clone());
+        tokio::spawn(async move { axum::serve(l, app).await })
+    });
     tokio::pin!(shutdown);
     loop {
+        report.rules = router.rule_count() as u64;
+        *shared.lock().unwrap() = report.clone();
         tokio::select! {
             _ = &mut shutdown => break,
             change = feed.next() => match change {
@@ -298,6 +364,9 @@ pub async fn run(cfg: RouterConfig, engine: EngineConfig, bus: Bus, rules: Redis
                 consumer.commit(&m.topic, m.partition, m.offset + 1)?;
             }
         }
+    }
+    if let Some(s) = server {
+        s.abort();
     }
     Ok(report)
 }

@@ -1,5 +1,6 @@
 //! `cepheid-keygen-router [CONFIG]`: configuration, connections, signals; the work is in [`cepheid_keygen_router::run`].
 
+use anyhow::Context;
 use cepheid_runtime::{config_arg, load, shutdown_signal, KafkaSettings, RedisSettings};
 use serde::Deserialize;
 
@@ -17,7 +18,8 @@ async fn main() -> anyhow::Result<()> {
     let cfg: Settings = load(config_arg().as_deref())?;
     let bus = cfg.kafka.bus()?;
     let rules = cepheid_state::rules::RedisRuleStore::connect(&cfg.redis.url, &cfg.redis.prefix).await?;
-    let report = cepheid_keygen_router::run(cfg.router, cfg.engine, bus, rules, shutdown_signal()).await?;
+    let http = tokio::net::TcpListener::bind(&cfg.router.listen).await.with_context(|| format!("binding {}", cfg.router.listen))?;
+    let report = cepheid_keygen_router::run(cfg.router, cfg.engine, bus, rules, Some(http), shutdown_signal()).await?;
     eprintln!("cepheid-keygen-router: {report:?}");
     Ok(())
 }

@@ -62,7 +62,9 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
     let cfg = RouterConfig { keyed_partitions: 3, watermark_interval_ms: 3_600_000, ..Default::default() };
     bus.create_topic(&cfg.events_topic, 1).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(run(cfg.clone(), EngineConfig::default(), bus.clone(), store.clone(), async move {
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let probe_addr = probe.local_addr().unwrap();
+    let handle = tokio::spawn(run(cfg.clone(), EngineConfig::default(), bus.clone(), store.clone(), Some(probe), async move {
         let _ = stopped.await;
     }));
     let mut keyed = loop {
@@ -97,6 +99,10 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
         }
     }
     assert!(both, "the new rule never took effect");
+    let metrics = reqwest::get(format!("http://{probe_addr}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("cepheid_router_rules 2"), "{metrics}");
+    assert!(metrics.contains("cepheid_router_routed_total "), "{metrics}");
+    assert_eq!(reqwest::get(format!("http://{probe_addr}/readyz")).await.unwrap().status(), 200);
     store.delete("a").await.unwrap();
     stop.send(()).unwrap();
     let report = handle.await.unwrap().unwrap();
@@ -105,7 +111,7 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
     // A router with a short interval sends each source's watermark to every partition.
     let cfg2 = RouterConfig { watermark_interval_ms: 20, group: "router-2".into(), ..cfg.clone() };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(run(cfg2, EngineConfig::default(), bus.clone(), store.clone(), async move {
+    let handle = tokio::spawn(run(cfg2, EngineConfig::default(), bus.clone(), store.clone(), None, async move {
         let _ = stopped.await;
     }));
     send(9_000, 9, 9).await;
