@@ -156,6 +156,8 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
     });
     let mut rules: HashMap<(String, u64), Option<RuleSpec>> = HashMap::new();
     let mut report = Report::default();
+    // Submissions spawned since the last commit.
+    let mut submitting: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     // Offsets to commit once the deliveries before them are done.
     let mut uncommitted: HashMap<i32, i64> = HashMap::new();
     let mut since_commit = 0usize;
@@ -167,7 +169,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
             _ = poll.tick() => {
                 n.poll_delayed().await.ok();
                 if !uncommitted.is_empty() {
-                    commit(&n, &consumer, &service.matches_topic, &mut uncommitted).await;
+                    commit(&n, &consumer, &service.matches_topic, &mut uncommitted, &mut submitting).await;
                     since_commit = 0;
                 }
             }
@@ -194,7 +196,17 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                         match rules.get(&key).and_then(|s| s.as_ref()) {
                             Some(spec) => match &spec.action {
                                 Some(action) if !action.targets.is_empty() => {
-                                    n.submit(&r, &spec.name, action).await?;
+                                    // Concurrently: a slow enrichment source must not hold up
+                                    // the next matches. Commits wait for it (`idle`).
+                                    for t in &action.targets {
+                                        n.resolve(t)?;
+                                    }
+                                    let (n2, name, action) = (n.clone(), spec.name.clone(), action.clone());
+                                    submitting.push(tokio::spawn(async move {
+                                        if let Err(e) = n2.submit(&r, &name, &action).await {
+                                            eprintln!("notifier: match {}: {e}", r.match_id);
+                                        }
+                                    }));
                                     report.submitted += 1;
                                 }
                                 _ => {}
@@ -212,20 +224,24 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                 }
                 since_commit += 1;
                 if since_commit >= service.batch {
-                    commit(&n, &consumer, &service.matches_topic, &mut uncommitted).await;
+                    commit(&n, &consumer, &service.matches_topic, &mut uncommitted, &mut submitting).await;
                     since_commit = 0;
                 }
             }
         }
     }
-    commit(&n, &consumer, &service.matches_topic, &mut uncommitted).await;
+    commit(&n, &consumer, &service.matches_topic, &mut uncommitted, &mut submitting).await;
     if let Some(s) = server {
         s.abort();
     }
     Ok(report)
 }
 
-async fn commit(n: &Notifier, c: &cepheid_bus::Consumer, topic: &str, offsets: &mut HashMap<i32, i64>) {
+async fn commit(n: &Notifier, c: &cepheid_bus::Consumer, topic: &str, offsets: &mut HashMap<i32, i64>, submitting: &mut Vec<tokio::task::JoinHandle<()>>) {
+    // Every spawned submission has reached the target queues, then all of it is delivered.
+    for h in submitting.drain(..) {
+        let _ = h.await;
+    }
     n.idle().await;
     for (p, o) in offsets.drain() {
         if let Err(e) = c.commit(topic, p, o) {

@@ -215,6 +215,16 @@ impl Notifier {
     }
 
     async fn deliver(&self, record: &MatchRecord, rule_name: &str, targets: &[String], template: Option<&str>, enrich: &[cepheid_rules::EnrichSpec]) {
+        // Pending from the start (enrichment may take up to its timeout), so
+        // `idle()` — and the service's commits — wait for this match too.
+        self.inner.pending.fetch_add(1, Ordering::SeqCst);
+        self.deliver_inner(record, rule_name, targets, template, enrich).await;
+        if self.inner.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inner.idle.notify_waiters();
+        }
+    }
+
+    async fn deliver_inner(&self, record: &MatchRecord, rule_name: &str, targets: &[String], template: Option<&str>, enrich: &[cepheid_rules::EnrichSpec]) {
         let enrichments = self.inner.enricher.enrich(record, enrich).await;
         let message = match template {
             Some(t) => {
