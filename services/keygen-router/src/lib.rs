@@ -53,6 +53,13 @@ pub struct RouterConfig {
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     #[serde(default = "listen")]
     pub listen: String,
+    /// Where late events go, with the reason.
+    #[serde(default = "dead_letter_topic")]
+    pub dead_letter_topic: String,
+}
+
+fn dead_letter_topic() -> String {
+    "cepheid.dead-letter".into()
 }
 
 fn listen() -> String {
@@ -85,6 +92,15 @@ struct Rule {
     compiled: CompiledRule,
     /// Index into `Router::sigs`.
     sig: usize,
+}
+
+/// What the router makes of an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// Keyed records to publish (none when no enabled rule admits the event).
+    Routes { time: i64, routes: Vec<Route> },
+    /// Older than the source's watermark: never matched (as in `cepheid run`).
+    Late { time: i64, watermark: i64 },
 }
 
 /// One keyed record to publish.
@@ -177,13 +193,19 @@ impl Router {
         (f, sc.out_of_orderness_ms)
     }
 
-    /// The keyed records an event becomes, and its time. An event without
-    /// the time field yields an error; one no rule admits yields no route.
-    pub fn route(&mut self, source: &str, text: &str) -> Result<(i64, Vec<Route>), cepheid_types::DecodeError> {
-        let (tf, _) = self.source(source);
+    /// What an event becomes: keyed records, or late. An event without the
+    /// time field yields an error.
+    pub fn route(&mut self, source: &str, text: &str) -> Result<Routed, cepheid_types::DecodeError> {
+        let (tf, bound) = self.source(source);
         let ev = EventDecoder::new(&self.registry, tf).decode(text)?;
         let t = ev.time();
         if let Some(e) = self.sources.get_mut(source) {
+            if let Some(max) = e.2 {
+                let watermark = max.saturating_sub(bound);
+                if t < watermark {
+                    return Ok(Routed::Late { time: t, watermark });
+                }
+            }
             e.2 = Some(e.2.map_or(t, |m| m.max(t)));
         }
         let mut cand = Vec::new();
@@ -217,7 +239,7 @@ impl Router {
                 routes.push(Route { signature: name.clone(), key: key.repr() });
             }
         }
-        Ok((t, routes))
+        Ok(Routed::Routes { time: t, routes })
     }
 
     /// Current watermark of every source seen (newest time − bound).
@@ -236,6 +258,8 @@ pub struct Report {
     pub routed: u64,
     pub unrouted: u64,
     pub rejected: u64,
+    /// Events behind their source's watermark (sent to the dead-letter topic).
+    pub late: u64,
     pub watermarks_sent: u64,
     /// Rules loaded at the last count.
     pub rules: u64,
@@ -250,6 +274,7 @@ impl Report {
             ("cepheid_router_routed_total", "counter", "Keyed records published (one per event and key signature).", self.routed),
             ("cepheid_router_unrouted_total", "counter", "Events no enabled rule admits.", self.unrouted),
             ("cepheid_router_rejected_total", "counter", "Events that cannot be decoded (no time field, not JSON).", self.rejected),
+            ("cepheid_router_late_total", "counter", "Events behind their source's watermark, dead-lettered.", self.late),
             ("cepheid_router_watermarks_total", "counter", "Watermark records sent.", self.watermarks_sent),
             ("cepheid_router_rules", "gauge", "Enabled rules loaded.", self.rules),
         ] {
@@ -296,6 +321,7 @@ pub async fn run(
 ) -> anyhow::Result<Report> {
     bus.create_topic(&cfg.keyed_topic, cfg.keyed_partitions).await?;
     bus.create_topic(&cfg.events_topic, cfg.keyed_partitions).await?;
+    bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let partitions = bus.partitions(&cfg.keyed_topic).await?;
     let router_id = cfg.router_id.clone().unwrap_or_else(|| format!("router-{}", std::process::id()));
     let mut router = Router::new(engine);
@@ -351,8 +377,13 @@ pub async fn run(
                         report.rejected += 1;
                         eprintln!("router: {}/{}/{}: {e}", m.topic, m.partition, m.offset);
                     }
-                    Ok((_, routes)) if routes.is_empty() => report.unrouted += 1,
-                    Ok((t, routes)) => {
+                    Ok(Routed::Late { time, watermark }) => {
+                        report.late += 1;
+                        let reason = format!("late: event time {time} is behind the watermark {watermark}");
+                        bus.send(&cfg.dead_letter_topic, None, None, &m.payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-source", source.as_bytes())]).await?;
+                    }
+                    Ok(Routed::Routes { routes, .. }) if routes.is_empty() => report.unrouted += 1,
+                    Ok(Routed::Routes { time: t, routes }) => {
                         let time = t.to_string();
                         for r in routes {
                             let key = format!("{}|{}", r.signature, r.key);

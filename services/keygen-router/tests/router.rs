@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cepheid_bus::{partition_for, Bus};
 use cepheid_engine::engine::EngineConfig;
-use cepheid_keygen_router::{run, Route, Router, RouterConfig};
+use cepheid_keygen_router::{run, Route, Routed, Router, RouterConfig};
 use cepheid_rules::parse_rule_json;
 use cepheid_state::rules::RedisRuleStore;
 
@@ -23,20 +23,23 @@ fn routes_by_filter_and_key() {
     assert_eq!(r.rule_count(), 3);
     // A view goes to both clickstream rules although neither's first stage
     // takes it: shards with live state for the key need it.
-    let (t, routes) = r.route("clickstream", r#"{"eventTime":5,"eventType":"view","userId":7,"productId":3,"price":1}"#).unwrap();
-    assert_eq!(t, 5);
+    let routed = r.route("clickstream", r#"{"eventTime":5000,"eventType":"view","userId":7,"productId":3,"price":1}"#).unwrap();
     assert_eq!(
-        routes,
-        vec![Route { signature: "userId".into(), key: "7".into() }, Route { signature: "userId,productId".into(), key: "7|3".into() }]
+        routed,
+        Routed::Routes {
+            time: 5000,
+            routes: vec![Route { signature: "userId".into(), key: "7".into() }, Route { signature: "userId,productId".into(), key: "7|3".into() }]
+        }
     );
     // Filtered out of by_user; missing productId for the other.
-    let (_, routes) = r.route("clickstream", r#"{"eventTime":6,"eventType":"purchase","userId":7}"#).unwrap();
-    assert!(routes.is_empty());
+    assert_eq!(r.route("clickstream", r#"{"eventTime":6000,"eventType":"purchase","userId":7}"#).unwrap(), Routed::Routes { time: 6000, routes: vec![] });
     assert!(r.route("clickstream", r#"{"eventType":"view"}"#).is_err());
-    // Watermark: newest time − 2 s default bound.
-    assert_eq!(r.watermarks(), vec![("clickstream".to_string(), 6 - 2_000)]);
+    // Watermark: newest time − 2 s default bound; older events are late (equal is not).
+    assert_eq!(r.watermarks(), vec![("clickstream".to_string(), 4000)]);
+    assert_eq!(r.route("clickstream", r#"{"eventTime":3999,"eventType":"view","userId":7}"#).unwrap(), Routed::Late { time: 3999, watermark: 4000 });
+    assert!(matches!(r.route("clickstream", r#"{"eventTime":4000,"eventType":"view","userId":7}"#).unwrap(), Routed::Routes { .. }));
     r.remove("by_user");
-    let (_, routes) = r.route("clickstream", r#"{"eventTime":7,"eventType":"view","userId":7,"productId":3}"#).unwrap();
+    let Routed::Routes { routes, .. } = r.route("clickstream", r#"{"eventTime":7000,"eventType":"view","userId":7,"productId":3}"#).unwrap() else { panic!() };
     assert_eq!(routes.len(), 1);
 }
 
@@ -46,10 +49,10 @@ fn many_equality_rules_route_through_the_index() {
     for i in 0..20_000 {
         r.upsert(&rule(&format!("p{i}"), 1, &format!(r#""filter":"productId = {i}","key_by":"userId","pattern":[{{"name":"a"}}]"#))).unwrap();
     }
-    let (_, routes) = r.route("s", r#"{"eventTime":1,"productId":12345,"userId":1}"#).unwrap();
-    assert_eq!(routes, vec![Route { signature: "userId".into(), key: "1".into() }]);
-    let (_, routes) = r.route("s", r#"{"eventTime":1,"productId":99999,"userId":1}"#).unwrap();
-    assert!(routes.is_empty());
+    let routed = r.route("s", r#"{"eventTime":1,"productId":12345,"userId":1}"#).unwrap();
+    assert_eq!(routed, Routed::Routes { time: 1, routes: vec![Route { signature: "userId".into(), key: "1".into() }] });
+    let routed = r.route("s", r#"{"eventTime":1,"productId":99999,"userId":1}"#).unwrap();
+    assert_eq!(routed, Routed::Routes { time: 1, routes: vec![] });
 }
 
 #[tokio::test]
