@@ -63,7 +63,15 @@ pub struct NotifyStage {
 }
 
 impl NotifyStage {
-    pub fn start(cfg: cepheid_notify::NotifierConfig) -> anyhow::Result<NotifyStage> {
+    /// `kafka` is needed only when a target is `kind = "kafka"`: alerts then go
+    /// to that real broker (never to an in-memory bus nobody reads).
+    pub fn start(cfg: cepheid_notify::NotifierConfig, kafka: Option<&cepheid_runtime::KafkaSettings>) -> anyhow::Result<NotifyStage> {
+        let wants_kafka = cfg.targets.values().any(|t| matches!(t, cepheid_notify::TargetConfig::Kafka { .. }));
+        let bus = match (wants_kafka, kafka) {
+            (false, _) => None,
+            (true, Some(k)) => Some(k.bus()?),
+            (true, None) => anyhow::bail!("a notifier target has kind \"kafka\", but no [kafka] bootstrap is configured"),
+        };
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let notifier = rt.block_on(async {
             cepheid_notify::Notifier::start(
@@ -73,7 +81,7 @@ impl NotifyStage {
                     sleeper: Arc::new(cepheid_notify::TokioSleeper),
                     store: cepheid_notify::stores::Store::memory(),
                     seed: std::process::id() as u64,
-                    bus: Some(cepheid_bus::Bus::memory()),
+                    bus,
                 },
             )
             .await
@@ -401,7 +409,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::ensure!(e == "-" || Path::new(e).is_file(), "events file {e} does not exist");
     }
     if args.notify {
-        p.notify = Some(NotifyStage::start(settings.notifier.clone())?);
+        p.notify = Some(NotifyStage::start(settings.notifier.clone(), settings.kafka.as_ref())?);
     }
 
     // Inputs are read on their own thread so that rule changes and

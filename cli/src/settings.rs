@@ -19,9 +19,10 @@ pub struct Settings {
     pub redis: RedisSettings,
     #[serde(default)]
     pub notifier: cepheid_notify::NotifierConfig,
-    /// Sections of the services (read by them, accepted here).
+    /// Kafka, for `kafka:` alert targets of `cepheid run --notify` (and the services).
     #[serde(default)]
-    pub kafka: Option<serde_json::Value>,
+    pub kafka: Option<cepheid_runtime::KafkaSettings>,
+    /// Sections of the services (read by them, accepted here).
     #[serde(default)]
     pub notifier_service: Option<serde_json::Value>,
     #[serde(default)]

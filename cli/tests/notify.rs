@@ -36,7 +36,7 @@ fn alerts_reach_a_file_target() {
         Box::new(std::io::sink()),
     )
     .unwrap();
-    p.notify = Some(NotifyStage::start(settings.notifier.clone()).unwrap());
+    p.notify = Some(NotifyStage::start(settings.notifier.clone(), settings.kafka.as_ref()).unwrap());
     p.line("t", 1, r#"{"eventTime":0,"orderId":"o1","eventType":"order_created","amount":99}"#).unwrap();
     p.line("t", 2, r#"{"eventTime":1000,"orderId":"o2","eventType":"order_created","amount":5}"#).unwrap();
     p.line("t", 3, r#"{"eventTime":60000,"orderId":"o2","eventType":"order_paid"}"#).unwrap();
@@ -46,4 +46,12 @@ fn alerts_reach_a_file_target() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["message"], "order o1 not paid (99 yuan)");
     assert_eq!(lines[0]["match"]["rule_id"], "order_unpaid");
+}
+
+#[test]
+fn a_kafka_target_without_kafka_is_refused() {
+    let mut settings = Settings::load(None).unwrap();
+    settings.notifier.targets.insert("alerts".into(), TargetConfig::Kafka { topic: "alerts".into(), partitions: 1 });
+    let err = NotifyStage::start(settings.notifier.clone(), None).err().expect("refused");
+    assert!(err.to_string().contains("no [kafka] bootstrap"), "{err}");
 }
