@@ -230,12 +230,7 @@ impl Router {
         let mut routes = Vec::new();
         for s in sigs_hit {
             let (name, fields) = &self.sigs[s];
-            let mut key = KeyVals::default();
-            if fields.iter().all(|f| {
-                let v = ev.get(*f);
-                key.0.push(v.clone());
-                !v.is_null()
-            }) {
+            if let Some(key) = KeyVals::of(&ev, fields) {
                 routes.push(Route { signature: name.clone(), key: key.repr() });
             }
         }

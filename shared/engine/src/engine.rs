@@ -150,7 +150,7 @@ pub struct Engine {
     cfg: EngineConfig,
     registry: FieldRegistry,
     sources: Vec<Source>,
-    source_ix: HashMap<String, usize>,
+    source_ix: FxHashMap<String, usize>,
     pub(crate) slots: Vec<Option<RuleSlot>>,
     by_id: HashMap<String, usize>,
     reorder: BinaryHeap<Reverse<Pending>>,
@@ -179,7 +179,7 @@ impl Engine {
             cfg,
             registry: FieldRegistry::new(),
             sources: Vec::new(),
-            source_ix: HashMap::new(),
+            source_ix: FxHashMap::default(),
             slots: Vec::new(),
             by_id: HashMap::new(),
             reorder: BinaryHeap::new(),
@@ -463,15 +463,8 @@ impl Engine {
         if !self.live.is_empty() {
             let before = cand.len();
             for (g, fields) in self.sigs.iter().enumerate() {
-                let mut key = KeyVals::default();
-                if fields.iter().all(|f| {
-                    let v = ev.get(*f);
-                    key.0.push(v.clone());
-                    !v.is_null()
-                }) {
-                    if let Some(rules) = self.live.get(&(g as u32, key)) {
-                        cand.extend_from_slice(rules);
-                    }
+                if let Some(rules) = KeyVals::of(ev, fields).and_then(|key| self.live.get(&(g as u32, key))) {
+                    cand.extend_from_slice(rules);
                 }
             }
             if cand.len() != before {
@@ -494,17 +487,7 @@ impl Engine {
                     continue;
                 }
             }
-            let mut key = KeyVals::default();
-            let mut missing = false;
-            for &f in &slot.rule.key_by {
-                let v = ev.get(f);
-                if v.is_null() {
-                    missing = true;
-                    break;
-                }
-                key.0.push(v.clone());
-            }
-            if missing {
+            let Some(key) = KeyVals::of(ev, &slot.rule.key_by) else {
                 self.stats.missing_key += 1;
                 if missing_key.is_none() {
                     let field = slot
@@ -517,7 +500,7 @@ impl Engine {
                     missing_key = Some((slot.rule.id().to_string(), field));
                 }
                 continue;
-            }
+            };
             used = true;
             let nfa = slot.nfa.clone();
             self.scratch.clear();

@@ -2,7 +2,7 @@
 
 use std::hash::{Hash, Hasher};
 
-use cepheid_types::Value;
+use cepheid_types::{Event, FieldId, Value};
 use smallvec::SmallVec;
 
 /// Key values, hashable (integral floats equal the integer).
@@ -49,6 +49,20 @@ impl Ord for KeyVals {
 }
 
 impl KeyVals {
+    /// An event's key for `fields`; `None` when one of them is missing (NULL):
+    /// such an event is not seen by rules keyed by these fields.
+    pub fn of(ev: &Event, fields: &[FieldId]) -> Option<KeyVals> {
+        let mut key = KeyVals::default();
+        for f in fields {
+            let v = ev.get(*f);
+            if v.is_null() {
+                return None;
+            }
+            key.0.push(v.clone());
+        }
+        Some(key)
+    }
+
     /// `{field: value}` for output.
     pub fn to_json(&self, names: &[String]) -> serde_json::Map<String, serde_json::Value> {
         names.iter().cloned().zip(self.0.iter().map(|v| v.to_json())).collect()

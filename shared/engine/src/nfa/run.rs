@@ -292,19 +292,16 @@ impl NfaState {
         if !nfa.history_free[state as usize] {
             return false;
         }
-        let memo = &mut cache.inert[state as usize];
-        if *memo != 0 {
-            return *memo == 2;
+        if cache.inert[state as usize] != 0 {
+            return cache.inert[state as usize] == 2;
         }
         let cx = Ctx { nfa, event, aggs: None };
         let is_start = nfa.is_start(state);
         let mut stack = vec![state];
         let (mut takes, mut ignores, mut self_ignores) = (0, 0, 0);
-        let mut vals = std::mem::take(&mut cache.vals);
-        let mut sub = CondCache { vals: std::mem::take(&mut vals), inert: Vec::new() };
         while let Some(s) = stack.pop() {
             for t in &nfa.states[s as usize].transitions {
-                if check(nfa, &t.cond, &cx, &mut sub) {
+                if check(nfa, &t.cond, &cx, cache) {
                     match t.action {
                         Action::Proceed => stack.push(t.target),
                         Action::Take => takes += 1,
@@ -314,7 +311,6 @@ impl NfaState {
                 }
             }
         }
-        cache.vals = sub.vals;
         let inert = takes == 0 && ignores == 0 && (is_start || self_ignores == 1);
         cache.inert[state as usize] = if inert { 2 } else { 1 };
         inert
