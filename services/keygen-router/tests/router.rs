@@ -136,12 +136,7 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
     assert!(report.watermarks_sent >= 3, "{report:?}");
     store.delete("b").await.unwrap();
 
-    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut con).await.unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut con).await.unwrap();
-    }
+    cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
 }
 
 /// Reads keyed records (noting watermarks) until `n` arrived.

@@ -152,10 +152,5 @@ async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str)
     assert_eq!(report.records, 1);
     assert_eq!(rx.got.lock().unwrap().len(), 4);
 
-    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut con).await.unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut con).await.unwrap();
-    }
+    cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
 }

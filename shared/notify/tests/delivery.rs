@@ -299,6 +299,7 @@ async fn delay_survives_a_notifier_restart() {
     n.idle().await;
     assert_eq!(m.lock().unwrap().got.len(), 1);
     assert_eq!(n.delayed().await.unwrap(), 0);
+    cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
 }
 
 #[tokio::test]

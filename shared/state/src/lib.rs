@@ -29,3 +29,24 @@ impl StateError {
         matches!(self, StateError::Redis(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal())
     }
 }
+
+/// Deletes every key under `prefix:` (SCAN, not KEYS, so it is safe on a busy
+/// server). For tear-down: tests, or removing a whole Cepheid installation.
+pub async fn delete_prefix(url: &str, prefix: &str) -> Result<u64, StateError> {
+    let client = redis::Client::open(url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(format!("{prefix}:*")).arg("COUNT").arg(500).query_async(&mut con).await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("DEL").arg(keys).query_async(&mut con).await?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}

@@ -17,12 +17,7 @@ fn prefix(name: &str) -> String {
 }
 
 async fn cleanup(prefix: &str) {
-    let client = redis::Client::open(URL).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut con).await.unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut con).await.unwrap();
-    }
+    cepheid_state::delete_prefix(URL, prefix).await.unwrap();
 }
 
 fn rule(version: u64, cond: &str) -> cepheid_rules::RuleSpec {
