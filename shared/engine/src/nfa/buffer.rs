@@ -103,15 +103,21 @@ impl SharedBuffer {
             self.lock_node(p, version);
         }
         let id = NodeId { event, page };
-        if let std::collections::hash_map::Entry::Vacant(e) = self.nodes.entry(id) {
-            e.insert(Node::default());
+        let created = match self.nodes.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().edges.push(Edge { target: prev, version: version.clone(), refs: 0 });
+                false
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut node = Node::default();
+                node.edges.push(Edge { target: prev, version: version.clone(), refs: 0 });
+                e.insert(node);
+                true
+            }
+        };
+        if created {
             self.lock_event(event);
         }
-        self.nodes
-            .get_mut(&id)
-            .unwrap()
-            .edges
-            .push(Edge { target: prev, version: version.clone(), refs: 0 });
         id
     }
 
