@@ -29,6 +29,9 @@ pub struct Settings {
     pub ingest: Option<serde_json::Value>,
     #[serde(default)]
     pub router: Option<serde_json::Value>,
+    /// The matcher shard's section (read by `cepheid-matcher-shard`).
+    #[serde(default)]
+    pub shard: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

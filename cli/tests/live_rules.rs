@@ -45,6 +45,7 @@ fn settings() -> Settings {
         notifier_service: None,
         ingest: None,
         router: None,
+        shard: None,
     }
 }
 

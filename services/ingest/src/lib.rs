@@ -103,6 +103,13 @@ pub struct IngestConfig {
     /// Whether sources without a schema of their own are accepted.
     #[serde(default = "yes")]
     pub accept_unknown_sources: bool,
+    /// Largest request body accepted (bytes); larger ones get 413.
+    #[serde(default = "max_body")]
+    pub max_body_bytes: usize,
+}
+
+fn max_body() -> usize {
+    32 * 1024 * 1024
 }
 
 fn listen() -> String {
@@ -165,6 +172,39 @@ fn short(v: &Value) -> String {
 struct Ctx {
     cfg: IngestConfig,
     bus: Bus,
+    metrics: Arc<Metrics>,
+}
+
+/// Counters served at `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    accepted: std::sync::atomic::AtomicU64,
+    rejected: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    raw_records: std::sync::atomic::AtomicU64,
+    dead_lettered: std::sync::atomic::AtomicU64,
+}
+
+impl Metrics {
+    fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
+        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Prometheus text.
+    pub fn prometheus(&self) -> String {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let mut s = String::new();
+        for (name, help, v) in [
+            ("cepheid_ingest_events_accepted_total", "Events acknowledged by the bus and answered as accepted.", get(&self.accepted)),
+            ("cepheid_ingest_events_rejected_total", "Events refused (not JSON, schema), over HTTP or from raw topics.", get(&self.rejected)),
+            ("cepheid_ingest_events_failed_total", "Events the bus did not acknowledge (answered 503: retry).", get(&self.failed)),
+            ("cepheid_ingest_raw_records_total", "Records read from raw Kafka topics.", get(&self.raw_records)),
+            ("cepheid_ingest_dead_lettered_total", "Raw records sent to the dead-letter topic.", get(&self.dead_lettered)),
+        ] {
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+        }
+        s
+    }
 }
 
 impl Ctx {
@@ -173,14 +213,19 @@ impl Ctx {
     }
 
     async fn forward(&self, source: &str, schema: &Schema, text: &str, event: &Value) -> Result<(), cepheid_bus::BusError> {
+        self.enqueue(source, schema, text, event).await?.await.map(|_| ())
+    }
+
+    /// Hands the event to the bus now (events enqueued one after another keep
+    /// their order); the returned future is its acknowledgement.
+    async fn enqueue(&self, source: &str, schema: &Schema, text: &str, event: &Value) -> Result<cepheid_bus::Delivery, cepheid_bus::BusError> {
         let key = schema.partition_key.as_ref().and_then(|k| event.get(k)).map(|v| match v {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         });
         self.bus
-            .send(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &[("cepheid-source", source.as_bytes())])
+            .enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &[("cepheid-source", source.as_bytes())])
             .await
-            .map(|_| ())
     }
 }
 
@@ -221,13 +266,17 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
             },
         }
     }
-    // Send concurrently; answer only once the bus acknowledged each.
-    let sends = good.iter().map(|(line, text, v)| {
-        let ctx = ctx.clone();
-        let source = source.clone();
-        async move { (*line, ctx.forward(&source, schema_for(&ctx, &source), text, v).await) }
-    });
-    let results = futures_util::future::join_all(sends).await;
+    // Enqueue in the order posted (the order the router sees); answer only
+    // once the bus acknowledged each.
+    let mut acks = Vec::with_capacity(good.len());
+    for (line, text, v) in &good {
+        let line = *line;
+        match ctx.enqueue(&source, schema_for(&ctx, &source), text, v).await {
+            Ok(d) => acks.push(Box::pin(async move { (line, d.await.map(|_| ())) }) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>),
+            Err(e) => acks.push(Box::pin(async move { (line, Err(e)) })),
+        }
+    }
+    let results = futures_util::future::join_all(acks).await;
     let mut accepted = 0;
     let mut failed = Vec::new();
     for (line, r) in results {
@@ -236,6 +285,9 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
             Err(e) => failed.push(json!({"line": line, "reason": format!("not stored, retry: {e}")})),
         }
     }
+    Metrics::add(&ctx.metrics.accepted, accepted);
+    Metrics::add(&ctx.metrics.rejected, rejected.len() as u64);
+    Metrics::add(&ctx.metrics.failed, failed.len() as u64);
     let body = json!({"source": source, "accepted": accepted, "rejected": rejected, "failed": failed});
     let status = if !failed.is_empty() {
         StatusCode::SERVICE_UNAVAILABLE
@@ -260,11 +312,21 @@ async fn readyz(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
 
 /// The HTTP routes (tests can serve them on any listener).
 pub fn router(cfg: IngestConfig, bus: Bus) -> Router {
-    let ctx = Arc::new(Ctx { cfg, bus });
+    routes(Arc::new(Ctx { cfg, bus, metrics: Arc::default() }))
+}
+
+fn routes(ctx: Arc<Ctx>) -> Router {
+    let m = ctx.metrics.clone();
+    let limit = ctx.cfg.max_body_bytes;
     Router::new()
+        .route("/metrics", get(move || {
+            let m = m.clone();
+            async move { m.prometheus() }
+        }))
         .route("/v1/events", post(post_events))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }
 
@@ -273,12 +335,12 @@ pub async fn run(cfg: IngestConfig, bus: Bus, listener: tokio::net::TcpListener,
     bus.create_topic(&cfg.events_topic, cfg.events_partitions).await?;
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(Ctx { cfg: cfg.clone(), bus: bus.clone(), metrics: Arc::default() });
     let mut raw = Vec::new();
     if !cfg.raw_topics.is_empty() {
-        let ctx = Arc::new(Ctx { cfg: cfg.clone(), bus: bus.clone() });
-        raw.push(tokio::spawn(consume_raw(ctx, stop_rx.clone())));
+        raw.push(tokio::spawn(consume_raw(ctx.clone(), stop_rx.clone())));
     }
-    let app = router(cfg, bus);
+    let app = routes(ctx);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -307,6 +369,7 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
             }
             Err(e) => return Err(e.into()),
         };
+        Metrics::add(&ctx.metrics.raw_records, 1);
         let source = ctx.cfg.raw_topics.get(&m.topic).cloned().unwrap_or_default();
         let text = String::from_utf8_lossy(&m.payload).trim().to_string();
         let verdict = match (ctx.schema(&source), serde_json::from_str::<Value>(&text)) {
@@ -315,8 +378,17 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
             (Some(schema), Ok(v)) => check(schema, &v).map(|_| (schema, v)),
         };
         let sent = match verdict {
-            Ok((schema, v)) => ctx.forward(&source, schema, &text, &v).await,
-            Err(reason) => ctx
+            Ok((schema, v)) => {
+                let r = ctx.forward(&source, schema, &text, &v).await;
+                if r.is_ok() {
+                    Metrics::add(&ctx.metrics.accepted, 1);
+                }
+                r
+            }
+            Err(reason) => {
+                Metrics::add(&ctx.metrics.rejected, 1);
+                Metrics::add(&ctx.metrics.dead_lettered, 1);
+                ctx
                 .bus
                 .send(
                     &ctx.cfg.dead_letter_topic,
@@ -326,7 +398,8 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
                     &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
                 )
                 .await
-                .map(|_| ()),
+                .map(|_| ())
+            }
         };
         match sent {
             Ok(()) => consumer.commit(&m.topic, m.partition, m.offset + 1)?,

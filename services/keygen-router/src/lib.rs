@@ -120,8 +120,8 @@ pub struct Router {
     slots: Vec<Option<String>>,
     index: RuleIndex,
     sigs: Vec<(String, Vec<FieldId>)>,
-    /// Per source: (time field, bound, newest time seen).
-    sources: HashMap<String, (FieldId, i64, Option<i64>)>,
+    /// Per source: (time field, bound, newest time seen per input partition).
+    sources: HashMap<String, (FieldId, i64, BTreeMap<i32, i64>)>,
 }
 
 impl Router {
@@ -189,24 +189,32 @@ impl Router {
         }
         let sc = self.engine.sources.get(name).cloned().unwrap_or_else(|| self.engine.default_source.clone());
         let f = self.registry.intern(&sc.time_field);
-        self.sources.insert(name.to_string(), (f, sc.out_of_orderness_ms, None));
+        self.sources.insert(name.to_string(), (f, sc.out_of_orderness_ms, BTreeMap::new()));
         (f, sc.out_of_orderness_ms)
     }
 
     /// What an event becomes: keyed records, or late. An event without the
-    /// time field yields an error.
+    /// time field yields an error. (One input partition; see [`Router::route_from`].)
     pub fn route(&mut self, source: &str, text: &str) -> Result<Routed, cepheid_types::DecodeError> {
+        self.route_from(source, 0, text)
+    }
+
+    /// As [`Router::route`], for an event read from input partition
+    /// `partition`. Event time is tracked per input partition (each is in
+    /// order on its own, not with the others): an event is late when it is
+    /// behind its own partition's watermark, and the router's watermark for
+    /// the source is the minimum over its partitions.
+    pub fn route_from(&mut self, source: &str, partition: i32, text: &str) -> Result<Routed, cepheid_types::DecodeError> {
         let (tf, bound) = self.source(source);
         let ev = EventDecoder::new(&self.registry, tf).decode(text)?;
         let t = ev.time();
         if let Some(e) = self.sources.get_mut(source) {
-            if let Some(max) = e.2 {
-                let watermark = max.saturating_sub(bound);
-                if t < watermark {
-                    return Ok(Routed::Late { time: t, watermark });
-                }
+            let max = e.2.entry(partition).or_insert(t);
+            let watermark = max.saturating_sub(bound);
+            if t < watermark {
+                return Ok(Routed::Late { time: t, watermark });
             }
-            e.2 = Some(e.2.map_or(t, |m| m.max(t)));
+            *max = (*max).max(t);
         }
         let mut cand = Vec::new();
         self.index.candidates(&ev, &mut cand);
@@ -237,12 +245,24 @@ impl Router {
         Ok(Routed::Routes { time: t, routes })
     }
 
-    /// Current watermark of every source seen (newest time − bound).
+    /// Current watermark of every source seen: the minimum over its input
+    /// partitions of (newest time − bound).
     pub fn watermarks(&self) -> Vec<(String, i64)> {
-        let mut v: Vec<(String, i64)> =
-            self.sources.iter().filter_map(|(s, (_, bound, max))| max.map(|m| (s.clone(), m - bound))).collect();
+        let mut v: Vec<(String, i64)> = self
+            .sources
+            .iter()
+            .filter_map(|(s, (_, bound, per))| per.values().min().map(|m| (s.clone(), m.saturating_sub(*bound))))
+            .collect();
         v.sort();
         v
+    }
+
+    /// Forgets input partitions this router no longer reads (after a
+    /// rebalance), so they do not hold its watermark back.
+    pub fn keep_partitions(&mut self, assigned: &[i32]) {
+        for (_, _, per) in self.sources.values_mut() {
+            per.retain(|p, _| assigned.contains(p));
+        }
     }
 }
 
@@ -330,10 +350,14 @@ pub async fn run(
         tokio::spawn(async move { axum::serve(l, app).await })
     });
     tokio::pin!(shutdown);
+    // Records are enqueued in order and acknowledged together: an event's
+    // offset is committed once every record enqueued up to it is acknowledged.
+    let mut out = Outbox::default();
     loop {
         report.rules = router.rule_count() as u64;
         *shared.lock().unwrap() = report.clone();
         tokio::select! {
+            biased;
             _ = &mut shutdown => break,
             change = feed.next() => match change {
                 Some(c) => match c.op {
@@ -353,7 +377,7 @@ pub async fn run(
                 for (source, wm) in router.watermarks() {
                     let w = wm.to_string();
                     for p in 0..partitions {
-                        bus.send(&cfg.keyed_topic, Some(p), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
+                        out.push(&bus, &cfg.keyed_topic, Some(p), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
                         report.watermarks_sent += 1;
                     }
                 }
@@ -364,10 +388,14 @@ pub async fn run(
                     Err(e) if e.is_transient() => { eprintln!("router: bus: {e}; retrying"); continue; }
                     Err(e) => return Err(e.into()),
                 };
+                if let Some(assigned) = consumer.assignment_changed() {
+                    let mine: Vec<i32> = assigned.iter().filter(|(t, _)| *t == cfg.events_topic).map(|(_, p)| *p).collect();
+                    router.keep_partitions(&mine);
+                }
                 report.events += 1;
                 let source = m.header("cepheid-source").map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_else(|| "default".into());
                 let text = String::from_utf8_lossy(&m.payload).into_owned();
-                match router.route(&source, &text) {
+                match router.route_from(&source, m.partition, &text) {
                     Err(e) => {
                         report.rejected += 1;
                         eprintln!("router: {}/{}/{}: {e}", m.topic, m.partition, m.offset);
@@ -375,26 +403,99 @@ pub async fn run(
                     Ok(Routed::Late { time, watermark }) => {
                         report.late += 1;
                         let reason = format!("late: event time {time} is behind the watermark {watermark}");
-                        bus.send(&cfg.dead_letter_topic, None, None, &m.payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-source", source.as_bytes())]).await?;
+                        out.push(&bus, &cfg.dead_letter_topic, None, None, &m.payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-source", source.as_bytes())]).await?;
                     }
                     Ok(Routed::Routes { routes, .. }) if routes.is_empty() => report.unrouted += 1,
                     Ok(Routed::Routes { time: t, routes }) => {
                         let time = t.to_string();
                         for r in routes {
                             let key = format!("{}|{}", r.signature, r.key);
-                            bus.send(&cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, &[("cepheid-source", source.as_bytes()), ("cepheid-signature", r.signature.as_bytes()), ("cepheid-time", time.as_bytes())]).await?;
+                            out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, &[("cepheid-source", source.as_bytes()), ("cepheid-signature", r.signature.as_bytes()), ("cepheid-time", time.as_bytes())]).await?;
                             report.routed += 1;
                         }
                     }
                 }
-                consumer.commit(&m.topic, m.partition, m.offset + 1)?;
+                out.done(&m.topic, m.partition, m.offset + 1);
+                if out.len() >= OUTBOX_LIMIT {
+                    out.flush(&consumer).await?;
+                }
+            }
+            // Nothing else to do: wait for the acknowledgements and commit.
+            r = out.acked(), if !out.is_empty() => {
+                r?;
+                out.commit(&consumer)?;
             }
         }
     }
+    out.flush(&consumer).await?;
     if let Some(s) = server {
         s.abort();
     }
     Ok(report)
+}
+
+/// Records acknowledged together before their events are committed.
+const OUTBOX_LIMIT: usize = 5_000;
+
+/// Records enqueued and not yet acknowledged, and the offsets they cover.
+#[derive(Default)]
+struct Outbox {
+    acks: std::collections::VecDeque<cepheid_bus::Delivery>,
+    offsets: std::collections::BTreeMap<(String, i32), i64>,
+}
+
+impl Outbox {
+    fn len(&self) -> usize {
+        self.acks.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.acks.is_empty() && self.offsets.is_empty()
+    }
+    #[allow(clippy::too_many_arguments)]
+    async fn push(
+        &mut self,
+        bus: &Bus,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> anyhow::Result<()> {
+        match bus.enqueue(topic, partition, key, payload, headers).await {
+            Ok(d) => self.acks.push_back(d),
+            // The producer's queue is full: let it drain, then once more.
+            Err(e) if e.is_transient() => {
+                self.acked().await?;
+                self.acks.push_back(bus.enqueue(topic, partition, key, payload, headers).await?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+    fn done(&mut self, topic: &str, partition: i32, next: i64) {
+        self.offsets.insert((topic.to_string(), partition), next);
+    }
+    /// Waits for every acknowledgement. Cancel-safe: an acknowledgement
+    /// leaves the outbox only once received.
+    async fn acked(&mut self) -> anyhow::Result<()> {
+        while let Some(front) = self.acks.front_mut() {
+            let r = front.await;
+            self.acks.pop_front();
+            r?;
+        }
+        Ok(())
+    }
+    /// Waits for every acknowledgement, then commits the offsets covered.
+    async fn flush(&mut self, consumer: &cepheid_bus::Consumer) -> anyhow::Result<()> {
+        self.acked().await?;
+        self.commit(consumer)
+    }
+    fn commit(&mut self, consumer: &cepheid_bus::Consumer) -> anyhow::Result<()> {
+        for ((t, p), o) in std::mem::take(&mut self.offsets) {
+            consumer.commit(&t, p, o)?;
+        }
+        Ok(())
+    }
 }
 
 async fn resync(router: &mut Router, rules: &RedisRuleStore) -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = cepheid_state::rules::RuleChange> + Send>>> {

@@ -2,12 +2,12 @@
 //! older librdkafka does not work with every Kafka-protocol broker).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -127,8 +127,34 @@ impl KafkaBus {
         }
     }
 
+    /// Hands a record to the producer now (so records enqueued one after the
+    /// other keep their order in a partition); the future resolves on the
+    /// acknowledgement.
+    pub fn enqueue(&self, topic: &str, partition: i32, key: Option<&[u8]>, payload: &[u8], headers: &[(&str, &[u8])]) -> Result<crate::Delivery, BusError> {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(*v) });
+        }
+        let mut rec = FutureRecord::to(topic).partition(partition).payload(payload).headers(h);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        match self.producer.send_result(rec) {
+            Ok(f) => Ok(Box::pin(async move {
+                match f.await {
+                    Ok(Ok(d)) => Ok((d.partition, d.offset)),
+                    Ok(Err((e, _))) => Err(classify(e)),
+                    Err(_) => Err(BusError::Transient("the producer went away before the acknowledgement".into())),
+                }
+            })),
+            Err((e, _)) => Err(classify(e)),
+        }
+    }
+
     pub fn subscribe(&self, group: &str, topics: &[&str]) -> Result<KafkaConsumer, BusError> {
-        let consumer: StreamConsumer = self
+        let ctx = GroupContext::default();
+        let assignment = ctx.assignment.clone();
+        let consumer: StreamConsumer<GroupContext> = self
             .cfg
             .client()
             .set("group.id", group)
@@ -136,18 +162,63 @@ impl KafkaBus {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
-            .create()
+            .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer })
+        Ok(KafkaConsumer { consumer, assignment })
+    }
+}
+
+/// Records the partitions each rebalance leaves this member with.
+#[derive(Default)]
+struct GroupContext {
+    /// (current assignment, changed since last read)
+    assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut a = self.assignment.lock().unwrap();
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                for e in tpl.elements() {
+                    let tp = (e.topic().to_string(), e.partition());
+                    if !a.0.contains(&tp) {
+                        a.0.push(tp);
+                    }
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                for e in tpl.elements() {
+                    a.0.retain(|(t, p)| !(t == e.topic() && *p == e.partition()));
+                }
+            }
+            Rebalance::Error(_) => return,
+        }
+        a.0.sort();
+        a.1 = true;
     }
 }
 
 pub struct KafkaConsumer {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<GroupContext>,
+    assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
 }
 
 impl KafkaConsumer {
+    /// The partitions now assigned, if a rebalance changed them since the last call.
+    pub fn assignment_changed(&mut self) -> Option<Vec<(String, i32)>> {
+        let mut a = self.assignment.lock().unwrap();
+        if a.1 {
+            a.1 = false;
+            Some(a.0.clone())
+        } else {
+            None
+        }
+    }
+
     pub async fn recv(&mut self) -> Result<Message, BusError> {
         let m = self.consumer.recv().await.map_err(classify)?;
         let headers = m
@@ -162,6 +233,11 @@ impl KafkaConsumer {
             payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
             headers,
         })
+    }
+
+    pub async fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), BusError> {
+        // Rare (after taking a partition); librdkafka answers quickly.
+        self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(classify)
     }
 
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {

@@ -62,6 +62,9 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
     b as i32
 }
 
+/// The acknowledgement of an enqueued record: (partition, offset).
+pub type Delivery = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(i32, i64), BusError>> + Send>>;
+
 /// Kafka or memory.
 #[derive(Clone)]
 pub enum Bus {
@@ -103,6 +106,16 @@ impl Bus {
         }
     }
 
+    /// The partition a record goes to: the one given, else the key's
+    /// [`partition_for`], else 0.
+    async fn partition_of(&self, topic: &str, partition: Option<i32>, key: Option<&[u8]>) -> Result<i32, BusError> {
+        Ok(match (partition, key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => partition_for(k, self.partitions(topic).await?),
+            (None, None) => 0,
+        })
+    }
+
     /// Sends a record and waits for the acknowledgement; returns (partition, offset).
     /// Without a partition, the key's [`partition_for`] is used (partition 0 without a key).
     pub async fn send(
@@ -113,16 +126,33 @@ impl Bus {
         payload: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Result<(i32, i64), BusError> {
-        let partition = match partition {
-            Some(p) => p,
-            None => match key {
-                Some(k) => partition_for(k, self.partitions(topic).await?),
-                None => 0,
-            },
-        };
+        let partition = self.partition_of(topic, partition, key).await?;
         match self {
             Bus::Memory(m) => m.send(topic, partition, key, payload, headers),
             Bus::Kafka(k) => k.send(topic, partition, key, payload, headers).await,
+        }
+    }
+
+    /// Hands a record to the bus at once and returns the wait for its
+    /// acknowledgement: records enqueued one after another keep that order in
+    /// their partition, while their acknowledgements are awaited together.
+    /// A full producer queue is a transient error: await what is in flight,
+    /// then enqueue again.
+    pub async fn enqueue(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<Delivery, BusError> {
+        let partition = self.partition_of(topic, partition, key).await?;
+        match self {
+            Bus::Memory(m) => {
+                let r = m.send(topic, partition, key, payload, headers);
+                Ok(Box::pin(async move { r }))
+            }
+            Bus::Kafka(k) => k.enqueue(topic, partition, key, payload, headers),
         }
     }
 
@@ -142,6 +172,29 @@ impl Consumer {
         match self {
             Consumer::Memory(m) => m.recv().await,
             Consumer::Kafka(k) => k.recv().await,
+        }
+    }
+
+    /// The partitions assigned to this member, when a rebalance changed them
+    /// since the last call (the first call after joining reports the first
+    /// assignment once it is known). A member that kept state for a partition
+    /// no longer listed must drop it: another member now reads it.
+    pub fn assignment_changed(&mut self) -> Option<Vec<(String, i32)>> {
+        match self {
+            Consumer::Memory(m) => m.assignment_changed(),
+            Consumer::Kafka(k) => k.assignment_changed(),
+        }
+    }
+
+    /// Reads partition `partition` of `topic` (assigned to this member) from
+    /// `offset` on: records after it are delivered again.
+    pub async fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), BusError> {
+        match self {
+            Consumer::Memory(m) => {
+                m.seek(topic, partition, offset);
+                Ok(())
+            }
+            Consumer::Kafka(k) => k.seek(topic, partition, offset).await,
         }
     }
 

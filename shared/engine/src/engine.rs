@@ -582,7 +582,7 @@ impl Engine {
 }
 
 /// Builds the spec's match record.
-pub(crate) fn build_record(
+pub fn build_record(
     rule: &CompiledRule,
     nfa: &Nfa,
     key_names: &[String],

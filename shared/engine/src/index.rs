@@ -128,7 +128,7 @@ fn vkey(v: &Value) -> KeyVals {
 }
 
 /// Rule slots by gate value.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct RuleIndex {
     /// Rules without a gate: always candidates.
     ungated: Vec<usize>,

@@ -9,6 +9,7 @@
 //! - [`testcase`]: rule test cases in the spec's format, as used by
 //!   `cepheid test` and the conformance suites.
 
+pub mod cell;
 pub mod engine;
 pub mod index;
 pub mod key;

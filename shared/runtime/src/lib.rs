@@ -35,11 +35,19 @@ pub struct KafkaSettings {
     /// Any librdkafka property (`security.protocol`, `sasl.mechanisms`, …).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// librdkafka's `sasl.password`, kept out of files: set it with
+    /// `CEPHEID__KAFKA__SASL_PASSWORD` (the Helm chart does, from a Secret).
+    #[serde(default)]
+    pub sasl_password: Option<String>,
 }
 
 impl KafkaSettings {
     pub fn bus(&self) -> anyhow::Result<cepheid_bus::Bus> {
-        let cfg = cepheid_bus::KafkaConfig { bootstrap: self.bootstrap.clone(), properties: self.properties.clone().into_iter().collect() };
+        let mut properties: Vec<(String, String)> = self.properties.clone().into_iter().collect();
+        if let Some(p) = &self.sasl_password {
+            properties.push(("sasl.password".into(), p.clone()));
+        }
+        let cfg = cepheid_bus::KafkaConfig { bootstrap: self.bootstrap.clone(), properties };
         cepheid_bus::Bus::kafka(&cfg).with_context(|| format!("connecting to Kafka at {}", self.bootstrap))
     }
 }

@@ -1,0 +1,1 @@
+//! Tests of the Helm chart in `helm/cepheid` (see `tests/chart.rs`); no code.

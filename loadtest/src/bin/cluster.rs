@@ -1,0 +1,180 @@
+//! Load driver for the local cluster (`scripts/local-cluster.sh start`):
+//! posts a generated clickstream to ingest in batches (at `--rate` events/s,
+//! or as fast as ingest acknowledges), and reports
+//! - sustained events/s through the whole cluster: from the first post until
+//!   the shards consumed every keyed record the router published;
+//! - event-to-alert latency, p50/p95/p99: from ingest's acknowledgement of the
+//!   batch holding a match's last event until the alert line appears in the
+//!   notifier's file (polled every 2 ms);
+//! - resident memory of every service process.
+//!
+//! `cargo run --release -p cepheid-loadtest --bin cluster -- --help`
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cepheid_loadtest::clickstream::{generate, Params};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    ingest: String,
+    #[arg(long, default_value = "http://127.0.0.1:9101")]
+    router: String,
+    #[arg(long, default_value = "http://127.0.0.1:9103,http://127.0.0.1:9104")]
+    shards: String,
+    #[arg(long, default_value = ".local-cluster/alerts.jsonl")]
+    alerts: PathBuf,
+    /// Where the services' pid files are (for memory figures).
+    #[arg(long, default_value = ".local-cluster")]
+    pids: PathBuf,
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    #[arg(long, default_value_t = 20_000)]
+    users: usize,
+    #[arg(long, default_value_t = 5_000)]
+    products: usize,
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// Target events/s (0: as fast as ingest acknowledges).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Also append a JSON line with the results to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+async fn scrape(http: &reqwest::Client, url: &str, metric: &str) -> anyhow::Result<f64> {
+    let text = http.get(format!("{url}/metrics")).send().await?.text().await?;
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0))
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let shards: Vec<String> = a.shards.split(',').map(str::to_string).collect();
+    // Event time advances one second per 1 000 events (a busy shop), so
+    // windows close and the watermark moves while the load runs.
+    let lines = generate(&Params { events: a.events, users: a.users, products: a.products, seed: a.seed, rate: 1000.0, ..Params::default() });
+    let http = reqwest::Client::new();
+    let routed0 = scrape(&http, &a.router, "cepheid_router_routed_total").await?;
+    let mut consumed0 = 0.0;
+    for s in &shards {
+        consumed0 += scrape(&http, s, "cepheid_shard_events_total").await?;
+    }
+    let seen0 = std::fs::read_to_string(&a.alerts).map(|s| s.lines().count()).unwrap_or(0);
+
+    // Alert watcher: stamps each new line when first seen.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let path = a.alerts.clone();
+    let watcher = tokio::spawn(async move {
+        let mut stamped: Vec<(i64, Instant)> = Vec::new();
+        let mut seen = seen0;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let now = Instant::now();
+                for l in text.lines().skip(seen) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+                        if v["match"]["kind"] == "match" {
+                            stamped.push((v["match"]["last_event_time"].as_i64().unwrap_or(0), now));
+                        }
+                    }
+                    seen += 1;
+                }
+            }
+            if *stop_rx.borrow() {
+                return stamped;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = stop_rx.changed() => {}
+            }
+        }
+    });
+
+    let start = Instant::now();
+    let mut acked: BTreeMap<i64, Instant> = BTreeMap::new(); // event time → ack of its batch
+    let mut accepted = 0u64;
+    for (i, chunk) in lines.chunks(a.batch).enumerate() {
+        if a.rate > 0.0 {
+            let due = start + Duration::from_secs_f64((i * a.batch) as f64 / a.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let r = http.post(format!("{}/v1/events?source=clickstream", a.ingest)).body(chunk.join("\n")).send().await?;
+        let v: serde_json::Value = r.json().await?;
+        accepted += v["accepted"].as_u64().unwrap_or(0);
+        let now = Instant::now();
+        for l in chunk {
+            if let Some(t) = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["eventTime"].as_i64()) {
+                acked.entry(t).or_insert(now);
+            }
+        }
+    }
+    let posted = start.elapsed();
+    // Wait until the shards consumed every keyed record the router published for these events.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let done = loop {
+        let routed = scrape(&http, &a.router, "cepheid_router_routed_total").await? - routed0;
+        let mut consumed = -consumed0;
+        for s in &shards {
+            consumed += scrape(&http, s, "cepheid_shard_events_total").await?;
+        }
+        if routed > 0.0 && consumed >= routed {
+            break start.elapsed();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "shards consumed {consumed} of {routed} keyed records after 10 minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the last alerts through the notifier
+    let _ = stop_tx.send(true);
+    let stamped = watcher.await?;
+    let mut lat: Vec<f64> = stamped
+        .iter()
+        .filter_map(|(t, seen)| acked.get(t).map(|ack| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3))
+        .collect();
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let mut rss = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir(&a.pids) {
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "pid") {
+                let pid = std::fs::read_to_string(&p)?.trim().to_string();
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kb) = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)) {
+                    rss.insert(p.file_stem().unwrap().to_string_lossy().into_owned(), kb.parse::<u64>().unwrap_or(0) / 1024);
+                }
+            }
+        }
+    }
+    let eps = accepted as f64 / done.as_secs_f64();
+    let report = serde_json::json!({
+        "events": accepted, "batch": a.batch, "target_rate": a.rate,
+        "post_seconds": posted.as_secs_f64(), "through_seconds": done.as_secs_f64(), "events_per_second": eps,
+        "alerts_measured": lat.len(),
+        "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
+        "rss_mib": rss,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(j) = a.json {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(j)?;
+        writeln!(f, "{report}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The cluster on one machine: a Kafka-protocol broker (tansu), ingest,
+# keygen-router, two matcher shards and the notifier, against the local Redis
+# (127.0.0.1:6379, or CEPHEID__REDIS__URL). Delivered alerts are appended to
+# .local-cluster/alerts.jsonl (JSON lines).
+#
+#   scripts/local-cluster.sh start    # builds, starts everything, prints the ingest URL
+#   scripts/local-cluster.sh status   # the probes of every service
+#   scripts/local-cluster.sh stop     # stops everything (alerts and logs stay)
+#
+# The example rules are stored in Redis with `cepheid rules apply`, each also
+# delivering to the alerts file. Ports: ingest 8080, router 9101, notifier
+# 9102, shards 9103 and 9104, broker 9092.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=.local-cluster
+bin=target/release
+export CEPHEID__KAFKA__BOOTSTRAP=${CEPHEID__KAFKA__BOOTSTRAP:-127.0.0.1:9092}
+
+wait_port() { # host:port, what
+  for _ in $(seq 1 150); do
+    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  echo "$2 did not come up on $1; see $dir/*.log" >&2
+  return 1
+}
+
+wait_ready() { # url, what
+  for _ in $(seq 1 150); do
+    if curl -fsS "$1" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  echo "$2 is not ready at $1: $(curl -sS "$1" 2>&1 || true); see $dir/*.log" >&2
+  return 1
+}
+
+start_svc() { # name, command...
+  local name=$1; shift
+  ( exec env "$@" ) >"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+
+start() {
+  if [ -e "$dir/broker.pid" ]; then echo "already started (scripts/local-cluster.sh stop first)"; exit 1; fi
+  mkdir -p "$dir/broker"
+  cargo build --release --bin cepheid --bin cepheid-ingest --bin cepheid-keygen-router --bin cepheid-matcher-shard --bin cepheid-notifier
+  if ! command -v tansu >/dev/null 2>&1; then
+    echo "installing tansu (a Kafka-protocol broker; 15-40 minutes the first time)"
+    cargo install tansu --locked --features dynostore
+  fi
+  (cd "$dir/broker" && exec tansu broker --listener-url tcp://127.0.0.1:9092 \
+      --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/) >"$dir/broker.log" 2>&1 &
+  echo $! >"$dir/broker.pid"
+  wait_port 127.0.0.1:9092 broker
+
+  # The example rules, each also delivering to the alerts file.
+  rm -rf "$dir/rules" && mkdir -p "$dir/rules"
+  for f in rules/examples/*.json rules/examples/*.yaml; do
+    sed -e 's/"targets": \["log"\]/"targets": ["log", "file:alerts"]/' -e 's/targets: \[log\]/targets: [log, "file:alerts"]/' "$f" >"$dir/rules/$(basename "$f")"
+  done
+  "$bin/cepheid" rules apply "$dir/rules" || true   # already stored at this version: kept
+
+  start_svc ingest CEPHEID__INGEST__LISTEN=127.0.0.1:8080 "$bin/cepheid-ingest"
+  start_svc router CEPHEID__ROUTER__LISTEN=127.0.0.1:9101 "$bin/cepheid-keygen-router"
+  start_svc shard-1 CEPHEID__SHARD__LISTEN=127.0.0.1:9103 "$bin/cepheid-matcher-shard"
+  start_svc shard-2 CEPHEID__SHARD__LISTEN=127.0.0.1:9104 "$bin/cepheid-matcher-shard"
+  start_svc notifier CEPHEID__NOTIFIER_SERVICE__LISTEN=127.0.0.1:9102 \
+    CEPHEID__NOTIFIER__TARGETS__ALERTS__KIND=file CEPHEID__NOTIFIER__TARGETS__ALERTS__PATH="$PWD/$dir/alerts.jsonl" \
+    "$bin/cepheid-notifier"
+  wait_ready http://127.0.0.1:8080/readyz ingest
+  wait_ready http://127.0.0.1:9101/readyz keygen-router
+  wait_ready http://127.0.0.1:9103/readyz matcher-shard-1
+  wait_ready http://127.0.0.1:9104/readyz matcher-shard-2
+  wait_ready http://127.0.0.1:9102/readyz notifier
+  cat <<MSG
+Cepheid is running.
+  ingest:  http://127.0.0.1:8080/v1/events?source=clickstream   (NDJSON or a JSON array)
+  alerts:  $dir/alerts.jsonl
+  metrics: :9101 router, :9102 notifier, :9103 and :9104 shards (/metrics)
+Try:
+  curl -sS --data-binary @samples/clickstream.jsonl 'http://127.0.0.1:8080/v1/events?source=clickstream'
+  tail -f $dir/alerts.jsonl
+MSG
+}
+
+status() {
+  for s in 8080:ingest 9101:keygen-router 9103:matcher-shard-1 9104:matcher-shard-2 9102:notifier; do
+    printf '%-18s %s\n' "${s#*:}" "$(curl -sS "http://127.0.0.1:${s%%:*}/readyz" 2>&1 || true)"
+  done
+}
+
+stop() {
+  # Services first (SIGTERM: they checkpoint and commit), the broker last.
+  for name in ingest router shard-1 shard-2 notifier broker; do
+    if [ -e "$dir/$name.pid" ]; then
+      pid=$(cat "$dir/$name.pid")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+      rm -f "$dir/$name.pid"
+    fi
+  done
+  rm -rf "$dir/broker"
+  echo "stopped (logs and alerts stay in $dir)"
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
+esac

@@ -1,0 +1,164 @@
+//! Partition checkpoints in Redis.
+//!
+//! All keys of a partition share one hash tag (`{topic-partition}`), so a
+//! checkpoint is one `MULTI`/`EXEC` on one node even in a Redis cluster:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{p}:shard:{T-n}:epoch` | string | ownership counter, raised by every shard that takes the partition |
+//! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: next offset, watermarks, the reorder buffer |
+//! | `{p}:shard:{T-n}:state` | hash | `signature|key` → JSON [`cepheid_engine::cell::CellSnapshot`] |
+//! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
+//!
+//! Fencing: a checkpoint `WATCH`es the epoch and is written only while the
+//! epoch is still the one this shard set when it took the partition. A shard
+//! that lost the partition in a rebalance (or was presumed dead) can never
+//! overwrite the state its successor restored from.
+
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+/// A partition's position and its events not yet released.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    /// The next offset to read: everything before it is in this checkpoint.
+    pub offset: i64,
+    /// Watermark up to which events were released and deadlines fired.
+    pub released: i64,
+    /// Arrival counter (ties of equal event times keep arrival order).
+    pub arrival: u64,
+    /// Last watermark per (source, router).
+    pub routers: Vec<RouterMark>,
+    /// Events read but still waiting for the watermark.
+    pub pending: Vec<PendingRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouterMark {
+    pub source: String,
+    pub router: String,
+    pub watermark: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingRecord {
+    pub t: i64,
+    pub arrival: u64,
+    pub source: String,
+    /// `signature|key` as on the keyed topic.
+    pub key: String,
+    pub raw: String,
+}
+
+/// What a shard finds when it takes a partition.
+#[derive(Debug, Default)]
+pub struct Acquired {
+    pub epoch: i64,
+    pub meta: Option<Meta>,
+    /// Keys with stored state, with their earliest deadline.
+    pub keys: Vec<(String, Option<i64>)>,
+}
+
+/// The writes of one checkpoint.
+#[derive(Debug, Default)]
+pub struct Writes {
+    pub meta: Meta,
+    /// Key states to store, with the key's deadline.
+    pub states: Vec<(String, String, Option<i64>)>,
+    /// Keys whose state is gone.
+    pub deleted: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("partition {0}: taken over by another shard (epoch {1} → {2})")]
+    Fenced(String, i64, i64),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("checkpoint of {0} is unreadable: {1}")]
+    Corrupt(String, String),
+}
+
+/// The checkpoint store of one shard. Checkpoints go through a connection
+/// used by nothing else (`WATCH` is per connection); key loads use another.
+/// Both reconnect by themselves after Redis restarts or the network drops.
+pub struct Checkpoints {
+    prefix: String,
+    writer: ConnectionManager,
+    reader: ConnectionManager,
+}
+
+impl Checkpoints {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Checkpoints, CheckpointError> {
+        let client = redis::Client::open(url)?;
+        let writer = client.get_connection_manager().await?;
+        let reader = client.get_connection_manager().await?;
+        Ok(Checkpoints { prefix: prefix.to_string(), writer, reader })
+    }
+
+    fn base(&self, topic: &str, partition: i32) -> String {
+        format!("{}:shard:{{{topic}-{partition}}}", self.prefix)
+    }
+
+    /// Takes the partition: raises its epoch and reads its checkpoint.
+    pub async fn acquire(&mut self, topic: &str, partition: i32) -> Result<Acquired, CheckpointError> {
+        let b = self.base(topic, partition);
+        let epoch: i64 = redis::cmd("INCR").arg(format!("{b}:epoch")).query_async(&mut self.writer).await?;
+        let meta: Option<String> = redis::cmd("GET").arg(format!("{b}:meta")).query_async(&mut self.writer).await?;
+        let meta = match meta {
+            Some(m) => Some(serde_json::from_str(&m).map_err(|e| CheckpointError::Corrupt(format!("{b}:meta"), e.to_string()))?),
+            None => None,
+        };
+        let names: Vec<String> = redis::cmd("HKEYS").arg(format!("{b}:state")).query_async(&mut self.writer).await?;
+        let timers: Vec<(String, f64)> =
+            redis::cmd("ZRANGE").arg(format!("{b}:timers")).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut self.writer).await?;
+        let timers: std::collections::HashMap<String, i64> = timers.into_iter().map(|(k, s)| (k, s as i64)).collect();
+        let keys = names.into_iter().map(|k| {
+            let d = timers.get(&k).copied();
+            (k, d)
+        });
+        Ok(Acquired { epoch, meta, keys: keys.collect() })
+    }
+
+    /// A passivated key's state.
+    pub async fn load(&self, topic: &str, partition: i32, key: &str) -> Result<Option<String>, CheckpointError> {
+        let mut c = self.reader.clone();
+        Ok(redis::cmd("HGET").arg(format!("{}:state", self.base(topic, partition))).arg(key).query_async(&mut c).await?)
+    }
+
+    /// Writes a checkpoint atomically, if this shard still owns the partition.
+    pub async fn commit(&mut self, topic: &str, partition: i32, epoch: i64, w: &Writes) -> Result<(), CheckpointError> {
+        let b = self.base(topic, partition);
+        let epoch_key = format!("{b}:epoch");
+        redis::cmd("WATCH").arg(&epoch_key).query_async::<()>(&mut self.writer).await?;
+        let current: Option<i64> = redis::cmd("GET").arg(&epoch_key).query_async(&mut self.writer).await?;
+        if current != Some(epoch) {
+            redis::cmd("UNWATCH").query_async::<()>(&mut self.writer).await?;
+            return Err(CheckpointError::Fenced(format!("{topic}/{partition}"), epoch, current.unwrap_or(0)));
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let state = format!("{b}:state");
+        let timers = format!("{b}:timers");
+        // Deletions first: a key dropped and started again since the last checkpoint is stored.
+        for k in &w.deleted {
+            pipe.cmd("HDEL").arg(&state).arg(k).ignore();
+            pipe.cmd("ZREM").arg(&timers).arg(k).ignore();
+        }
+        for (k, doc, deadline) in &w.states {
+            pipe.cmd("HSET").arg(&state).arg(k).arg(doc).ignore();
+            match deadline {
+                Some(d) => pipe.cmd("ZADD").arg(&timers).arg(*d).arg(k).ignore(),
+                None => pipe.cmd("ZREM").arg(&timers).arg(k).ignore(),
+            };
+        }
+        let meta = serde_json::to_string(&w.meta).expect("meta serialises");
+        pipe.cmd("SET").arg(format!("{b}:meta")).arg(meta);
+        // EXEC answers nil when the watched epoch changed in between.
+        let done: Option<(redis::Value,)> = pipe.query_async(&mut self.writer).await?;
+        match done {
+            Some(_) => Ok(()),
+            None => Err(CheckpointError::Fenced(format!("{topic}/{partition}"), epoch, -1)),
+        }
+    }
+}

@@ -1,0 +1,918 @@
+//! The matcher shard: a member of the consumer group on the keyed topic.
+//!
+//! Per assigned partition it keeps a reorder buffer released by the
+//! partition's watermark (per source, the minimum over the routers that sent
+//! one), and one `ractor` actor per key holding that key's automata for the
+//! rules of the record's key signature ([`cepheid_engine::cell::KeyCell`]).
+//! When the watermark advances, the released events are handed to their
+//! keys' actors in `(time, arrival)` order together with the watermark, so
+//! every key sees exactly what it sees in `cepheid run`; deadlines due at the
+//! watermark fire from a per-partition timer index, also for keys whose
+//! actor was passivated.
+//!
+//! Every `checkpoint_interval_ms` or `checkpoint_records` records the dirty
+//! key states, the timer index changes and the partition's next offset and
+//! reorder buffer are written to Redis in one `MULTI`/`EXEC`, fenced by the
+//! partition's ownership epoch ([`checkpoint`]). Then the offset is committed
+//! to the group and keys idle for `passivate_after_ms` are passivated (their
+//! state is in Redis; the actor stops). A shard that takes a partition — at
+//! start, after a crash of another, in a rebalance — restores from the
+//! checkpoint and reads on from its offset; matches the replay produces
+//! again have the same `match_id`, and the notifier drops them.
+//!
+//! Matches go to the matches topic keyed by `match_id`. Rules come from the
+//! Redis rule store: a full resync at start and whenever the change feed
+//! ends, live changes in between (a replaced rule's keys start afresh; the
+//! other rules keep their partial matches).
+
+pub mod actor;
+pub mod checkpoint;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cepheid_bus::{Bus, Consumer, Message};
+use cepheid_engine::cell::{CellSnapshot, KeyCell, Released, RuleBook};
+use cepheid_engine::engine::EngineConfig;
+use cepheid_state::rules::{ChangeOp, RedisRuleStore};
+use cepheid_types::Clock;
+use futures_util::StreamExt;
+use ractor::{Actor, ActorRef};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use actor::{KeyActor, KeyMsg, StepReply};
+use checkpoint::{Checkpoints, Meta, PendingRecord, RouterMark, Writes};
+
+/// The `[shard]` configuration section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardConfig {
+    #[serde(default = "keyed_topic")]
+    pub keyed_topic: String,
+    #[serde(default = "partitions")]
+    pub keyed_partitions: i32,
+    #[serde(default = "matches_topic")]
+    pub matches_topic: String,
+    #[serde(default = "partitions")]
+    pub matches_partitions: i32,
+    #[serde(default = "dead_letter_topic")]
+    pub dead_letter_topic: String,
+    #[serde(default = "group")]
+    pub group: String,
+    /// Checkpoint a partition at least this often (ms) while it has changes…
+    #[serde(default = "ckpt_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// …or after this many records.
+    #[serde(default = "ckpt_records")]
+    pub checkpoint_records: u64,
+    /// A key's actor is stopped (its state stays in Redis) after this long without work.
+    #[serde(default = "passivate_ms")]
+    pub passivate_after_ms: u64,
+    /// A router not heard from for this long no longer holds the watermark back.
+    #[serde(default = "router_expiry")]
+    pub router_expiry_ms: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[serde(default = "listen")]
+    pub listen: String,
+}
+
+fn keyed_topic() -> String {
+    "cepheid.keyed".into()
+}
+fn matches_topic() -> String {
+    "cepheid.matches".into()
+}
+fn dead_letter_topic() -> String {
+    "cepheid.dead-letter".into()
+}
+fn partitions() -> i32 {
+    8
+}
+fn group() -> String {
+    "cepheid-shard".into()
+}
+fn ckpt_ms() -> u64 {
+    1_000
+}
+fn ckpt_records() -> u64 {
+    20_000
+}
+fn passivate_ms() -> u64 {
+    60_000
+}
+fn router_expiry() -> u64 {
+    30_000
+}
+fn listen() -> String {
+    "0.0.0.0:9103".into()
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults")
+    }
+}
+
+/// What the shard needs from outside.
+pub struct Deps {
+    pub bus: Bus,
+    pub rules: RedisRuleStore,
+    /// Redis URL and key prefix of the checkpoints.
+    pub redis_url: String,
+    pub prefix: String,
+    /// Stamps `detected_at`.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Counters (also served as Prometheus text).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub records: u64,
+    pub events: u64,
+    pub watermarks: u64,
+    pub late: u64,
+    pub rejected: u64,
+    pub matches: u64,
+    pub timeouts: u64,
+    pub checkpoints: u64,
+    pub checkpoint_micros_total: u64,
+    pub checkpoint_failures: u64,
+    pub fenced: u64,
+    /// Redis calls that failed (retried).
+    pub redis_errors: u64,
+    /// Records read again after a restore that the checkpoint already held.
+    pub replayed_skipped: u64,
+    pub seeks: u64,
+    pub restored_keys: u64,
+    pub passivated: u64,
+    pub partitions: u64,
+    pub active_keys: u64,
+    pub stored_keys: u64,
+    pub partial_matches: u64,
+    pub pending_events: u64,
+    pub rules: u64,
+    pub ready: bool,
+    pub per_rule: Vec<(String, u64)>,
+}
+
+impl Report {
+    pub fn prometheus(&self) -> String {
+        let mut s = String::new();
+        for (name, kind, help, v) in [
+            ("cepheid_shard_records_total", "counter", "Records read from the keyed topic.", self.records),
+            ("cepheid_shard_events_total", "counter", "Event records read (watermark records excluded).", self.events),
+            ("cepheid_shard_watermarks_total", "counter", "Watermark records read.", self.watermarks),
+            ("cepheid_shard_late_total", "counter", "Events behind the partition's watermark, dead-lettered.", self.late),
+            ("cepheid_shard_rejected_total", "counter", "Records that cannot be used (no time, not JSON), dead-lettered.", self.rejected),
+            ("cepheid_shard_matches_total", "counter", "Match records published.", self.matches),
+            ("cepheid_shard_timeouts_total", "counter", "Timeout records published.", self.timeouts),
+            ("cepheid_shard_checkpoints_total", "counter", "Partition checkpoints written.", self.checkpoints),
+            ("cepheid_shard_checkpoint_seconds_total", "counter", "Time spent writing checkpoints.", 0),
+            ("cepheid_shard_checkpoint_failures_total", "counter", "Checkpoints that failed (retried).", self.checkpoint_failures),
+            ("cepheid_shard_redis_errors_total", "counter", "Redis calls that failed and were retried.", self.redis_errors),
+            ("cepheid_shard_fenced_total", "counter", "Partitions given up because another shard took them.", self.fenced),
+            ("cepheid_shard_seeks_total", "counter", "Partitions read again from their checkpoint's offset after being taken.", self.seeks),
+            ("cepheid_shard_replayed_skipped_total", "counter", "Records read again that the checkpoint already held.", self.replayed_skipped),
+            ("cepheid_shard_restored_keys_total", "counter", "Key states loaded from Redis.", self.restored_keys),
+            ("cepheid_shard_passivated_total", "counter", "Key actors stopped after idling.", self.passivated),
+            ("cepheid_shard_partitions", "gauge", "Partitions held.", self.partitions),
+            ("cepheid_shard_active_keys", "gauge", "Keys with a running actor.", self.active_keys),
+            ("cepheid_shard_stored_keys", "gauge", "Keys with state, running or passivated.", self.stored_keys),
+            ("cepheid_shard_partial_matches", "gauge", "Partial matches held by running actors.", self.partial_matches),
+            ("cepheid_shard_pending_events", "gauge", "Events waiting for the watermark.", self.pending_events),
+            ("cepheid_shard_rules", "gauge", "Enabled rules loaded.", self.rules),
+        ] {
+            let v = if name == "cepheid_shard_checkpoint_seconds_total" {
+                format!("{:.6}", self.checkpoint_micros_total as f64 / 1e6)
+            } else {
+                v.to_string()
+            };
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        s.push_str("# HELP cepheid_shard_rule_matches_total Matches and timeouts published per rule.\n# TYPE cepheid_shard_rule_matches_total counter\n");
+        for (rule, n) in &self.per_rule {
+            s.push_str(&format!("cepheid_shard_rule_matches_total{{rule=\"{rule}\"}} {n}\n"));
+        }
+        s
+    }
+}
+
+struct Pending {
+    t: i64,
+    arrival: u64,
+    source: Arc<str>,
+    key: Arc<str>,
+    raw: String,
+}
+impl PartialEq for Pending {
+    fn eq(&self, o: &Self) -> bool {
+        (self.t, self.arrival) == (o.t, o.arrival)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.t, self.arrival).cmp(&(o.t, o.arrival))
+    }
+}
+
+/// A key with state (running, passivated, or both).
+struct KeySlot {
+    actor: Option<ActorRef<KeyMsg>>,
+    deadline: Option<i64>,
+    /// Its state is in Redis as of the last checkpoint.
+    stored: bool,
+    /// Changed since the last checkpoint.
+    dirty: bool,
+    last_used: Instant,
+    partials: usize,
+}
+
+struct Partition {
+    topic: String,
+    epoch: i64,
+    /// Next offset to read; everything before is folded in.
+    next_offset: i64,
+    /// (source, router) → (watermark, last heard)
+    routers: HashMap<(Arc<str>, String), (i64, Instant)>,
+    released: i64,
+    arrival: u64,
+    pending: BinaryHeap<Reverse<Pending>>,
+    keys: HashMap<Arc<str>, KeySlot>,
+    timers: BTreeSet<(i64, Arc<str>)>,
+    /// Keys whose stored state must be deleted at the next checkpoint.
+    deleted: HashSet<Arc<str>>,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    /// Changed since the last checkpoint (records read or state changed).
+    changed: bool,
+    /// After a seek: records before the target may still arrive from before it; skip until it does.
+    seeking: Option<i64>,
+    /// Records skipped while seeking (the seek is issued again every 1 000).
+    seek_skipped: u64,
+}
+
+impl Partition {
+    fn meta(&self) -> Meta {
+        let mut pending: Vec<PendingRecord> = self
+            .pending
+            .iter()
+            .map(|Reverse(p)| PendingRecord { t: p.t, arrival: p.arrival, source: p.source.to_string(), key: p.key.to_string(), raw: p.raw.clone() })
+            .collect();
+        pending.sort_by_key(|p| (p.t, p.arrival));
+        let mut routers: Vec<RouterMark> = self
+            .routers
+            .iter()
+            .map(|((s, r), (w, _))| RouterMark { source: s.to_string(), router: r.clone(), watermark: *w })
+            .collect();
+        routers.sort_by(|a, b| (&a.source, &a.router).cmp(&(&b.source, &b.router)));
+        Meta { offset: self.next_offset, released: self.released, arrival: self.arrival, routers, pending }
+    }
+
+    /// The watermark the routers allow: per source the minimum over routers, then the minimum over sources.
+    fn allowed(&self) -> Option<i64> {
+        let mut per_source: HashMap<&str, i64> = HashMap::new();
+        for ((s, _), (w, _)) in &self.routers {
+            let e = per_source.entry(s).or_insert(*w);
+            *e = (*e).min(*w);
+        }
+        per_source.values().copied().min()
+    }
+
+    fn set_deadline(&mut self, key: &Arc<str>, deadline: Option<i64>) {
+        let Some(slot) = self.keys.get_mut(key) else { return };
+        if slot.deadline != deadline {
+            if let Some(d) = slot.deadline {
+                self.timers.remove(&(d, key.clone()));
+            }
+            if let Some(d) = deadline {
+                self.timers.insert((d, key.clone()));
+            }
+            slot.deadline = deadline;
+        }
+    }
+
+    fn drop_key(&mut self, key: &Arc<str>) {
+        if let Some(slot) = self.keys.remove(key) {
+            if let Some(d) = slot.deadline {
+                self.timers.remove(&(d, key.clone()));
+            }
+            if let Some(a) = slot.actor {
+                a.stop(None);
+            }
+            if slot.stored {
+                self.deleted.insert(key.clone());
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for slot in self.keys.values_mut() {
+            if let Some(a) = slot.actor.take() {
+                a.stop(None);
+            }
+        }
+    }
+}
+
+/// The shard's working state.
+struct Shard {
+    cfg: ShardConfig,
+    bus: Bus,
+    clock: Arc<dyn Clock>,
+    book: RuleBook,
+    ckpt: Checkpoints,
+    parts: HashMap<i32, Partition>,
+    report: Report,
+    per_rule: HashMap<String, u64>,
+}
+
+impl Shard {
+    /// Takes a partition: restores its checkpoint.
+    async fn acquire(&mut self, partition: i32) -> anyhow::Result<()> {
+        let a = self.ckpt.acquire(&self.cfg.keyed_topic, partition).await?;
+        let now = Instant::now();
+        let meta = a.meta.unwrap_or_default();
+        if meta.offset == 0 && !a.keys.is_empty() {
+            eprintln!("matcher-shard: partition {partition}: key states without a checkpoint position; starting from the beginning");
+        }
+        let mut p = Partition {
+            topic: self.cfg.keyed_topic.clone(),
+            epoch: a.epoch,
+            next_offset: meta.offset,
+            routers: meta.routers.into_iter().map(|r| ((Arc::from(r.source.as_str()), r.router), (r.watermark, now))).collect(),
+            released: if meta.offset == 0 && meta.arrival == 0 { i64::MIN } else { meta.released },
+            arrival: meta.arrival,
+            pending: meta
+                .pending
+                .into_iter()
+                .map(|r| Reverse(Pending { t: r.t, arrival: r.arrival, source: Arc::from(r.source.as_str()), key: Arc::from(r.key.as_str()), raw: r.raw }))
+                .collect(),
+            keys: HashMap::new(),
+            timers: BTreeSet::new(),
+            deleted: HashSet::new(),
+            since_checkpoint: 0,
+            last_checkpoint: now,
+            changed: false,
+            seeking: None,
+            seek_skipped: 0,
+        };
+        for (k, d) in a.keys {
+            let k: Arc<str> = Arc::from(k.as_str());
+            p.keys.insert(k.clone(), KeySlot { actor: None, deadline: None, stored: true, dirty: false, last_used: now, partials: 0 });
+            p.set_deadline(&k, d);
+        }
+        self.parts.insert(partition, p);
+        Ok(())
+    }
+
+    /// Gives a partition up: a last checkpoint (if still owned), then its actors stop.
+    async fn release(&mut self, partition: i32, consumer: &Consumer) {
+        if let Err(e) = self.checkpoint(partition, consumer, false).await {
+            eprintln!("matcher-shard: releasing partition {partition}: {e}");
+        }
+        if let Some(mut p) = self.parts.remove(&partition) {
+            p.stop_all();
+        }
+    }
+
+    /// One record of the keyed topic. Returns false when the record must be
+    /// read again after a seek (the partition was just restored behind it).
+    async fn record(&mut self, m: Message, consumer: &mut Consumer) -> anyhow::Result<()> {
+        if !self.parts.contains_key(&m.partition) {
+            self.acquire(m.partition).await?;
+            let p = self.parts.get_mut(&m.partition).expect("acquired");
+            if m.offset > p.next_offset {
+                // The group resumed after our checkpoint (it was committed elsewhere, or we
+                // read on before losing the partition): read again from the checkpoint.
+                consumer.seek(&m.topic, m.partition, p.next_offset).await?;
+                p.seeking = Some(p.next_offset);
+                self.report.seeks += 1;
+                return Ok(());
+            }
+        }
+        let p = self.parts.get_mut(&m.partition).expect("acquired");
+        if let Some(target) = p.seeking {
+            if m.offset != target {
+                // Fetched before the seek; it comes again. If the seek seems not to have
+                // been honoured, ask again (skipping is always safe: nothing is folded in).
+                p.seek_skipped += 1;
+                if p.seek_skipped % 1_000 == 0 {
+                    eprintln!("matcher-shard: partition {}: still waiting for offset {target} after a seek; seeking again", m.partition);
+                    consumer.seek(&m.topic, m.partition, target).await?;
+                    self.report.seeks += 1;
+                }
+                return Ok(());
+            }
+            p.seeking = None;
+            p.seek_skipped = 0;
+        }
+        if m.offset < p.next_offset {
+            self.report.replayed_skipped += 1;
+            return Ok(()); // already folded into the checkpoint
+        }
+        p.next_offset = m.offset + 1;
+        p.since_checkpoint += 1;
+        p.changed = true;
+        self.report.records += 1;
+        let source: Arc<str> = match m.header("cepheid-source") {
+            Some(s) => Arc::from(String::from_utf8_lossy(s).as_ref()),
+            None => Arc::from("default"),
+        };
+        if let Some(w) = m.header("cepheid-watermark") {
+            self.report.watermarks += 1;
+            let Some(w) = std::str::from_utf8(w).ok().and_then(|w| w.parse::<i64>().ok()) else {
+                eprintln!("matcher-shard: {}/{}/{}: unreadable watermark", m.topic, m.partition, m.offset);
+                return Ok(());
+            };
+            let router = m.header("cepheid-router").map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
+            let e = p.routers.entry((source, router)).or_insert((w, Instant::now()));
+            e.0 = e.0.max(w);
+            e.1 = Instant::now();
+            if let Some(allowed) = p.allowed() {
+                if allowed > p.released {
+                    self.advance(m.partition, allowed).await?;
+                }
+            }
+        } else {
+            self.report.events += 1;
+            let key = m.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned());
+            let time = m.header("cepheid-time").and_then(|t| std::str::from_utf8(t).ok()).and_then(|t| t.parse::<i64>().ok());
+            let (Some(key), Some(t)) = (key, time) else {
+                self.report.rejected += 1;
+                self.dead_letter(&m, "keyed record without a key or a cepheid-time header").await?;
+                return Ok(());
+            };
+            if t < p.released {
+                self.report.late += 1;
+                let reason = format!("late at the shard: event time {t} is behind the partition's watermark {}", p.released);
+                self.dead_letter(&m, &reason).await?;
+                return Ok(());
+            }
+            p.arrival += 1;
+            let raw = String::from_utf8_lossy(&m.payload).into_owned();
+            p.pending.push(Reverse(Pending { t, arrival: p.arrival, source, key: Arc::from(key.as_str()), raw }));
+        }
+        self.maybe_checkpoint(m.partition, consumer).await
+    }
+
+    async fn dead_letter(&self, m: &Message, reason: &str) -> anyhow::Result<()> {
+        let origin = format!("{}/{}/{}", m.topic, m.partition, m.offset);
+        self.bus
+            .send(&self.cfg.dead_letter_topic, None, None, &m.payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", origin.as_bytes())])
+            .await?;
+        Ok(())
+    }
+
+    /// Releases the events before `w` to their keys, then fires deadlines up to `w`.
+    async fn advance(&mut self, partition: i32, w: i64) -> anyhow::Result<()> {
+        let now = self.clock.now();
+        let p = self.parts.get_mut(&partition).expect("held");
+        // Group released events by key, keeping (time, arrival) order within each key.
+        let mut order: Vec<Arc<str>> = Vec::new();
+        let mut batches: HashMap<Arc<str>, Vec<Released>> = HashMap::new();
+        while p.pending.peek().is_some_and(|Reverse(top)| top.t < w) {
+            let Reverse(rec) = p.pending.pop().expect("peeked");
+            let ev = match self.book.decode(&rec.source, &rec.raw, rec.t) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.report.rejected += 1;
+                    eprintln!("matcher-shard: partition {partition} key {}: event dropped: {e}", rec.key);
+                    continue;
+                }
+            };
+            let list = batches.entry(rec.key.clone()).or_insert_with(|| {
+                order.push(rec.key.clone());
+                Vec::new()
+            });
+            list.push(Released { source: rec.source.to_string(), event: ev });
+        }
+        let due: Vec<Arc<str>> = p.timers.iter().take_while(|(d, _)| *d <= w).map(|(_, k)| k.clone()).collect();
+        for k in due {
+            if !batches.contains_key(&k) {
+                batches.insert(k.clone(), Vec::new());
+                order.push(k);
+            }
+        }
+        p.released = w;
+        p.changed = true;
+        if order.is_empty() {
+            return Ok(());
+        }
+        // Keys with state step in their actors (restored first when passivated);
+        // a key without state steps here, and gets an actor only if it keeps some.
+        let mut calls = Vec::with_capacity(order.len());
+        let mut results: Vec<(Arc<str>, Result<StepReply, String>)> = Vec::new();
+        for key in order {
+            let events = batches.remove(&key).unwrap_or_default();
+            let sig = key.split('|').next().unwrap_or_default();
+            let Some(rules) = self.book.signature(sig).cloned() else {
+                // No rule of this signature any more: its state goes.
+                self.parts.get_mut(&partition).expect("held").drop_key(&key);
+                continue;
+            };
+            if !self.parts[&partition].keys.contains_key(&key) {
+                let mut cell = KeyCell::new();
+                let out = cell.step(&rules, &events, Some(w), now);
+                let partials = cell.partial_count();
+                if !out.idle {
+                    self.spawn_actor(partition, &key, cell).await?;
+                }
+                results.push((key, Ok(StepReply { out, partials })));
+                continue;
+            }
+            let actor = self.actor_for(partition, &key, &rules).await?;
+            calls.push(async move {
+                let r = actor.call(|reply| KeyMsg::Step { rules, events, watermark: Some(w), now, reply }, None).await;
+                let r = match r {
+                    Ok(ractor::rpc::CallResult::Success(x)) => Ok(x),
+                    Ok(_) => Err("no reply".to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (key, r)
+            });
+        }
+        results.extend(futures_util::future::join_all(calls).await);
+        let mut sends = Vec::new();
+        let p = self.parts.get_mut(&partition).expect("held");
+        for (key, r) in results {
+            let reply: StepReply = match r {
+                Ok(x) => x,
+                Err(why) => {
+                    eprintln!("matcher-shard: partition {partition} key {key}: actor failed ({why}); the key's state is dropped");
+                    p.drop_key(&key);
+                    continue;
+                }
+            };
+            for rec in reply.out.records {
+                match rec.kind {
+                    cepheid_types::MatchKind::Match => self.report.matches += 1,
+                    cepheid_types::MatchKind::Timeout => self.report.timeouts += 1,
+                }
+                *self.per_rule.entry(rec.rule_id.clone()).or_default() += 1;
+                sends.push((rec.match_id.clone(), rec.to_json_line()));
+            }
+            if reply.out.idle {
+                p.drop_key(&key);
+            } else {
+                if let Some(slot) = p.keys.get_mut(&key) {
+                    slot.dirty = true;
+                    slot.partials = reply.partials;
+                }
+                p.set_deadline(&key, reply.out.deadline);
+            }
+        }
+        // Every match is acknowledged before anything after it is checkpointed.
+        let bus = &self.bus;
+        let topic = &self.cfg.matches_topic;
+        let acks = futures_util::future::join_all(sends.iter().map(|(id, line)| bus.send(topic, None, Some(id.as_bytes()), line.as_bytes(), &[]))).await;
+        for a in acks {
+            a?;
+        }
+        Ok(())
+    }
+
+    /// The running actor of a key with state (restored from Redis when passivated).
+    async fn actor_for(&mut self, partition: i32, key: &Arc<str>, rules: &Arc<cepheid_engine::cell::SigRules>) -> anyhow::Result<ActorRef<KeyMsg>> {
+        let p = self.parts.get_mut(&partition).expect("held");
+        let slot = p.keys.get_mut(key).expect("a key with state");
+        slot.last_used = Instant::now();
+        if let Some(a) = &slot.actor {
+            return Ok(a.clone());
+        }
+        let cell = match self.load_retrying(partition, key).await {
+            Some(doc) => match serde_json::from_str::<CellSnapshot>(&doc) {
+                Ok(snap) => {
+                    let (cell, dropped) = KeyCell::restore(snap, rules, &self.book);
+                    for d in dropped {
+                        eprintln!("matcher-shard: partition {partition} key {key}: state not restored: {d}");
+                    }
+                    self.report.restored_keys += 1;
+                    cell
+                }
+                Err(e) => {
+                    eprintln!("matcher-shard: partition {partition} key {key}: stored state unreadable ({e}); starting afresh");
+                    KeyCell::new()
+                }
+            },
+            None => {
+                eprintln!("matcher-shard: partition {partition} key {key}: stored state missing; starting afresh");
+                KeyCell::new()
+            }
+        };
+        self.spawn_actor(partition, key, cell).await
+    }
+
+    /// A passivated key's state. While Redis is unreachable the partition
+    /// waits (back-pressure: nothing further is read), retrying with backoff.
+    async fn load_retrying(&mut self, partition: i32, key: &str) -> Option<String> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.ckpt.load(&self.cfg.keyed_topic, partition, key).await {
+                Ok(doc) => return doc,
+                Err(e) => {
+                    self.report.redis_errors += 1;
+                    eprintln!("matcher-shard: partition {partition} key {key}: loading its state: {e}; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn spawn_actor(&mut self, partition: i32, key: &Arc<str>, cell: KeyCell) -> anyhow::Result<ActorRef<KeyMsg>> {
+        let (actor, _) = Actor::spawn(None, KeyActor, cell).await.map_err(|e| anyhow::anyhow!("starting the actor of key {key}: {e}"))?;
+        let p = self.parts.get_mut(&partition).expect("held");
+        p.deleted.remove(key);
+        let slot = p.keys.entry(key.clone()).or_insert(KeySlot {
+            actor: None,
+            deadline: None,
+            stored: false,
+            dirty: true,
+            last_used: Instant::now(),
+            partials: 0,
+        });
+        slot.actor = Some(actor.clone());
+        Ok(actor)
+    }
+
+    async fn maybe_checkpoint(&mut self, partition: i32, consumer: &Consumer) -> anyhow::Result<()> {
+        let p = &self.parts[&partition];
+        if p.since_checkpoint >= self.cfg.checkpoint_records
+            || (p.changed && p.last_checkpoint.elapsed() >= Duration::from_millis(self.cfg.checkpoint_interval_ms))
+        {
+            self.checkpoint(partition, consumer, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the partition's checkpoint, commits its offset, passivates idle keys.
+    async fn checkpoint(&mut self, partition: i32, consumer: &Consumer, passivate: bool) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let Some(p) = self.parts.get_mut(&partition) else { return Ok(()) };
+        let dirty: Vec<(Arc<str>, ActorRef<KeyMsg>, Option<i64>)> = p
+            .keys
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .filter_map(|(k, s)| s.actor.clone().map(|a| (k.clone(), a, s.deadline)))
+            .collect();
+        let docs = futures_util::future::join_all(dirty.iter().map(|(k, a, d)| async move {
+            (k.clone(), a.call(KeyMsg::Snapshot, None).await, *d)
+        }))
+        .await;
+        let mut writes = Writes { meta: p.meta(), states: Vec::new(), deleted: p.deleted.iter().map(|k| k.to_string()).collect() };
+        let mut written = Vec::new();
+        for (k, doc, d) in docs {
+            match doc {
+                Ok(ractor::rpc::CallResult::Success(doc)) => {
+                    writes.states.push((k.to_string(), doc, d));
+                    written.push(k);
+                }
+                _ => eprintln!("matcher-shard: partition {partition} key {k}: no snapshot (actor gone); not checkpointed"),
+            }
+        }
+        let (topic, epoch, offset) = (p.topic.clone(), p.epoch, p.next_offset);
+        match self.ckpt.commit(&topic, partition, epoch, &writes).await {
+            Ok(()) => {}
+            Err(checkpoint::CheckpointError::Fenced(what, mine, now)) => {
+                eprintln!("matcher-shard: partition {what}: taken over by another shard (epoch {mine} → {now}); giving it up");
+                self.report.fenced += 1;
+                if let Some(mut p) = self.parts.remove(&partition) {
+                    p.stop_all();
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                // Nothing is lost: the state stays here and the offset is not committed; the
+                // next tick tries again.
+                self.report.checkpoint_failures += 1;
+                eprintln!("matcher-shard: checkpoint of {topic}/{partition}: {e}; retrying in {} ms", self.cfg.checkpoint_interval_ms);
+                if let Some(p) = self.parts.get_mut(&partition) {
+                    p.since_checkpoint = 0;
+                    p.last_checkpoint = Instant::now();
+                }
+                return Ok(());
+            }
+        }
+        self.report.checkpoints += 1;
+        self.report.checkpoint_micros_total += started.elapsed().as_micros() as u64;
+        let p = self.parts.get_mut(&partition).expect("held");
+        for k in written {
+            if let Some(s) = p.keys.get_mut(&k) {
+                s.dirty = false;
+                s.stored = true;
+            }
+        }
+        p.deleted.clear();
+        p.since_checkpoint = 0;
+        p.changed = false;
+        p.last_checkpoint = Instant::now();
+        if let Err(e) = consumer.commit(&topic, partition, offset) {
+            eprintln!("matcher-shard: committing {topic}/{partition}@{offset}: {e} (the Redis checkpoint stands)");
+        }
+        if passivate {
+            let idle = Duration::from_millis(self.cfg.passivate_after_ms);
+            for s in p.keys.values_mut() {
+                if !s.dirty && s.stored && s.actor.is_some() && s.last_used.elapsed() >= idle {
+                    if let Some(a) = s.actor.take() {
+                        a.stop(None);
+                    }
+                    s.partials = 0;
+                    self.report.passivated += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops routers not heard from for a while; their old watermarks no longer hold partitions back.
+    async fn expire_routers(&mut self) -> anyhow::Result<()> {
+        let limit = Duration::from_millis(self.cfg.router_expiry_ms);
+        let mut advance = Vec::new();
+        for (id, p) in self.parts.iter_mut() {
+            let before = p.routers.len();
+            p.routers.retain(|_, (_, heard)| heard.elapsed() < limit);
+            if p.routers.len() != before {
+                if let Some(a) = p.allowed().filter(|a| *a > p.released) {
+                    advance.push((*id, a));
+                }
+            }
+        }
+        for (id, a) in advance {
+            self.advance(id, a).await?;
+        }
+        Ok(())
+    }
+
+    fn refresh_report(&mut self) {
+        let r = &mut self.report;
+        r.partitions = self.parts.len() as u64;
+        r.active_keys = self.parts.values().map(|p| p.keys.values().filter(|s| s.actor.is_some()).count() as u64).sum();
+        r.stored_keys = self.parts.values().map(|p| p.keys.len() as u64).sum();
+        r.partial_matches = self.parts.values().map(|p| p.keys.values().map(|s| s.partials as u64).sum::<u64>()).sum();
+        r.pending_events = self.parts.values().map(|p| p.pending.len() as u64).sum();
+        r.rules = self.book.len() as u64;
+        let mut per: Vec<(String, u64)> = self.per_rule.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        per.sort();
+        r.per_rule = per;
+    }
+
+    /// Takes note of a rebalance: partitions no longer assigned are given up.
+    async fn follow_assignment(&mut self, consumer: &mut Consumer, assigned: &mut HashSet<i32>) {
+        if let Some(now) = consumer.assignment_changed() {
+            *assigned = now.iter().filter(|(t, _)| *t == self.cfg.keyed_topic).map(|(_, p)| *p).collect();
+            let gone: Vec<i32> = self.parts.keys().filter(|p| !assigned.contains(p)).copied().collect();
+            for p in gone {
+                self.release(p, consumer).await;
+            }
+        }
+    }
+
+    fn apply(&mut self, spec: &cepheid_rules::RuleSpec) {
+        if let Err(d) = self.book.upsert(spec) {
+            eprintln!("matcher-shard: stored rule `{}` does not compile here: {d}", spec.id);
+        }
+    }
+}
+
+fn http(report: Arc<Mutex<Report>>) -> axum::Router {
+    use axum::routing::get;
+    let r2 = report.clone();
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let report = r2.clone();
+                async move {
+                    let r = report.lock().unwrap().clone();
+                    if !r.ready {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not connected yet".to_string())
+                    } else if r.rules == 0 {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "no rules loaded".to_string())
+                    } else {
+                        (axum::http::StatusCode::OK, format!("ready: {} partitions, {} rules", r.partitions, r.rules))
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let report = report.clone();
+                async move { report.lock().unwrap().prometheus() }
+            }),
+        )
+}
+
+/// Runs until `shutdown`, then checkpoints every partition it holds and stops.
+pub async fn run(
+    cfg: ShardConfig,
+    engine: EngineConfig,
+    deps: Deps,
+    http_listener: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Report> {
+    let shared = Arc::new(Mutex::new(Report::default()));
+    let server = http_listener.map(|l| {
+        let app = http(shared.clone());
+        tokio::spawn(async move { axum::serve(l, app).await })
+    });
+    let bus = deps.bus.clone();
+    bus.create_topic(&cfg.keyed_topic, cfg.keyed_partitions).await?;
+    bus.create_topic(&cfg.matches_topic, cfg.matches_partitions).await?;
+    bus.create_topic(&cfg.dead_letter_topic, 1).await?;
+    let ckpt = Checkpoints::connect(&deps.redis_url, &deps.prefix).await?;
+    let mut shard =
+        Shard { cfg: cfg.clone(), bus: bus.clone(), clock: deps.clock.clone(), book: RuleBook::new(engine), ckpt, parts: HashMap::new(), report: Report::default(), per_rule: HashMap::new() };
+    let mut feed = resync(&mut shard, &deps.rules).await?;
+    let mut consumer = bus.subscribe(&cfg.group, &[&cfg.keyed_topic])?;
+    let mut assigned: HashSet<i32> = HashSet::new();
+    shard.report.ready = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.checkpoint_interval_ms.clamp(10, 1_000)));
+    tokio::pin!(shutdown);
+    let result: anyhow::Result<()> = async {
+        loop {
+            shard.follow_assignment(&mut consumer, &mut assigned).await;
+            tokio::select! {
+                _ = &mut shutdown => break,
+                change = feed.next() => match change {
+                    Some(c) => match c.op {
+                        ChangeOp::Upsert => {
+                            if let Some(spec) = deps.rules.get(&c.id).await? {
+                                shard.apply(&spec);
+                            }
+                        }
+                        ChangeOp::Delete => shard.book.remove(&c.id),
+                    },
+                    None => feed = resync(&mut shard, &deps.rules).await?,
+                },
+                _ = tick.tick() => {
+                    shard.refresh_report();
+                    *shared.lock().unwrap() = shard.report.clone();
+                    shard.expire_routers().await?;
+                    let ids: Vec<i32> = shard.parts.keys().copied().collect();
+                    for id in ids {
+                        if shard.parts.contains_key(&id) {
+                            shard.maybe_checkpoint(id, &consumer).await?;
+                        }
+                    }
+                }
+                m = consumer.recv() => {
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) if e.is_transient() => { eprintln!("matcher-shard: bus: {e}; retrying"); continue; }
+                        Err(e) => return Err(e.into()),
+                    };
+                    // A rebalance is reported during recv: apply it before the record.
+                    shard.follow_assignment(&mut consumer, &mut assigned).await;
+                    // Records of partitions not (or no longer) assigned here are stale
+                    // (fetched before a rebalance): their new owner reads them.
+                    if m.topic == cfg.keyed_topic && assigned.contains(&m.partition) {
+                        shard.record(m, &mut consumer).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    // Graceful or not, try to leave every partition checkpointed.
+    let ids: Vec<i32> = shard.parts.keys().copied().collect();
+    for id in ids {
+        shard.release(id, &consumer).await;
+    }
+    shard.refresh_report();
+    *shared.lock().unwrap() = shard.report.clone();
+    if let Some(s) = server {
+        s.abort();
+    }
+    result.map(|_| shard.report)
+}
+
+async fn resync(
+    shard: &mut Shard,
+    rules: &RedisRuleStore,
+) -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = cepheid_state::rules::RuleChange> + Send>>> {
+    // Subscribe first, then list: a change between the two is seen twice, never missed.
+    let feed = Box::pin(rules.subscribe().await?);
+    let (all, _) = rules.list().await?;
+    let keep: HashSet<String> = all.iter().map(|r| r.id.clone()).collect();
+    let stale: Vec<String> = shard.book.rules().map(|(id, _)| id.to_string()).filter(|id| !keep.contains(id)).collect();
+    for id in stale {
+        shard.book.remove(&id);
+    }
+    for spec in &all {
+        shard.apply(spec);
+    }
+    Ok(feed)
+}

@@ -1,0 +1,34 @@
+//! `cepheid-matcher-shard [CONFIG]`: configuration, connections, signals; the work is in [`cepheid_matcher_shard::run`].
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use cepheid_runtime::{config_arg, load, shutdown_signal, KafkaSettings, RedisSettings};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Settings {
+    #[serde(default)]
+    shard: cepheid_matcher_shard::ShardConfig,
+    engine: cepheid_engine::engine::EngineConfig,
+    redis: RedisSettings,
+    kafka: KafkaSettings,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg: Settings = load(config_arg().as_deref())?;
+    let bus = cfg.kafka.bus()?;
+    let rules = cepheid_state::rules::RedisRuleStore::connect(&cfg.redis.url, &cfg.redis.prefix).await?;
+    let http = tokio::net::TcpListener::bind(&cfg.shard.listen).await.with_context(|| format!("binding {}", cfg.shard.listen))?;
+    let deps = cepheid_matcher_shard::Deps {
+        bus,
+        rules,
+        redis_url: cfg.redis.url.clone(),
+        prefix: cfg.redis.prefix.clone(),
+        clock: Arc::new(cepheid_types::SystemClock),
+    };
+    let report = cepheid_matcher_shard::run(cfg.shard, cfg.engine, deps, Some(http), shutdown_signal()).await?;
+    eprintln!("cepheid-matcher-shard: {report:?}");
+    Ok(())
+}
