@@ -28,9 +28,8 @@ use cepheid_engine::engine::EngineConfig;
 use cepheid_engine::index::{required_atoms, Gate, RuleIndex};
 use cepheid_engine::key::KeyVals;
 use cepheid_rules::{compile, CompiledRule, NoStages, RuleSpec};
-use cepheid_state::rules::{ChangeOp, RedisRuleStore};
+use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
 use cepheid_types::{EventDecoder, FieldId, FieldRegistry};
-use futures_util::StreamExt;
 use serde::Deserialize;
 
 /// The `[router]` configuration section.
@@ -176,6 +175,31 @@ impl Router {
                 self.index.remove(slot);
                 self.slots[slot] = None;
             }
+        }
+    }
+
+    /// Applies what the rule store reports: a full resync (rules not in it
+    /// are dropped), a stored rule, or a deleted one. A stored rule that does
+    /// not compile here (a newer or older build) is reported and skipped.
+    pub fn follow(&mut self, u: RuleUpdate) {
+        let upsert = |router: &mut Router, spec: &RuleSpec| {
+            if let Err(d) = router.upsert(spec) {
+                eprintln!("router: stored rule `{}` does not compile here: {d}", spec.id);
+            }
+        };
+        match u {
+            RuleUpdate::All(all) => {
+                let keep: std::collections::HashSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
+                let stale: Vec<String> = self.rules.keys().filter(|k| !keep.contains(k.as_str())).cloned().collect();
+                for id in stale {
+                    self.remove(&id);
+                }
+                for spec in &all {
+                    upsert(self, spec);
+                }
+            }
+            RuleUpdate::Upsert(spec) => upsert(self, &spec),
+            RuleUpdate::Delete(id) => self.remove(&id),
         }
     }
 
@@ -340,7 +364,12 @@ pub async fn run(
     let partitions = bus.partitions(&cfg.keyed_topic).await?;
     let router_id = cfg.router_id.clone().unwrap_or_else(|| format!("router-{}", std::process::id()));
     let mut router = Router::new(engine);
-    let mut feed = resync(&mut router, &rules).await?;
+    let mut updates = rules.watch("router");
+    // Every rule before the first event.
+    match updates.recv().await {
+        Some(u) => router.follow(u?),
+        None => anyhow::bail!("router: the rule store watch ended before the first resync"),
+    }
     let mut consumer = bus.subscribe(&cfg.group, &[&cfg.events_topic])?;
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.watermark_interval_ms.max(10)));
     let mut report = Report::default();
@@ -359,19 +388,9 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            change = feed.next() => match change {
-                Some(c) => match c.op {
-                    ChangeOp::Upsert => {
-                        if let Some(spec) = rules.get(&c.id).await? {
-                            if let Err(d) = router.upsert(&spec) {
-                                eprintln!("router: stored rule `{}` does not compile here: {d}", c.id);
-                            }
-                        }
-                    }
-                    ChangeOp::Delete => router.remove(&c.id),
-                },
-                // The feed ended (connection lost): resync everything, then follow again.
-                None => feed = resync(&mut router, &rules).await?,
+            u = updates.recv() => match u {
+                Some(u) => router.follow(u?),
+                None => anyhow::bail!("router: the rule store watch ended"),
             },
             _ = tick.tick() => {
                 for (source, wm) in router.watermarks() {
@@ -498,19 +517,3 @@ impl Outbox {
     }
 }
 
-async fn resync(router: &mut Router, rules: &RedisRuleStore) -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = cepheid_state::rules::RuleChange> + Send>>> {
-    // Subscribe first, then list: a change between the two is seen twice, never missed.
-    let feed = Box::pin(rules.subscribe().await?);
-    let (all, _) = rules.list().await?;
-    let keep: std::collections::HashSet<String> = all.iter().map(|r| r.id.clone()).collect();
-    let stale: Vec<String> = router.rules.keys().filter(|k| !keep.contains(*k)).cloned().collect();
-    for id in stale {
-        router.remove(&id);
-    }
-    for spec in &all {
-        if let Err(d) = router.upsert(spec) {
-            eprintln!("router: stored rule `{}` does not compile here: {d}", spec.id);
-        }
-    }
-    Ok(feed)
-}

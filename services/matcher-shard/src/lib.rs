@@ -37,9 +37,8 @@ use std::time::Duration;
 use cepheid_bus::{Bus, Consumer, Message};
 use cepheid_engine::cell::{CellSnapshot, KeyCell, Released, RuleBook};
 use cepheid_engine::engine::EngineConfig;
-use cepheid_state::rules::{ChangeOp, RedisRuleStore};
+use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
 use cepheid_types::Clock;
-use futures_util::StreamExt;
 use ractor::{Actor, ActorRef};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -255,10 +254,6 @@ struct Partition {
     last_checkpoint: Instant,
     /// Changed since the last checkpoint (records read or state changed).
     changed: bool,
-    /// After a seek: records before the target may still arrive from before it; skip until it does.
-    seeking: Option<i64>,
-    /// Records skipped while seeking (the seek is issued again every 1 000).
-    seek_skipped: u64,
 }
 
 impl Partition {
@@ -334,12 +329,27 @@ struct Shard {
     parts: HashMap<i32, Partition>,
     report: Report,
     per_rule: HashMap<String, u64>,
+    /// What /metrics and /readyz serve.
+    published: Arc<Mutex<Report>>,
 }
 
 impl Shard {
     /// Takes a partition: restores its checkpoint.
     async fn acquire(&mut self, partition: i32) -> anyhow::Result<()> {
-        let a = self.ckpt.acquire(&self.cfg.keyed_topic, partition).await?;
+        // Without its checkpoint the partition cannot go on: wait for Redis.
+        let mut wait = Duration::from_millis(100);
+        let a = loop {
+            match self.ckpt.acquire(&self.cfg.keyed_topic, partition).await {
+                Err(checkpoint::CheckpointError::Redis(e)) if cepheid_state::redis_unavailable(&e) => {
+                    self.report.redis_errors += 1;
+                    self.publish();
+                    eprintln!("matcher-shard: taking partition {partition}: redis unreachable; retrying in {} ms", wait.as_millis());
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => break other?,
+            }
+        };
         let now = Instant::now();
         let meta = a.meta.unwrap_or_default();
         if meta.offset == 0 && !a.keys.is_empty() {
@@ -363,8 +373,6 @@ impl Shard {
             since_checkpoint: 0,
             last_checkpoint: now,
             changed: false,
-            seeking: None,
-            seek_skipped: 0,
         };
         for (k, d) in a.keys {
             let k: Arc<str> = Arc::from(k.as_str());
@@ -392,30 +400,19 @@ impl Shard {
             self.acquire(m.partition).await?;
             let p = self.parts.get_mut(&m.partition).expect("acquired");
             if m.offset > p.next_offset {
-                // The group resumed after our checkpoint (it was committed elsewhere, or we
-                // read on before losing the partition): read again from the checkpoint.
+                // The group resumed after our checkpoint (Redis lost it, or an offset was
+                // committed by hand): read again from the checkpoint. The bus delivers the
+                // record at that offset next; this one comes again after it.
+                eprintln!(
+                    "matcher-shard: partition {}: the group resumes at {} but the checkpoint holds {}; reading again from {}",
+                    m.partition, m.offset, p.next_offset, p.next_offset
+                );
                 consumer.seek(&m.topic, m.partition, p.next_offset).await?;
-                p.seeking = Some(p.next_offset);
                 self.report.seeks += 1;
                 return Ok(());
             }
         }
         let p = self.parts.get_mut(&m.partition).expect("acquired");
-        if let Some(target) = p.seeking {
-            if m.offset != target {
-                // Fetched before the seek; it comes again. If the seek seems not to have
-                // been honoured, ask again (skipping is always safe: nothing is folded in).
-                p.seek_skipped += 1;
-                if p.seek_skipped % 1_000 == 0 {
-                    eprintln!("matcher-shard: partition {}: still waiting for offset {target} after a seek; seeking again", m.partition);
-                    consumer.seek(&m.topic, m.partition, target).await?;
-                    self.report.seeks += 1;
-                }
-                return Ok(());
-            }
-            p.seeking = None;
-            p.seek_skipped = 0;
-        }
         if m.offset < p.next_offset {
             self.report.replayed_skipped += 1;
             return Ok(()); // already folded into the checkpoint
@@ -621,6 +618,7 @@ impl Shard {
                 Ok(doc) => return doc,
                 Err(e) => {
                     self.report.redis_errors += 1;
+                    self.publish();
                     eprintln!("matcher-shard: partition {partition} key {key}: loading its state: {e}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
@@ -695,6 +693,7 @@ impl Shard {
                 // Nothing is lost: the state stays here and the offset is not committed; the
                 // next tick tries again.
                 self.report.checkpoint_failures += 1;
+                self.report.redis_errors += 1;
                 eprintln!("matcher-shard: checkpoint of {topic}/{partition}: {e}; retrying in {} ms", self.cfg.checkpoint_interval_ms);
                 if let Some(p) = self.parts.get_mut(&partition) {
                     p.since_checkpoint = 0;
@@ -753,6 +752,12 @@ impl Shard {
         Ok(())
     }
 
+    /// Brings what /metrics serves up to date.
+    fn publish(&mut self) {
+        self.refresh_report();
+        *self.published.lock().unwrap() = self.report.clone();
+    }
+
     fn refresh_report(&mut self) {
         let r = &mut self.report;
         r.partitions = self.parts.len() as u64;
@@ -774,6 +779,24 @@ impl Shard {
             for p in gone {
                 self.release(p, consumer).await;
             }
+        }
+    }
+
+    /// Applies what the rule store reports (see the router's `follow`).
+    fn follow(&mut self, u: RuleUpdate) {
+        match u {
+            RuleUpdate::All(all) => {
+                let keep: HashSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
+                let stale: Vec<String> = self.book.rules().map(|(id, _)| id.to_string()).filter(|id| !keep.contains(id.as_str())).collect();
+                for id in stale {
+                    self.book.remove(&id);
+                }
+                for spec in &all {
+                    self.apply(spec);
+                }
+            }
+            RuleUpdate::Upsert(spec) => self.apply(&spec),
+            RuleUpdate::Delete(id) => self.book.remove(&id),
         }
     }
 
@@ -833,8 +856,23 @@ pub async fn run(
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let ckpt = Checkpoints::connect(&deps.redis_url, &deps.prefix).await?;
     let mut shard =
-        Shard { cfg: cfg.clone(), bus: bus.clone(), clock: deps.clock.clone(), book: RuleBook::new(engine), ckpt, parts: HashMap::new(), report: Report::default(), per_rule: HashMap::new() };
-    let mut feed = resync(&mut shard, &deps.rules).await?;
+        Shard {
+            cfg: cfg.clone(),
+            bus: bus.clone(),
+            clock: deps.clock.clone(),
+            book: RuleBook::new(engine),
+            ckpt,
+            parts: HashMap::new(),
+            report: Report::default(),
+            per_rule: HashMap::new(),
+            published: shared.clone(),
+        };
+    let mut updates = deps.rules.watch("matcher-shard");
+    // Every rule before the first record.
+    match updates.recv().await {
+        Some(u) => shard.follow(u?),
+        None => anyhow::bail!("matcher-shard: the rule store watch ended before the first resync"),
+    }
     let mut consumer = bus.subscribe(&cfg.group, &[&cfg.keyed_topic])?;
     let mut assigned: HashSet<i32> = HashSet::new();
     shard.report.ready = true;
@@ -845,20 +883,12 @@ pub async fn run(
             shard.follow_assignment(&mut consumer, &mut assigned).await;
             tokio::select! {
                 _ = &mut shutdown => break,
-                change = feed.next() => match change {
-                    Some(c) => match c.op {
-                        ChangeOp::Upsert => {
-                            if let Some(spec) = deps.rules.get(&c.id).await? {
-                                shard.apply(&spec);
-                            }
-                        }
-                        ChangeOp::Delete => shard.book.remove(&c.id),
-                    },
-                    None => feed = resync(&mut shard, &deps.rules).await?,
+                u = updates.recv() => match u {
+                    Some(u) => shard.follow(u?),
+                    None => anyhow::bail!("matcher-shard: the rule store watch ended"),
                 },
                 _ = tick.tick() => {
-                    shard.refresh_report();
-                    *shared.lock().unwrap() = shard.report.clone();
+                    shard.publish();
                     shard.expire_routers().await?;
                     let ids: Vec<i32> = shard.parts.keys().copied().collect();
                     for id in ids {
@@ -891,28 +921,10 @@ pub async fn run(
     for id in ids {
         shard.release(id, &consumer).await;
     }
-    shard.refresh_report();
-    *shared.lock().unwrap() = shard.report.clone();
+    shard.publish();
     if let Some(s) = server {
         s.abort();
     }
     result.map(|_| shard.report)
 }
 
-async fn resync(
-    shard: &mut Shard,
-    rules: &RedisRuleStore,
-) -> anyhow::Result<std::pin::Pin<Box<dyn futures_util::Stream<Item = cepheid_state::rules::RuleChange> + Send>>> {
-    // Subscribe first, then list: a change between the two is seen twice, never missed.
-    let feed = Box::pin(rules.subscribe().await?);
-    let (all, _) = rules.list().await?;
-    let keep: HashSet<String> = all.iter().map(|r| r.id.clone()).collect();
-    let stale: Vec<String> = shard.book.rules().map(|(id, _)| id.to_string()).filter(|id| !keep.contains(id)).collect();
-    for id in stale {
-        shard.book.remove(&id);
-    }
-    for spec in &all {
-        shard.apply(spec);
-    }
-    Ok(feed)
-}

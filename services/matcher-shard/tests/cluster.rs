@@ -125,6 +125,7 @@ where
 
 struct Cluster {
     bus: Bus,
+    redis: String,
     tag: String,
     prefix: String,
     store: RedisRuleStore,
@@ -143,10 +144,15 @@ struct Cluster {
 
 impl Cluster {
     async fn start(bus: Bus, tag: &str, shards: usize) -> Cluster {
+        Cluster::start_on(bus, tag, shards, REDIS).await
+    }
+
+    /// The cluster against the Redis at `redis`.
+    async fn start_on(bus: Bus, tag: &str, shards: usize, redis: &str) -> Cluster {
         let tag = format!("{tag}-{}", std::process::id());
         let prefix = format!("cepheid-test:cluster-{tag}");
-        cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
-        let store = RedisRuleStore::connect(REDIS, &prefix).await.unwrap();
+        cepheid_state::delete_prefix(redis, &prefix).await.unwrap();
+        let store = RedisRuleStore::connect(redis, &prefix).await.unwrap();
         for r in rules() {
             store.apply(&r).await.unwrap();
         }
@@ -207,7 +213,7 @@ impl Cluster {
             delay_poll_ms: 50,
             ..Default::default()
         };
-        let nstore = cepheid_notify::stores::Store::redis(REDIS, &prefix).await.unwrap();
+        let nstore = cepheid_notify::stores::Store::redis(redis, &prefix).await.unwrap();
         let deps = cepheid_notifier::Deps {
             bus: bus.clone(),
             rules: store.clone(),
@@ -229,6 +235,7 @@ impl Cluster {
         }));
         let mut c = Cluster {
             bus,
+            redis: redis.to_string(),
             tag,
             prefix,
             store,
@@ -271,7 +278,7 @@ impl Cluster {
         let deps = cepheid_matcher_shard::Deps {
             bus: self.bus.clone(),
             rules: self.store.clone(),
-            redis_url: REDIS.into(),
+            redis_url: self.redis.clone(),
             prefix: self.prefix.clone(),
             clock: Arc::new(cepheid_types::SystemClock),
         };
@@ -352,7 +359,7 @@ impl Cluster {
         }
         let mut v: Vec<String> = self.delivered().into_iter().map(comparable).collect();
         v.sort();
-        cepheid_state::delete_prefix(REDIS, &self.prefix).await.unwrap();
+        cepheid_state::delete_prefix(&self.redis, &self.prefix).await.unwrap();
         v
     }
 }
@@ -558,4 +565,107 @@ async fn every_service_answers_probes_and_metrics() {
     }
     assert!(shard_matches >= want.len() as f64, "shards counted {shard_matches} matches, {} delivered", want.len());
     c.finish().await;
+}
+
+/// A Redis server of the test's own (the machine's is shared by every test),
+/// keeping its data on disk so that a restart is a restart, not a wipe.
+struct OwnRedis {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut r = OwnRedis { dir: tempfile::tempdir().unwrap(), port, child: None };
+        r.up();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian's redis-server package) is on the machine");
+        self.child = Some(child);
+        // Ready when it answers PING.
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while client.get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server on {} did not start", self.port);
+            std::thread::yield_now();
+        }
+    }
+
+    /// SIGTERM: Redis writes its data and exits, dropping every connection.
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill").arg(c.id().to_string()).status();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads one counter from a service's /metrics.
+async fn counter(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Redis goes down mid-stream while events keep arriving, and comes back:
+/// the services wait for it (rule feed resynced, checkpoints retried, the
+/// notifier's lookups retried) instead of exiting, and the alerts are still
+/// exactly those of `cepheid run`, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_stream_loses_nothing() {
+    let lines = input();
+    let want = embedded_alerts(&lines);
+    let mut redis = OwnRedis::start();
+    let c = Cluster::start_on(Bus::memory(), "redis-restart", 2, &redis.url()).await;
+    let third = lines.len() / 3;
+    c.post(&lines[..third]).await;
+    c.until_delivered(1).await;
+    redis.down();
+    c.post(&lines[third..2 * third]).await;
+    // Redis stays down until a shard has failed to reach it (a checkpoint, or
+    // loading a passivated key's state).
+    let shards: Vec<String> = c.probes.iter().filter(|(n, _)| n.starts_with("matcher-shard")).map(|(_, u)| u.clone()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut failed = 0.0;
+        for u in &shards {
+            failed += counter(u, "cepheid_shard_redis_errors_total").await;
+        }
+        if failed > 0.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no shard noticed that Redis was down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.up();
+    c.post(&lines[2 * third..]).await;
+    c.until_delivered(want.len()).await;
+    let got = c.finish().await;
+    assert_same(&got, &want);
 }

@@ -190,7 +190,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                     Some(r) => {
                         let key = (r.rule_id.clone(), r.rule_version);
                         if !rules.contains_key(&key) {
-                            let spec = deps.rules.get_version(&r.rule_id, r.rule_version).await?;
+                            let spec = cepheid_state::retrying("notifier: reading a match's rule", || deps.rules.get_version(&r.rule_id, r.rule_version)).await?;
                             rules.insert(key.clone(), spec);
                         }
                         match rules.get(&key).and_then(|s| s.as_ref()) {
@@ -202,9 +202,24 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                                         n.resolve(t)?;
                                     }
                                     let (n2, name, action) = (n.clone(), spec.name.clone(), action.clone());
+                                    let sleeper = deps.sleeper.clone();
                                     submitting.push(tokio::spawn(async move {
-                                        if let Err(e) = n2.submit(&r, &name, &action).await {
-                                            eprintln!("notifier: match {}: {e}", r.match_id);
+                                        // Redis down (dedupe window, delay queue): wait for it, or the
+                                        // match would be lost when its offset is committed.
+                                        let mut wait = Duration::from_millis(100);
+                                        loop {
+                                            match n2.submit(&r, &name, &action).await {
+                                                Err(e) if e.is_transient() => {
+                                                    eprintln!("notifier: match {}: {e}; retrying in {} ms", r.match_id, wait.as_millis());
+                                                    sleeper.sleep(wait).await;
+                                                    wait = (wait * 2).min(Duration::from_secs(5));
+                                                }
+                                                Err(e) => {
+                                                    eprintln!("notifier: match {}: {e}", r.match_id);
+                                                    break;
+                                                }
+                                                Ok(_) => break,
+                                            }
                                         }
                                     }));
                                     report.submitted += 1;

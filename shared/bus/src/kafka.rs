@@ -1,7 +1,7 @@
 //! Kafka through rdkafka (librdkafka built from source by rdkafka-sys; Debian's
 //! older librdkafka does not work with every Kafka-protocol broker).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -154,6 +154,7 @@ impl KafkaBus {
     pub fn subscribe(&self, group: &str, topics: &[&str]) -> Result<KafkaConsumer, BusError> {
         let ctx = GroupContext::default();
         let assignment = ctx.assignment.clone();
+        let fresh = ctx.fresh.clone();
         let consumer: StreamConsumer<GroupContext> = self
             .cfg
             .client()
@@ -165,7 +166,7 @@ impl KafkaBus {
             .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer, assignment })
+        Ok(KafkaConsumer { consumer, assignment, fresh, resume: HashMap::new() })
     }
 }
 
@@ -174,6 +175,8 @@ impl KafkaBus {
 struct GroupContext {
     /// (current assignment, changed since last read)
     assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
+    /// Partitions (re)assigned whose first record has not been read yet.
+    fresh: Arc<Mutex<HashSet<(String, i32)>>>,
 }
 
 impl ClientContext for GroupContext {}
@@ -181,10 +184,12 @@ impl ClientContext for GroupContext {}
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut a = self.assignment.lock().unwrap();
+        let mut fresh = self.fresh.lock().unwrap();
         match rebalance {
             Rebalance::Assign(tpl) => {
                 for e in tpl.elements() {
                     let tp = (e.topic().to_string(), e.partition());
+                    fresh.insert(tp.clone());
                     if !a.0.contains(&tp) {
                         a.0.push(tp);
                     }
@@ -193,6 +198,7 @@ impl ConsumerContext for GroupContext {
             Rebalance::Revoke(tpl) => {
                 for e in tpl.elements() {
                     a.0.retain(|(t, p)| !(t == e.topic() && *p == e.partition()));
+                    fresh.remove(&(e.topic().to_string(), e.partition()));
                 }
             }
             Rebalance::Error(_) => return,
@@ -205,6 +211,23 @@ impl ConsumerContext for GroupContext {
 pub struct KafkaConsumer {
     consumer: StreamConsumer<GroupContext>,
     assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
+    fresh: Arc<Mutex<HashSet<(String, i32)>>>,
+    /// Partitions that must resume exactly at an offset (after a seek or an assignment).
+    resume: HashMap<(String, i32), Resume>,
+}
+
+/// A partition to be read from `target` on. Some brokers answer a fetch
+/// that starts inside a record batch with the *next* batch (tansu 0.6 does),
+/// which would silently skip the rest of that batch; when the first record
+/// comes after `target`, the consumer seeks further back (`from`) and drops
+/// what precedes `target`. Only when even the log's start lies beyond
+/// `target` (records deleted by retention) is the gap accepted, loudly.
+#[derive(Debug)]
+struct Resume {
+    target: i64,
+    from: i64,
+    /// A record before `target` was read: the next ones are contiguous.
+    found: bool,
 }
 
 impl KafkaConsumer {
@@ -220,7 +243,41 @@ impl KafkaConsumer {
     }
 
     pub async fn recv(&mut self) -> Result<Message, BusError> {
-        let m = self.consumer.recv().await.map_err(classify)?;
+        let m = loop {
+            let m = self.consumer.recv().await.map_err(classify)?;
+            let tp = (m.topic().to_string(), m.partition());
+            let offset = m.offset();
+            let fresh = self.fresh.lock().unwrap().remove(&tp);
+            if fresh {
+                // The first record since this partition was assigned: it must be the committed one.
+                match self.committed(&tp.0, tp.1)? {
+                    Some(c) if offset > c => {
+                        self.resume.insert(tp.clone(), Resume { target: c, from: c, found: false });
+                    }
+                    _ => {
+                        self.resume.remove(&tp);
+                    }
+                }
+            }
+            let Some(r) = self.resume.get_mut(&tp) else { break m };
+            if offset < r.target {
+                r.found = true;
+                continue; // before the resume point: not this consumer's to deliver
+            }
+            if offset > r.target && !r.found {
+                if r.from > 0 {
+                    r.from = (r.target - 2 * (r.target - r.from).max(512)).max(0);
+                    self.consumer.seek(&tp.0, tp.1, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
+                    continue;
+                }
+                eprintln!(
+                    "bus: {}/{}: records {}..{} are not on the broker any more (deleted before they were read); resuming at {offset}",
+                    tp.0, tp.1, r.target, offset
+                );
+            }
+            self.resume.remove(&tp);
+            break m;
+        };
         let headers = m
             .headers()
             .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
@@ -235,9 +292,27 @@ impl KafkaConsumer {
         })
     }
 
+    /// The next record delivered from `partition` is the one at `offset` (or,
+    /// if the log no longer holds it, the first one after it).
     pub async fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), BusError> {
         // Rare (after taking a partition); librdkafka answers quickly.
-        self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(classify)
+        self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(classify)?;
+        let tp = (topic.to_string(), partition);
+        self.fresh.lock().unwrap().remove(&tp);
+        self.resume.insert(tp, Resume { target: offset, from: offset, found: false });
+        Ok(())
+    }
+
+    /// The group's committed offset for a partition (None when it has none).
+    fn committed(&self, topic: &str, partition: i32) -> Result<Option<i64>, BusError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        // Once per partition and rebalance; a round trip to the group coordinator.
+        let got = self.consumer.committed_offsets(tpl, Duration::from_secs(10)).map_err(classify)?;
+        Ok(got.find_partition(topic, partition).and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }))
     }
 
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {

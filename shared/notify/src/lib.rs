@@ -38,3 +38,10 @@ pub enum NotifyError {
     #[error("dead-letter output: {0}")]
     Io(#[from] std::io::Error),
 }
+
+impl NotifyError {
+    /// Redis unreachable for now (restarting, network): worth retrying.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, NotifyError::Redis(e) if cepheid_state::redis_unavailable(e))
+    }
+}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use cepheid_types::Clock;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 
 use crate::NotifyError;
 
@@ -14,7 +14,8 @@ use crate::NotifyError;
 #[derive(Clone)]
 pub enum Store {
     Memory(Arc<MemoryStore>),
-    Redis { con: MultiplexedConnection, prefix: String },
+    /// The connection reconnects by itself after Redis restarts.
+    Redis { con: ConnectionManager, prefix: String },
 }
 
 #[derive(Default)]
@@ -31,7 +32,7 @@ impl Store {
 
     pub async fn redis(url: &str, prefix: &str) -> Result<Store, NotifyError> {
         let client = redis::Client::open(url)?;
-        Ok(Store::Redis { con: client.get_multiplexed_async_connection().await?, prefix: prefix.to_string() })
+        Ok(Store::Redis { con: client.get_connection_manager().await?, prefix: prefix.to_string() })
     }
 
     /// Sets `key` for `ttl_ms` unless it is set: true the first time.

@@ -26,7 +26,39 @@ pub enum StateError {
 impl StateError {
     /// Worth retrying (transient infrastructure failure)?
     pub fn is_transient(&self) -> bool {
-        matches!(self, StateError::Redis(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal())
+        matches!(self, StateError::Redis(e) if redis_unavailable(e))
+    }
+}
+
+/// Is this Redis failure one that passes (Redis restarting, network down)?
+pub fn redis_unavailable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        // LOADING (a restarted Redis reading its data back), TRYAGAIN, MASTERDOWN.
+        || matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
+}
+
+/// Runs `op` until it succeeds or fails for a reason other than Redis being
+/// unreachable; transient failures are logged (`what`) and retried after a
+/// backoff of 100 ms doubling up to 5 s. For what a service cannot go on
+/// without (rules, checkpoints): it waits for Redis rather than exiting.
+pub async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T, StateError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StateError>>,
+{
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() => {
+                eprintln!("{what}: {e}; retrying in {} ms", wait.as_millis());
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -10,10 +10,24 @@
 
 use cepheid_rules::{parse_rule_value, RuleSpec};
 use futures_util::StreamExt;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::StateError;
+
+/// The change feed: ends when the subscription's connection drops.
+pub type RuleFeed = std::pin::Pin<Box<dyn futures_util::Stream<Item = RuleChange> + Send>>;
+
+/// What [`RedisRuleStore::watch`] reports.
+#[derive(Clone, Debug)]
+pub enum RuleUpdate {
+    /// Every live rule: anything held that is not in it is gone.
+    All(Vec<RuleSpec>),
+    /// A rule stored or replaced (its latest version).
+    Upsert(RuleSpec),
+    /// A rule deleted.
+    Delete(String),
+}
 
 /// One change, as published on the change channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,7 +49,8 @@ pub enum ChangeOp {
 #[derive(Clone)]
 pub struct RedisRuleStore {
     client: redis::Client,
-    con: MultiplexedConnection,
+    /// Reconnects by itself after Redis restarts (requests fail meanwhile).
+    con: ConnectionManager,
     prefix: String,
 }
 
@@ -66,7 +81,7 @@ return {1, seq}
 impl RedisRuleStore {
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisRuleStore, StateError> {
         let client = redis::Client::open(url)?;
-        let con = client.get_multiplexed_async_connection().await?;
+        let con = client.get_connection_manager().await?;
         Ok(RedisRuleStore { client, con, prefix: prefix.to_string() })
     }
 
@@ -173,6 +188,58 @@ impl RedisRuleStore {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok((out, seq.unwrap_or(0)))
+    }
+
+    /// A full resync: subscribes to the change channel, then lists every rule
+    /// (a change between the two is seen twice, never missed). While Redis is
+    /// unreachable it retries with backoff, so a service rides out a Redis
+    /// restart instead of exiting; other errors (a corrupt stored rule) return.
+    pub async fn resync(&self, who: &str) -> Result<(Vec<RuleSpec>, RuleFeed), StateError> {
+        crate::retrying(&format!("{who}: rule resync"), || async {
+            let feed: RuleFeed = Box::pin(self.subscribe().await?);
+            let (all, _) = self.list().await?;
+            Ok((all, feed))
+        })
+        .await
+    }
+
+    /// Follows the store in a background task: first every rule
+    /// ([`RuleUpdate::All`]), then each change as it is published, and again
+    /// every rule after each reconnect (pub/sub loses what is published while
+    /// disconnected). While Redis is down the task waits and retries, and the
+    /// service goes on with the rules it has. The channel ends with an error
+    /// only for what retrying cannot mend (a corrupt stored rule).
+    pub fn watch(&self, who: &str) -> tokio::sync::mpsc::Receiver<Result<RuleUpdate, StateError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (store, who) = (self.clone(), who.to_string());
+        tokio::spawn(async move {
+            let r: Result<(), StateError> = async {
+                loop {
+                    let (all, mut feed) = store.resync(&who).await?;
+                    if tx.send(Ok(RuleUpdate::All(all))).await.is_err() {
+                        return Ok(());
+                    }
+                    while let Some(c) = feed.next().await {
+                        let update = match c.op {
+                            ChangeOp::Upsert => match crate::retrying(&format!("{who}: reading rule `{}`", c.id), || store.get(&c.id)).await? {
+                                Some(spec) => RuleUpdate::Upsert(spec),
+                                None => continue, // deleted since; its delete follows
+                            },
+                            ChangeOp::Delete => RuleUpdate::Delete(c.id),
+                        };
+                        if tx.send(Ok(update)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    eprintln!("{who}: rule change feed lost (Redis connection dropped); resyncing");
+                }
+            }
+            .await;
+            if let Err(e) = r {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
     }
 
     /// Follows the change channel. The stream ends when the connection drops:
