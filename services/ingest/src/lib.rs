@@ -183,6 +183,8 @@ pub struct Metrics {
     failed: std::sync::atomic::AtomicU64,
     raw_records: std::sync::atomic::AtomicU64,
     dead_lettered: std::sync::atomic::AtomicU64,
+    /// Events handed to the bus whose acknowledgement is awaited (their request is not answered yet).
+    awaiting_ack: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -194,14 +196,15 @@ impl Metrics {
     pub fn prometheus(&self) -> String {
         let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         let mut s = String::new();
-        for (name, help, v) in [
-            ("cepheid_ingest_events_accepted_total", "Events acknowledged by the bus and answered as accepted.", get(&self.accepted)),
-            ("cepheid_ingest_events_rejected_total", "Events refused (not JSON, schema), over HTTP or from raw topics.", get(&self.rejected)),
-            ("cepheid_ingest_events_failed_total", "Events the bus did not acknowledge (answered 503: retry).", get(&self.failed)),
-            ("cepheid_ingest_raw_records_total", "Records read from raw Kafka topics.", get(&self.raw_records)),
-            ("cepheid_ingest_dead_lettered_total", "Raw records sent to the dead-letter topic.", get(&self.dead_lettered)),
+        for (name, kind, help, v) in [
+            ("cepheid_ingest_events_accepted_total", "counter", "Events acknowledged by the bus and answered as accepted.", get(&self.accepted)),
+            ("cepheid_ingest_events_rejected_total", "counter", "Events refused (not JSON, schema), over HTTP or from raw topics.", get(&self.rejected)),
+            ("cepheid_ingest_events_failed_total", "counter", "Events the bus did not acknowledge (answered 503: retry).", get(&self.failed)),
+            ("cepheid_ingest_raw_records_total", "counter", "Records read from raw Kafka topics.", get(&self.raw_records)),
+            ("cepheid_ingest_dead_lettered_total", "counter", "Raw records sent to the dead-letter topic.", get(&self.dead_lettered)),
+            ("cepheid_ingest_events_awaiting_ack", "gauge", "Posted events handed to the bus and not yet acknowledged.", get(&self.awaiting_ack)),
         ] {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
         }
         s
     }
@@ -269,6 +272,7 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
     // Enqueue in the order posted (the order the router sees); answer only
     // once the bus acknowledged each.
     let mut acks = Vec::with_capacity(good.len());
+    Metrics::add(&ctx.metrics.awaiting_ack, good.len() as u64);
     for (line, text, v) in &good {
         let line = *line;
         match ctx.enqueue(&source, schema_for(&ctx, &source), text, v).await {
@@ -277,6 +281,7 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
         }
     }
     let results = futures_util::future::join_all(acks).await;
+    ctx.metrics.awaiting_ack.fetch_sub(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let mut accepted = 0;
     let mut failed = Vec::new();
     for (line, r) in results {

@@ -669,3 +669,48 @@ async fn redis_restarted_mid_stream_loses_nothing() {
     let got = c.finish().await;
     assert_same(&got, &want);
 }
+
+/// The broker goes away mid-stream (librdkafka's mock cluster: the one fault
+/// the real broker here cannot be made to have without losing its data) and
+/// comes back: ingest does not answer a batch while the broker cannot take it
+/// (back-pressure, not a false 202), every service reconnects by itself, and
+/// the alerts are exactly those of `cepheid run`, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_and_back_loses_nothing() {
+    let lines = input();
+    let want = embedded_alerts(&lines);
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    // The mock broker cannot create topics through the admin API: they are
+    // provisioned beforehand, as on a cluster whose services may not create topics.
+    let tag = format!("broker-outage-{}", std::process::id());
+    for (t, n) in [("events", 1), ("keyed", 4), ("matches", 2), ("dead", 1)] {
+        mock.create_topic(&format!("{t}-{tag}"), n, 1).unwrap();
+    }
+    let bus = Bus::kafka(&cepheid_bus::KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
+    let c = Arc::new(Cluster::start(bus, "broker-outage", 2).await);
+    let third = lines.len() / 3;
+    c.post(&lines[..third]).await;
+    c.until_delivered(1).await;
+    let ingest = c.ingest_url.clone();
+    let accepted_before = counter(&ingest, "cepheid_ingest_events_accepted_total").await;
+    mock.broker_down(-1).unwrap();
+    let (c2, batch) = (c.clone(), lines[third..2 * third].to_vec());
+    let posting = tokio::spawn(async move { c2.post(&batch).await });
+    // The batch reached ingest and waits for the broker's acknowledgement; no answer meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !posting.is_finished() && counter(&ingest, "cepheid_ingest_events_awaiting_ack").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the batch never reached ingest");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!posting.is_finished(), "ingest answered while the broker was down");
+    assert_eq!(counter(&ingest, "cepheid_ingest_events_accepted_total").await, accepted_before, "events acknowledged while the broker was down");
+    mock.broker_up(-1).unwrap();
+    let (accepted, rejected) = posting.await.unwrap();
+    assert_eq!((accepted + rejected) as usize, third, "every event of the batch answered once the broker was back");
+    c.post(&lines[2 * third..]).await;
+    c.until_delivered(want.len()).await;
+    let c = Arc::try_unwrap(c).ok().expect("the posting task is done");
+    let got = c.finish().await;
+    assert_same(&got, &want);
+    drop(mock);
+}

@@ -80,17 +80,46 @@ impl KafkaBus {
     }
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BusError> {
+        // Provisioned already (the usual case after the first start, and the only one
+        // where services may not create topics): nothing to ask the controller.
+        if self.listed_partitions(topic).await?.is_some() {
+            return Ok(());
+        }
         let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let res = self.admin.create_topics(&[t], &opts).await.map_err(classify)?;
-        for r in res {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => return Err(BusError::Refused(format!("creating topic {name}: {code}"))),
-            }
-        }
+        let refused = match self.admin.create_topics(&[t], &opts).await {
+            Ok(res) => res.into_iter().find_map(|r| match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,
+                Err((name, code)) => Some(BusError::Refused(format!("creating topic {name}: {code}"))),
+            }),
+            Err(e) => Some(classify(e)),
+        };
         self.partitions.lock().unwrap().remove(topic);
-        Ok(())
+        match refused {
+            None => Ok(()),
+            // A broker that does not let this client create topics (no ACL for it, or no
+            // CreateTopics API) is fine when the topic was provisioned beforehand.
+            Some(e) => match self.partitions(topic).await {
+                Ok(_) => {
+                    eprintln!("bus: topic {topic} exists; creating it was refused ({e})");
+                    Ok(())
+                }
+                Err(_) => Err(e),
+            },
+        }
+    }
+
+    /// A topic's partition count from the metadata of *all* topics (asking for
+    /// one topic by name can make a broker auto-create it).
+    async fn listed_partitions(&self, topic: &str) -> Result<Option<i32>, BusError> {
+        let client = self.producer.clone();
+        let t = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let md = client.client().fetch_metadata(None, Duration::from_secs(10)).map_err(classify)?;
+            Ok(md.topics().iter().find(|mt| mt.name() == t && mt.error().is_none() && !mt.partitions().is_empty()).map(|mt| mt.partitions().len() as i32))
+        })
+        .await
+        .map_err(|e| BusError::Transient(e.to_string()))?
     }
 
     pub async fn partitions(&self, topic: &str) -> Result<i32, BusError> {

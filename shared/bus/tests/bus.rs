@@ -58,7 +58,7 @@ async fn contract(bus: Bus, topic: &str) {
 
 /// Records enqueued together travel in one record batch; a member resuming at
 /// a committed offset inside it, or seeking into it, must get exactly that
-/// record next (tansu answers such a fetch with the following batch).
+/// record next (tansu 0.6 answers such a fetch with the following batch).
 async fn resume_inside_a_batch(bus: &Bus, topic: &str) {
     bus.create_topic(topic, 1).await.unwrap();
     let mut acks = Vec::new();
@@ -77,6 +77,10 @@ async fn resume_inside_a_batch(bus: &Bus, topic: &str) {
     assert_eq!(next(&mut c).await, (0, "r0".to_string()));
     c.commit(topic, 0, 40).unwrap();
     drop(c);
+    // A later batch. (tansu answers a fetch inside the partition's last batch
+    // with nothing at all, so the consumer learns of the skipped rest of that
+    // batch only when a later batch arrives; it then reads back.)
+    bus.send(topic, Some(0), None, b"r100", &[]).await.unwrap();
     let mut c = bus.subscribe(&group, &[topic]).unwrap();
     assert_eq!(next(&mut c).await, (40, "r40".to_string()), "resumed at the committed offset");
     assert_eq!(next(&mut c).await, (41, "r41".to_string()));
