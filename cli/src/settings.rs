@@ -32,6 +32,9 @@ pub struct Settings {
     /// The matcher shard's section (read by `cepheid-matcher-shard`).
     #[serde(default)]
     pub shard: Option<serde_json::Value>,
+    /// Traces and logs of the services.
+    #[serde(default)]
+    pub telemetry: cepheid_telemetry::TelemetrySettings,
 }
 
 #[derive(Clone, Debug, Deserialize)]

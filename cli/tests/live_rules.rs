@@ -46,6 +46,7 @@ fn settings() -> Settings {
         ingest: None,
         router: None,
         shard: None,
+        telemetry: Default::default(),
     }
 }
 

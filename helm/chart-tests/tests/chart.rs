@@ -88,6 +88,7 @@ struct Services {
     shard: cepheid_matcher_shard::ShardConfig,
     notifier_service: cepheid_notifier::ServiceConfig,
     notifier: cepheid_notify::NotifierConfig,
+    telemetry: cepheid_telemetry::TelemetrySettings,
 }
 
 /// The configuration file of the ConfigMap, loaded as the services load theirs.
@@ -129,6 +130,8 @@ fn chart_renders_and_validates_with_default_values() {
     let cfg = services_config(&docs, &tmp);
     assert_eq!(cfg.shard.keyed_partitions, cfg.router.keyed_partitions, "router and shards agree on the keyed topic");
     assert_eq!(cfg.shard.listen, "0.0.0.0:9103");
+    assert_eq!(cfg.telemetry.log_format, cepheid_telemetry::LogFormat::Json);
+    assert!(cepheid_telemetry::Telemetry::new("check", &cfg.telemetry).is_ok(), "the chart's telemetry settings are accepted");
     // Every container is probed on real endpoints and runs as non-root.
     for d in docs.iter().filter(|d| d["kind"] == "Deployment" || d["kind"] == "StatefulSet") {
         let pod = &d["spec"]["template"]["spec"];
@@ -157,6 +160,8 @@ fn chart_renders_and_validates_with_production_values() {
     assert_eq!(cfg.kafka.properties["security.protocol"], "SASL_SSL");
     assert_eq!(cfg.router.keyed_partitions, 64);
     assert!(cfg.ingest.schemas.contains_key("clickstream"));
+    assert_eq!(cfg.telemetry.otlp_endpoint.as_deref(), Some("http://otel-collector.observability:4318"));
+    assert_eq!(cfg.telemetry.sample_ratio, 0.01);
     let text = serde_yaml::to_string(&docs).unwrap();
     // Secrets come from Secrets, never from the ConfigMap.
     assert!(text.contains("CEPHEID__KAFKA__SASL_PASSWORD") && text.contains("CEPHEID__REDIS__URL"));

@@ -24,6 +24,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use cepheid_bus::Bus;
+use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -173,6 +174,7 @@ struct Ctx {
     cfg: IngestConfig,
     bus: Bus,
     metrics: Arc<Metrics>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Counters served at `/metrics`.
@@ -215,20 +217,24 @@ impl Ctx {
         self.cfg.schemas.get(source).or(if self.cfg.accept_unknown_sources { Some(&self.cfg.default_schema) } else { None })
     }
 
-    async fn forward(&self, source: &str, schema: &Schema, text: &str, event: &Value) -> Result<(), cepheid_bus::BusError> {
-        self.enqueue(source, schema, text, event).await?.await.map(|_| ())
+    async fn forward(&self, source: &str, schema: &Schema, text: &str, event: &Value, trace: Option<&Traced>) -> Result<(), cepheid_bus::BusError> {
+        self.enqueue(source, schema, text, event, trace).await?.await.map(|_| ())
     }
 
     /// Hands the event to the bus now (events enqueued one after another keep
     /// their order); the returned future is its acknowledgement.
-    async fn enqueue(&self, source: &str, schema: &Schema, text: &str, event: &Value) -> Result<cepheid_bus::Delivery, cepheid_bus::BusError> {
+    /// A traced event carries its trace onwards in the `traceparent` header.
+    async fn enqueue(&self, source: &str, schema: &Schema, text: &str, event: &Value, trace: Option<&Traced>) -> Result<cepheid_bus::Delivery, cepheid_bus::BusError> {
         let key = schema.partition_key.as_ref().and_then(|k| event.get(k)).map(|v| match v {
             Value::String(s) => s.clone(),
             other => other.to_string(),
         });
-        self.bus
-            .enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &[("cepheid-source", source.as_bytes())])
-            .await
+        let traceparent = trace.map(Traced::traceparent);
+        let mut headers: Vec<(&str, &[u8])> = vec![("cepheid-source", source.as_bytes())];
+        if let Some(tp) = &traceparent {
+            headers.push((TRACEPARENT, tp.as_bytes()));
+        }
+        self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &headers).await
     }
 }
 
@@ -275,8 +281,21 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
     Metrics::add(&ctx.metrics.awaiting_ack, good.len() as u64);
     for (line, text, v) in &good {
         let line = *line;
-        match ctx.enqueue(&source, schema_for(&ctx, &source), text, v).await {
-            Ok(d) => acks.push(Box::pin(async move { (line, d.await.map(|_| ())) }) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>),
+        // A sampled event starts a trace; its span ends with the bus's acknowledgement.
+        let trace = ctx.telemetry.start_trace("ingest.accept", Kind::Server);
+        if let Some(t) = &trace {
+            t.attribute("cepheid.source", source.clone());
+            t.attribute("cepheid.line", line as i64);
+        }
+        match ctx.enqueue(&source, schema_for(&ctx, &source), text, v, trace.as_ref()).await {
+            Ok(d) => acks.push(Box::pin(async move {
+                let r = d.await.map(|_| ());
+                if let (Some(t), Err(e)) = (&trace, &r) {
+                    t.error(e.to_string());
+                }
+                drop(trace);
+                (line, r)
+            }) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>),
             Err(e) => acks.push(Box::pin(async move { (line, Err(e)) })),
         }
     }
@@ -317,7 +336,7 @@ async fn readyz(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
 
 /// The HTTP routes (tests can serve them on any listener).
 pub fn router(cfg: IngestConfig, bus: Bus) -> Router {
-    routes(Arc::new(Ctx { cfg, bus, metrics: Arc::default() }))
+    routes(Arc::new(Ctx { cfg, bus, metrics: Arc::default(), telemetry: Arc::default() }))
 }
 
 fn routes(ctx: Arc<Ctx>) -> Router {
@@ -336,11 +355,17 @@ fn routes(ctx: Arc<Ctx>) -> Router {
 }
 
 /// Runs the HTTP server and the raw-topic consumers until `shutdown`.
-pub async fn run(cfg: IngestConfig, bus: Bus, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: IngestConfig,
+    bus: Bus,
+    telemetry: Arc<Telemetry>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     bus.create_topic(&cfg.events_topic, cfg.events_partitions).await?;
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Ctx { cfg: cfg.clone(), bus: bus.clone(), metrics: Arc::default() });
+    let ctx = Arc::new(Ctx { cfg: cfg.clone(), bus: bus.clone(), metrics: Arc::default(), telemetry: telemetry.clone() });
     let mut raw = Vec::new();
     if !cfg.raw_topics.is_empty() {
         raw.push(tokio::spawn(consume_raw(ctx.clone(), stop_rx.clone())));
@@ -355,6 +380,7 @@ pub async fn run(cfg: IngestConfig, bus: Bus, listener: tokio::net::TcpListener,
     for r in raw {
         r.await??;
     }
+    telemetry.flush();
     Ok(())
 }
 
@@ -369,7 +395,7 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
         let m = match m {
             Ok(m) => m,
             Err(e) if e.is_transient() => {
-                eprintln!("ingest: bus: {e}; retrying");
+                tracing::warn!("ingest: bus: {e}; retrying");
                 continue;
             }
             Err(e) => return Err(e.into()),
@@ -384,7 +410,12 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
         };
         let sent = match verdict {
             Ok((schema, v)) => {
-                let r = ctx.forward(&source, schema, &text, &v).await;
+                // A raw record that carries a trace continues it; others may start one.
+                let trace = ctx
+                    .telemetry
+                    .continue_trace("ingest.accept", Kind::Consumer, m.header(TRACEPARENT))
+                    .or_else(|| ctx.telemetry.start_trace("ingest.accept", Kind::Consumer));
+                let r = ctx.forward(&source, schema, &text, &v, trace.as_ref()).await;
                 if r.is_ok() {
                     Metrics::add(&ctx.metrics.accepted, 1);
                 }
@@ -409,7 +440,7 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
         match sent {
             Ok(()) => consumer.commit(&m.topic, m.partition, m.offset + 1)?,
             // Not committed: the record is read again after a restart.
-            Err(e) => eprintln!("ingest: forwarding {}/{}/{}: {e}", m.topic, m.partition, m.offset),
+            Err(e) => tracing::warn!("ingest: forwarding {}/{}/{}: {e}", m.topic, m.partition, m.offset),
         }
     }
 }

@@ -28,7 +28,7 @@ async fn scenario(bus: Bus, tag: &str) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run(cfg.clone(), bus.clone(), listener, async move {
+    let server = tokio::spawn(run(cfg.clone(), bus.clone(), Default::default(), listener, async move {
         let _ = stopped.await;
     }));
     let http = reqwest::Client::new();

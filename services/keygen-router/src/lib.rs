@@ -24,6 +24,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use cepheid_bus::Bus;
+use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_engine::engine::EngineConfig;
 use cepheid_engine::index::{required_atoms, Gate, RuleIndex};
 use cepheid_engine::key::KeyVals;
@@ -184,7 +185,7 @@ impl Router {
     pub fn follow(&mut self, u: RuleUpdate) {
         let upsert = |router: &mut Router, spec: &RuleSpec| {
             if let Err(d) = router.upsert(spec) {
-                eprintln!("router: stored rule `{}` does not compile here: {d}", spec.id);
+                tracing::warn!("router: stored rule `{}` does not compile here: {d}", spec.id);
             }
         };
         match u {
@@ -355,6 +356,7 @@ pub async fn run(
     engine: EngineConfig,
     bus: Bus,
     rules: RedisRuleStore,
+    telemetry: std::sync::Arc<Telemetry>,
     http_listener: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Report> {
@@ -404,7 +406,7 @@ pub async fn run(
             m = consumer.recv() => {
                 let m = match m {
                     Ok(m) => m,
-                    Err(e) if e.is_transient() => { eprintln!("router: bus: {e}; retrying"); continue; }
+                    Err(e) if e.is_transient() => { tracing::warn!("router: bus: {e}; retrying"); continue; }
                     Err(e) => return Err(e.into()),
                 };
                 if let Some(assigned) = consumer.assignment_changed() {
@@ -412,12 +414,17 @@ pub async fn run(
                     router.keep_partitions(&mine);
                 }
                 report.events += 1;
+                let trace = telemetry.continue_trace("router.route", Kind::Consumer, m.header(TRACEPARENT));
+                let traceparent = trace.as_ref().map(Traced::traceparent);
                 let source = m.header("cepheid-source").map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_else(|| "default".into());
                 let text = String::from_utf8_lossy(&m.payload).into_owned();
                 match router.route_from(&source, m.partition, &text) {
                     Err(e) => {
                         report.rejected += 1;
-                        eprintln!("router: {}/{}/{}: {e}", m.topic, m.partition, m.offset);
+                        if let Some(t) = &trace {
+                            t.error(e.to_string());
+                        }
+                        tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = trace.as_ref().map(Traced::trace_id), "router: event refused: {e}");
                     }
                     Ok(Routed::Late { time, watermark }) => {
                         report.late += 1;
@@ -427,9 +434,16 @@ pub async fn run(
                     Ok(Routed::Routes { routes, .. }) if routes.is_empty() => report.unrouted += 1,
                     Ok(Routed::Routes { time: t, routes }) => {
                         let time = t.to_string();
+                        if let Some(t) = &trace {
+                            t.attribute("cepheid.keyed_records", routes.len() as i64);
+                        }
                         for r in routes {
                             let key = format!("{}|{}", r.signature, r.key);
-                            out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, &[("cepheid-source", source.as_bytes()), ("cepheid-signature", r.signature.as_bytes()), ("cepheid-time", time.as_bytes())]).await?;
+                            let mut headers: Vec<(&str, &[u8])> = vec![("cepheid-source", source.as_bytes()), ("cepheid-signature", r.signature.as_bytes()), ("cepheid-time", time.as_bytes())];
+                            if let Some(tp) = &traceparent {
+                                headers.push((TRACEPARENT, tp.as_bytes()));
+                            }
+                            out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, &headers).await?;
                             report.routed += 1;
                         }
                     }
@@ -447,6 +461,7 @@ pub async fn run(
         }
     }
     out.flush(&consumer).await?;
+    telemetry.flush();
     if let Some(s) = server {
         s.abort();
     }

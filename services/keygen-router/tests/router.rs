@@ -67,7 +67,7 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let probe_addr = probe.local_addr().unwrap();
-    let handle = tokio::spawn(run(cfg.clone(), EngineConfig::default(), bus.clone(), store.clone(), Some(probe), async move {
+    let handle = tokio::spawn(run(cfg.clone(), EngineConfig::default(), bus.clone(), store.clone(), Default::default(), Some(probe), async move {
         let _ = stopped.await;
     }));
     let mut keyed = loop {
@@ -114,7 +114,7 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
     // A router with a short interval sends each source's watermark to every partition.
     let cfg2 = RouterConfig { watermark_interval_ms: 20, group: "router-2".into(), ..cfg.clone() };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(run(cfg2, EngineConfig::default(), bus.clone(), store.clone(), None, async move {
+    let handle = tokio::spawn(run(cfg2, EngineConfig::default(), bus.clone(), store.clone(), Default::default(), None, async move {
         let _ = stopped.await;
     }));
     send(9_000, 9, 9).await;

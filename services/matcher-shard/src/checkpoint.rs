@@ -48,6 +48,9 @@ pub struct PendingRecord {
     /// `signature|key` as on the keyed topic.
     pub key: String,
     pub raw: String,
+    /// The event's `traceparent`, when it is traced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// What a shard finds when it takes a partition.

@@ -38,6 +38,7 @@ use cepheid_bus::{Bus, Consumer, Message};
 use cepheid_engine::cell::{CellSnapshot, KeyCell, Released, RuleBook};
 use cepheid_engine::engine::EngineConfig;
 use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
+use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_types::Clock;
 use ractor::{Actor, ActorRef};
 use serde::Deserialize;
@@ -125,6 +126,8 @@ pub struct Deps {
     pub prefix: String,
     /// Stamps `detected_at`.
     pub clock: Arc<dyn Clock>,
+    /// Traces (continued from the keyed records that carry one).
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Counters (also served as Prometheus text).
@@ -206,6 +209,8 @@ struct Pending {
     source: Arc<str>,
     key: Arc<str>,
     raw: String,
+    /// The `traceparent` of a traced event.
+    trace: Option<Box<str>>,
 }
 impl PartialEq for Pending {
     fn eq(&self, o: &Self) -> bool {
@@ -261,7 +266,14 @@ impl Partition {
         let mut pending: Vec<PendingRecord> = self
             .pending
             .iter()
-            .map(|Reverse(p)| PendingRecord { t: p.t, arrival: p.arrival, source: p.source.to_string(), key: p.key.to_string(), raw: p.raw.clone() })
+            .map(|Reverse(p)| PendingRecord {
+                t: p.t,
+                arrival: p.arrival,
+                source: p.source.to_string(),
+                key: p.key.to_string(),
+                raw: p.raw.clone(),
+                trace: p.trace.as_deref().map(str::to_string),
+            })
             .collect();
         pending.sort_by_key(|p| (p.t, p.arrival));
         let mut routers: Vec<RouterMark> = self
@@ -331,6 +343,7 @@ struct Shard {
     per_rule: HashMap<String, u64>,
     /// What /metrics and /readyz serve.
     published: Arc<Mutex<Report>>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Shard {
@@ -343,7 +356,7 @@ impl Shard {
                 Err(checkpoint::CheckpointError::Redis(e)) if cepheid_state::redis_unavailable(&e) => {
                     self.report.redis_errors += 1;
                     self.publish();
-                    eprintln!("matcher-shard: taking partition {partition}: redis unreachable; retrying in {} ms", wait.as_millis());
+                    tracing::warn!("matcher-shard: taking partition {partition}: redis unreachable; retrying in {} ms", wait.as_millis());
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
@@ -353,7 +366,7 @@ impl Shard {
         let now = Instant::now();
         let meta = a.meta.unwrap_or_default();
         if meta.offset == 0 && !a.keys.is_empty() {
-            eprintln!("matcher-shard: partition {partition}: key states without a checkpoint position; starting from the beginning");
+            tracing::warn!("matcher-shard: partition {partition}: key states without a checkpoint position; starting from the beginning");
         }
         let mut p = Partition {
             topic: self.cfg.keyed_topic.clone(),
@@ -365,7 +378,9 @@ impl Shard {
             pending: meta
                 .pending
                 .into_iter()
-                .map(|r| Reverse(Pending { t: r.t, arrival: r.arrival, source: Arc::from(r.source.as_str()), key: Arc::from(r.key.as_str()), raw: r.raw }))
+                .map(|r| {
+                    Reverse(Pending { t: r.t, arrival: r.arrival, source: Arc::from(r.source.as_str()), key: Arc::from(r.key.as_str()), raw: r.raw, trace: r.trace.map(Into::into) })
+                })
                 .collect(),
             keys: HashMap::new(),
             timers: BTreeSet::new(),
@@ -386,7 +401,7 @@ impl Shard {
     /// Gives a partition up: a last checkpoint (if still owned), then its actors stop.
     async fn release(&mut self, partition: i32, consumer: &Consumer) {
         if let Err(e) = self.checkpoint(partition, consumer, false).await {
-            eprintln!("matcher-shard: releasing partition {partition}: {e}");
+            tracing::warn!("matcher-shard: releasing partition {partition}: {e}");
         }
         if let Some(mut p) = self.parts.remove(&partition) {
             p.stop_all();
@@ -403,7 +418,7 @@ impl Shard {
                 // The group resumed after our checkpoint (Redis lost it, or an offset was
                 // committed by hand): read again from the checkpoint. The bus delivers the
                 // record at that offset next; this one comes again after it.
-                eprintln!(
+                tracing::warn!(
                     "matcher-shard: partition {}: the group resumes at {} but the checkpoint holds {}; reading again from {}",
                     m.partition, m.offset, p.next_offset, p.next_offset
                 );
@@ -428,7 +443,7 @@ impl Shard {
         if let Some(w) = m.header("cepheid-watermark") {
             self.report.watermarks += 1;
             let Some(w) = std::str::from_utf8(w).ok().and_then(|w| w.parse::<i64>().ok()) else {
-                eprintln!("matcher-shard: {}/{}/{}: unreadable watermark", m.topic, m.partition, m.offset);
+                tracing::warn!("matcher-shard: {}/{}/{}: unreadable watermark", m.topic, m.partition, m.offset);
                 return Ok(());
             };
             let router = m.header("cepheid-router").map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
@@ -452,12 +467,17 @@ impl Shard {
             if t < p.released {
                 self.report.late += 1;
                 let reason = format!("late at the shard: event time {t} is behind the partition's watermark {}", p.released);
+                if let Some(sp) = self.telemetry.continue_trace("shard.late", Kind::Consumer, m.header(TRACEPARENT)) {
+                    sp.error(reason.clone());
+                    tracing::info!(partition = m.partition, offset = m.offset, trace_id = sp.trace_id(), "matcher-shard: {reason}; dead-lettered");
+                }
                 self.dead_letter(&m, &reason).await?;
                 return Ok(());
             }
             p.arrival += 1;
             let raw = String::from_utf8_lossy(&m.payload).into_owned();
-            p.pending.push(Reverse(Pending { t, arrival: p.arrival, source, key: Arc::from(key.as_str()), raw }));
+            let trace = m.header(TRACEPARENT).map(|t| String::from_utf8_lossy(t).into());
+            p.pending.push(Reverse(Pending { t, arrival: p.arrival, source, key: Arc::from(key.as_str()), raw, trace }));
         }
         self.maybe_checkpoint(m.partition, consumer).await
     }
@@ -477,13 +497,15 @@ impl Shard {
         // Group released events by key, keeping (time, arrival) order within each key.
         let mut order: Vec<Arc<str>> = Vec::new();
         let mut batches: HashMap<Arc<str>, Vec<Released>> = HashMap::new();
+        // Per key, the trace of its last traced event (its matches continue that trace).
+        let mut traces: HashMap<Arc<str>, Box<str>> = HashMap::new();
         while p.pending.peek().is_some_and(|Reverse(top)| top.t < w) {
             let Reverse(rec) = p.pending.pop().expect("peeked");
             let ev = match self.book.decode(&rec.source, &rec.raw, rec.t) {
                 Ok(e) => e,
                 Err(e) => {
                     self.report.rejected += 1;
-                    eprintln!("matcher-shard: partition {partition} key {}: event dropped: {e}", rec.key);
+                    tracing::warn!("matcher-shard: partition {partition} key {}: event dropped: {e}", rec.key);
                     continue;
                 }
             };
@@ -492,6 +514,9 @@ impl Shard {
                 Vec::new()
             });
             list.push(Released { source: rec.source.to_string(), event: ev });
+            if let Some(t) = rec.trace {
+                traces.insert(rec.key.clone(), t);
+            }
         }
         let due: Vec<Arc<str>> = p.timers.iter().take_while(|(d, _)| *d <= w).map(|(_, k)| k.clone()).collect();
         for k in due {
@@ -545,18 +570,24 @@ impl Shard {
             let reply: StepReply = match r {
                 Ok(x) => x,
                 Err(why) => {
-                    eprintln!("matcher-shard: partition {partition} key {key}: actor failed ({why}); the key's state is dropped");
+                    tracing::warn!("matcher-shard: partition {partition} key {key}: actor failed ({why}); the key's state is dropped");
                     p.drop_key(&key);
                     continue;
                 }
             };
+            let span = traces.get(&key).and_then(|tp| self.telemetry.continue_trace("shard.match", Kind::Consumer, Some(tp.as_bytes())));
+            if let Some(sp) = &span {
+                sp.attribute("cepheid.key", key.to_string());
+                sp.attribute("cepheid.records", reply.out.records.len() as i64);
+            }
+            let traceparent = span.as_ref().map(Traced::traceparent);
             for rec in reply.out.records {
                 match rec.kind {
                     cepheid_types::MatchKind::Match => self.report.matches += 1,
                     cepheid_types::MatchKind::Timeout => self.report.timeouts += 1,
                 }
                 *self.per_rule.entry(rec.rule_id.clone()).or_default() += 1;
-                sends.push((rec.match_id.clone(), rec.to_json_line()));
+                sends.push((rec.match_id.clone(), rec.to_json_line(), traceparent.clone()));
             }
             if reply.out.idle {
                 p.drop_key(&key);
@@ -571,7 +602,11 @@ impl Shard {
         // Every match is acknowledged before anything after it is checkpointed.
         let bus = &self.bus;
         let topic = &self.cfg.matches_topic;
-        let acks = futures_util::future::join_all(sends.iter().map(|(id, line)| bus.send(topic, None, Some(id.as_bytes()), line.as_bytes(), &[]))).await;
+        let acks = futures_util::future::join_all(sends.iter().map(|(id, line, tp)| {
+            let headers: Vec<(&str, &[u8])> = tp.iter().map(|t| (TRACEPARENT, t.as_bytes())).collect();
+            async move { bus.send(topic, None, Some(id.as_bytes()), line.as_bytes(), &headers).await }
+        }))
+        .await;
         for a in acks {
             a?;
         }
@@ -591,18 +626,18 @@ impl Shard {
                 Ok(snap) => {
                     let (cell, dropped) = KeyCell::restore(snap, rules, &self.book);
                     for d in dropped {
-                        eprintln!("matcher-shard: partition {partition} key {key}: state not restored: {d}");
+                        tracing::warn!("matcher-shard: partition {partition} key {key}: state not restored: {d}");
                     }
                     self.report.restored_keys += 1;
                     cell
                 }
                 Err(e) => {
-                    eprintln!("matcher-shard: partition {partition} key {key}: stored state unreadable ({e}); starting afresh");
+                    tracing::warn!("matcher-shard: partition {partition} key {key}: stored state unreadable ({e}); starting afresh");
                     KeyCell::new()
                 }
             },
             None => {
-                eprintln!("matcher-shard: partition {partition} key {key}: stored state missing; starting afresh");
+                tracing::warn!("matcher-shard: partition {partition} key {key}: stored state missing; starting afresh");
                 KeyCell::new()
             }
         };
@@ -619,7 +654,7 @@ impl Shard {
                 Err(e) => {
                     self.report.redis_errors += 1;
                     self.publish();
-                    eprintln!("matcher-shard: partition {partition} key {key}: loading its state: {e}; retrying in {wait:?}");
+                    tracing::warn!("matcher-shard: partition {partition} key {key}: loading its state: {e}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
@@ -675,14 +710,14 @@ impl Shard {
                     writes.states.push((k.to_string(), doc, d));
                     written.push(k);
                 }
-                _ => eprintln!("matcher-shard: partition {partition} key {k}: no snapshot (actor gone); not checkpointed"),
+                _ => tracing::warn!("matcher-shard: partition {partition} key {k}: no snapshot (actor gone); not checkpointed"),
             }
         }
         let (topic, epoch, offset) = (p.topic.clone(), p.epoch, p.next_offset);
         match self.ckpt.commit(&topic, partition, epoch, &writes).await {
             Ok(()) => {}
             Err(checkpoint::CheckpointError::Fenced(what, mine, now)) => {
-                eprintln!("matcher-shard: partition {what}: taken over by another shard (epoch {mine} → {now}); giving it up");
+                tracing::warn!("matcher-shard: partition {what}: taken over by another shard (epoch {mine} → {now}); giving it up");
                 self.report.fenced += 1;
                 if let Some(mut p) = self.parts.remove(&partition) {
                     p.stop_all();
@@ -694,7 +729,7 @@ impl Shard {
                 // next tick tries again.
                 self.report.checkpoint_failures += 1;
                 self.report.redis_errors += 1;
-                eprintln!("matcher-shard: checkpoint of {topic}/{partition}: {e}; retrying in {} ms", self.cfg.checkpoint_interval_ms);
+                tracing::warn!("matcher-shard: checkpoint of {topic}/{partition}: {e}; retrying in {} ms", self.cfg.checkpoint_interval_ms);
                 if let Some(p) = self.parts.get_mut(&partition) {
                     p.since_checkpoint = 0;
                     p.last_checkpoint = Instant::now();
@@ -716,7 +751,7 @@ impl Shard {
         p.changed = false;
         p.last_checkpoint = Instant::now();
         if let Err(e) = consumer.commit(&topic, partition, offset) {
-            eprintln!("matcher-shard: committing {topic}/{partition}@{offset}: {e} (the Redis checkpoint stands)");
+            tracing::warn!("matcher-shard: committing {topic}/{partition}@{offset}: {e} (the Redis checkpoint stands)");
         }
         if passivate {
             let idle = Duration::from_millis(self.cfg.passivate_after_ms);
@@ -802,7 +837,7 @@ impl Shard {
 
     fn apply(&mut self, spec: &cepheid_rules::RuleSpec) {
         if let Err(d) = self.book.upsert(spec) {
-            eprintln!("matcher-shard: stored rule `{}` does not compile here: {d}", spec.id);
+            tracing::warn!("matcher-shard: stored rule `{}` does not compile here: {d}", spec.id);
         }
     }
 }
@@ -866,6 +901,7 @@ pub async fn run(
             report: Report::default(),
             per_rule: HashMap::new(),
             published: shared.clone(),
+            telemetry: deps.telemetry.clone(),
         };
     let mut updates = deps.rules.watch("matcher-shard");
     // Every rule before the first record.
@@ -900,7 +936,7 @@ pub async fn run(
                 m = consumer.recv() => {
                     let m = match m {
                         Ok(m) => m,
-                        Err(e) if e.is_transient() => { eprintln!("matcher-shard: bus: {e}; retrying"); continue; }
+                        Err(e) if e.is_transient() => { tracing::warn!("matcher-shard: bus: {e}; retrying"); continue; }
                         Err(e) => return Err(e.into()),
                     };
                     // A rebalance is reported during recv: apply it before the record.
@@ -922,6 +958,7 @@ pub async fn run(
         shard.release(id, &consumer).await;
     }
     shard.publish();
+    shard.telemetry.flush();
     if let Some(s) = server {
         s.abort();
     }

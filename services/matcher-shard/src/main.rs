@@ -13,11 +13,14 @@ struct Settings {
     engine: cepheid_engine::engine::EngineConfig,
     redis: RedisSettings,
     kafka: KafkaSettings,
+    #[serde(default)]
+    telemetry: cepheid_telemetry::TelemetrySettings,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg: Settings = load(config_arg().as_deref())?;
+    let telemetry = cepheid_telemetry::init("cepheid-matcher-shard", &cfg.telemetry)?;
     let bus = cfg.kafka.bus()?;
     let rules = cepheid_state::rules::RedisRuleStore::connect(&cfg.redis.url, &cfg.redis.prefix).await?;
     let http = tokio::net::TcpListener::bind(&cfg.shard.listen).await.with_context(|| format!("binding {}", cfg.shard.listen))?;
@@ -27,8 +30,9 @@ async fn main() -> anyhow::Result<()> {
         redis_url: cfg.redis.url.clone(),
         prefix: cfg.redis.prefix.clone(),
         clock: Arc::new(cepheid_types::SystemClock),
+        telemetry,
     };
     let report = cepheid_matcher_shard::run(cfg.shard, cfg.engine, deps, Some(http), shutdown_signal()).await?;
-    eprintln!("cepheid-matcher-shard: {report:?}");
+    tracing::info!("cepheid-matcher-shard stopped: {report:?}");
     Ok(())
 }

@@ -126,6 +126,7 @@ where
 struct Cluster {
     bus: Bus,
     redis: String,
+    otlp: Option<String>,
     tag: String,
     prefix: String,
     store: RedisRuleStore,
@@ -142,20 +143,43 @@ struct Cluster {
     dead_topic: String,
 }
 
+/// A service's tracing: every event traced when an OTLP endpoint is given, none otherwise.
+fn telemetry(otlp: &Option<String>, service: &str) -> Arc<cepheid_telemetry::Telemetry> {
+    let s = cepheid_telemetry::TelemetrySettings { otlp_endpoint: otlp.clone(), sample_ratio: 1.0, export_interval_ms: 50, ..Default::default() };
+    Arc::new(cepheid_telemetry::Telemetry::new(service, &s).unwrap())
+}
+
+/// How a test's cluster differs from the usual one.
+struct Opts {
+    shards: usize,
+    redis: String,
+    /// OTLP endpoint every service exports traces to (every event traced).
+    otlp: Option<String>,
+    rules: Vec<RuleSpec>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts { shards: 2, redis: REDIS.into(), otlp: None, rules: rules() }
+    }
+}
+
 impl Cluster {
     async fn start(bus: Bus, tag: &str, shards: usize) -> Cluster {
-        Cluster::start_on(bus, tag, shards, REDIS).await
+        Cluster::start_with(bus, tag, Opts { shards, ..Opts::default() }).await
     }
 
-    /// The cluster against the Redis at `redis`.
-    async fn start_on(bus: Bus, tag: &str, shards: usize, redis: &str) -> Cluster {
+    async fn start_with(bus: Bus, tag: &str, opts: Opts) -> Cluster {
+        let redis = opts.redis.as_str();
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
         let tag = format!("{tag}-{}", std::process::id());
         let prefix = format!("cepheid-test:cluster-{tag}");
         cepheid_state::delete_prefix(redis, &prefix).await.unwrap();
         let store = RedisRuleStore::connect(redis, &prefix).await.unwrap();
-        for r in rules() {
-            store.apply(&r).await.unwrap();
+        for r in &opts.rules {
+            store.apply(r).await.unwrap();
         }
+        let telemetry = |service: &str| telemetry(&opts.otlp, service);
         let tmp = tempfile::tempdir().unwrap();
         let alerts = tmp.path().join("alerts.jsonl");
         let (events_topic, keyed_topic, matches_topic, dead_topic) =
@@ -173,9 +197,9 @@ impl Cluster {
         icfg.group = format!("ingest-{tag}");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ingest_url = format!("http://{}", listener.local_addr().unwrap());
-        let b = bus.clone();
+        let (b, t) = (bus.clone(), telemetry("cepheid-ingest"));
         services.push(spawn(move |stop| async move {
-            cepheid_ingest::run(icfg, b, listener, async move {
+            cepheid_ingest::run(icfg, b, t, listener, async move {
                 let _ = stop.await;
             })
             .await
@@ -192,12 +216,12 @@ impl Cluster {
             listen: "127.0.0.1:0".into(),
             dead_letter_topic: dead_topic.clone(),
         };
-        let (b, s) = (bus.clone(), store.clone());
+        let (b, s, t) = (bus.clone(), store.clone(), telemetry("cepheid-keygen-router"));
         let mut probes = vec![("ingest".to_string(), ingest_url.clone())];
         let rl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         probes.push(("keygen-router".into(), format!("http://{}", rl.local_addr().unwrap())));
         services.push(spawn(move |stop| async move {
-            cepheid_keygen_router::run(rcfg, engine(), b, s, Some(rl), async move {
+            cepheid_keygen_router::run(rcfg, engine(), b, s, t, Some(rl), async move {
                 let _ = stop.await;
             })
             .await
@@ -225,6 +249,7 @@ impl Cluster {
                 probes.push(("notifier".into(), format!("http://{}", l.local_addr().unwrap())));
                 l
             }),
+            telemetry: telemetry("cepheid-notifier"),
         };
         services.push(spawn(move |stop| async move {
             cepheid_notifier::run(scfg, ncfg, deps, async move {
@@ -236,6 +261,7 @@ impl Cluster {
         let mut c = Cluster {
             bus,
             redis: redis.to_string(),
+            otlp: opts.otlp.clone(),
             tag,
             prefix,
             store,
@@ -250,7 +276,7 @@ impl Cluster {
             matches_topic,
             dead_topic,
         };
-        for _ in 0..shards {
+        for _ in 0..opts.shards {
             c.add_shard().await;
         }
         c
@@ -281,6 +307,7 @@ impl Cluster {
             redis_url: self.redis.clone(),
             prefix: self.prefix.clone(),
             clock: Arc::new(cepheid_types::SystemClock),
+            telemetry: telemetry(&self.otlp, "cepheid-matcher-shard"),
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.probes.push((format!("matcher-shard-{}", self.shards.len() + 1), format!("http://{}", l.local_addr().unwrap())));
@@ -642,7 +669,7 @@ async fn redis_restarted_mid_stream_loses_nothing() {
     let lines = input();
     let want = embedded_alerts(&lines);
     let mut redis = OwnRedis::start();
-    let c = Cluster::start_on(Bus::memory(), "redis-restart", 2, &redis.url()).await;
+    let c = Cluster::start_with(Bus::memory(), "redis-restart", Opts { redis: redis.url(), ..Opts::default() }).await;
     let third = lines.len() / 3;
     c.post(&lines[..third]).await;
     c.until_delivered(1).await;
@@ -713,4 +740,93 @@ async fn broker_down_and_back_loses_nothing() {
     let got = c.finish().await;
     assert_same(&got, &want);
     drop(mock);
+}
+
+/// An OTLP/HTTP receiver of the test's own: keeps every exported trace document.
+async fn otlp_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let got: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let g = g.clone();
+            async move {
+                g.lock().unwrap().push(serde_json::from_slice::<Value>(&body).expect("OTLP JSON"));
+                axum::Json(serde_json::json!({}))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, got)
+}
+
+/// (service, trace id, span id, parent span id, span name) of every span received.
+fn spans(docs: &[Value]) -> Vec<(String, String, String, String, String)> {
+    let mut out = Vec::new();
+    for d in docs {
+        for rs in d["resourceSpans"].as_array().into_iter().flatten() {
+            let service = rs["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.name")
+                .and_then(|a| a["value"]["stringValue"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                for sp in ss["spans"].as_array().into_iter().flatten() {
+                    let f = |k: &str| sp[k].as_str().unwrap_or_default().to_string();
+                    out.push((service.clone(), f("traceId"), f("spanId"), f("parentSpanId"), f("name")));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One event's trace goes through all four services: ingest's span is the
+/// root, the router's is its child, the shard's the router's, the notifier's
+/// the shard's — exported over OTLP to a receiver the test runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_is_traced_through_all_four_services() {
+    let (endpoint, received) = otlp_receiver().await;
+    let purchase = cepheid_rules::parse_rule_json(
+        r#"{"id":"purchase_seen","version":1,"key_by":["userId"],
+            "pattern":[{"name":"p","where":"eventType = 'purchase'"}],
+            "action":{"targets":["file:alerts"]}}"#,
+    )
+    .unwrap();
+    let c = Cluster::start_with(Bus::memory(), "traces", Opts { otlp: Some(endpoint), rules: vec![purchase], ..Opts::default() }).await;
+    let lines = input();
+    let first_purchase = lines.iter().position(|l| l.contains("\"purchase\"")).expect("the sample has purchases");
+    let mut posted: Vec<String> = lines[..=first_purchase].to_vec();
+    posted.push(CLOSING.to_string());
+    c.post(&posted).await;
+    c.until_delivered(1).await;
+    let chain = ["cepheid-ingest", "cepheid-keygen-router", "cepheid-matcher-shard", "cepheid-notifier"];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let found = loop {
+        let all = spans(&received.lock().unwrap());
+        // A notifier span, followed up its parents to ingest's root span.
+        let complete = all.iter().filter(|s| s.0 == "cepheid-notifier").find_map(|leaf| {
+            let mut path = vec![leaf.clone()];
+            while let Some(parent) = all.iter().find(|s| s.1 == leaf.1 && s.2 == path.last().unwrap().3) {
+                path.push(parent.clone());
+            }
+            let services: Vec<&str> = path.iter().rev().map(|s| s.0.as_str()).collect();
+            (services == chain && path.last().unwrap().3.is_empty()).then_some(path)
+        });
+        if let Some(p) = complete {
+            break p;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no complete trace among {} spans: {:?}", all.len(), all.iter().take(12).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("trace: {found:?}");
+    let names: Vec<&str> = found.iter().rev().map(|s| s.4.as_str()).collect();
+    assert_eq!(names, ["ingest.accept", "router.route", "shard.match", "notifier.deliver"]);
+    assert!(found.iter().all(|s| s.1 == found[0].1), "one trace id");
+    c.finish().await;
 }

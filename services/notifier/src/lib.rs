@@ -16,6 +16,7 @@ use cepheid_bus::Bus;
 use cepheid_notify::{Notifier, NotifierConfig, NotifierDeps, Sleeper};
 use cepheid_rules::RuleSpec;
 use cepheid_state::rules::RedisRuleStore;
+use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_types::{Clock, MatchRecord};
 use serde::Deserialize;
 
@@ -129,6 +130,8 @@ pub struct Deps {
     pub sleeper: Arc<dyn Sleeper>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served, if anywhere.
     pub http: Option<tokio::net::TcpListener>,
+    /// Traces (continued from the match records that carry one).
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Counters of one run.
@@ -177,7 +180,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                 let m = match m {
                     Ok(m) => m,
                     Err(e) if e.is_transient() => {
-                        eprintln!("notifier: bus: {e}; retrying");
+                        tracing::warn!("notifier: bus: {e}; retrying");
                         deps.sleeper.sleep(Duration::from_millis(500)).await;
                         continue;
                     }
@@ -203,19 +206,29 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                                     }
                                     let (n2, name, action) = (n.clone(), spec.name.clone(), action.clone());
                                     let sleeper = deps.sleeper.clone();
+                                    let span = deps.telemetry.continue_trace("notifier.deliver", Kind::Consumer, m.header(TRACEPARENT));
+                                    if let Some(sp) = &span {
+                                        sp.attribute("cepheid.match_id", r.match_id.clone());
+                                        sp.attribute("cepheid.rule_id", r.rule_id.clone());
+                                        sp.attribute("cepheid.targets", action.targets.join(","));
+                                    }
                                     submitting.push(tokio::spawn(async move {
+                                        let trace_id = span.as_ref().map(Traced::trace_id);
                                         // Redis down (dedupe window, delay queue): wait for it, or the
                                         // match would be lost when its offset is committed.
                                         let mut wait = Duration::from_millis(100);
                                         loop {
                                             match n2.submit(&r, &name, &action).await {
                                                 Err(e) if e.is_transient() => {
-                                                    eprintln!("notifier: match {}: {e}; retrying in {} ms", r.match_id, wait.as_millis());
+                                                    tracing::warn!(match_id = %r.match_id, trace_id, "notifier: {e}; retrying in {} ms", wait.as_millis());
                                                     sleeper.sleep(wait).await;
                                                     wait = (wait * 2).min(Duration::from_secs(5));
                                                 }
                                                 Err(e) => {
-                                                    eprintln!("notifier: match {}: {e}", r.match_id);
+                                                    if let Some(sp) = &span {
+                                                        sp.error(e.to_string());
+                                                    }
+                                                    tracing::error!(match_id = %r.match_id, trace_id, "notifier: match not delivered: {e}");
                                                     break;
                                                 }
                                                 Ok(_) => break,
@@ -228,13 +241,13 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                             },
                             None => {
                                 report.skipped += 1;
-                                eprintln!("notifier: rule `{}` version {} is not in the rule store; match {} not delivered", r.rule_id, r.rule_version, r.match_id);
+                                tracing::warn!("notifier: rule `{}` version {} is not in the rule store; match {} not delivered", r.rule_id, r.rule_version, r.match_id);
                             }
                         }
                     }
                     None => {
                         report.skipped += 1;
-                        eprintln!("notifier: record {}/{} is not a match record", m.partition, m.offset);
+                        tracing::warn!("notifier: record {}/{} is not a match record", m.partition, m.offset);
                     }
                 }
                 since_commit += 1;
@@ -246,6 +259,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
         }
     }
     commit(&n, &consumer, &service.matches_topic, &mut uncommitted, &mut submitting).await;
+    deps.telemetry.flush();
     if let Some(s) = server {
         s.abort();
     }
@@ -260,7 +274,7 @@ async fn commit(n: &Notifier, c: &cepheid_bus::Consumer, topic: &str, offsets: &
     n.idle().await;
     for (p, o) in offsets.drain() {
         if let Err(e) = c.commit(topic, p, o) {
-            eprintln!("notifier: commit {topic}/{p}@{o}: {e}");
+            tracing::warn!("notifier: commit {topic}/{p}@{o}: {e}");
         }
     }
 }

@@ -14,11 +14,14 @@ struct Settings {
     notifier_service: cepheid_notifier::ServiceConfig,
     redis: RedisSettings,
     kafka: KafkaSettings,
+    #[serde(default)]
+    telemetry: cepheid_telemetry::TelemetrySettings,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg: Settings = load(config_arg().as_deref())?;
+    let telemetry = cepheid_telemetry::init("cepheid-notifier", &cfg.telemetry)?;
     let bus = cfg.kafka.bus()?;
     let rules = cepheid_state::rules::RedisRuleStore::connect(&cfg.redis.url, &cfg.redis.prefix).await?;
     let store = cepheid_notify::stores::Store::redis(&cfg.redis.url, &cfg.redis.prefix).await?;
@@ -30,8 +33,9 @@ async fn main() -> anyhow::Result<()> {
         clock: Arc::new(cepheid_types::SystemClock),
         sleeper: Arc::new(cepheid_notify::TokioSleeper),
         http: Some(http),
+        telemetry,
     };
     let report = cepheid_notifier::run(cfg.notifier_service, cfg.notifier, deps, shutdown_signal()).await?;
-    eprintln!("cepheid-notifier: {} records, {} delivered to targets, {} skipped", report.records, report.submitted, report.skipped);
+    tracing::info!("cepheid-notifier stopped: {} records, {} delivered to targets, {} skipped", report.records, report.submitted, report.skipped);
     Ok(())
 }

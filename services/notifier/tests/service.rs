@@ -105,6 +105,7 @@ async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str)
             clock: Arc::new(cepheid_types::SystemClock),
             sleeper: Arc::new(TokioSleeper),
             http,
+            telemetry: Arc::default(),
         };
         let h = tokio::spawn(run(scfg.clone(), ncfg.clone(), deps, async move {
             let _ = stop.await;

@@ -101,7 +101,7 @@ impl KafkaBus {
             // CreateTopics API) is fine when the topic was provisioned beforehand.
             Some(e) => match self.partitions(topic).await {
                 Ok(_) => {
-                    eprintln!("bus: topic {topic} exists; creating it was refused ({e})");
+                    tracing::warn!("bus: topic {topic} exists; creating it was refused ({e})");
                     Ok(())
                 }
                 Err(_) => Err(e),
@@ -299,7 +299,7 @@ impl KafkaConsumer {
                     self.consumer.seek(&tp.0, tp.1, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
                     continue;
                 }
-                eprintln!(
+                tracing::warn!(
                     "bus: {}/{}: records {}..{} are not on the broker any more (deleted before they were read); resuming at {offset}",
                     tp.0, tp.1, r.target, offset
                 );

@@ -405,6 +405,6 @@ fn dead_letter(inner: &Inner, target: &str, job: &Job, e: &SendError) {
         Some(w) => {
             let _ = w.write_all(line.as_bytes()).and_then(|_| w.write_all(b"\n")).and_then(|_| w.flush());
         }
-        None => eprintln!("dead letter: {line}"),
+        None => tracing::warn!("dead letter: {line}"),
     }
 }

@@ -92,7 +92,7 @@ impl Target {
                 w.write_all(line.as_bytes()).and_then(|_| w.write_all(b"\n")).and_then(|_| w.flush()).map_err(|e| SendError::retry(e.to_string()))
             }
             Target::Log => {
-                eprintln!("[alert {}] {}", job.rule_id, job.message);
+                tracing::warn!("[alert {}] {}", job.rule_id, job.message);
                 Ok(())
             }
         }

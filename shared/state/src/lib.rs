@@ -53,7 +53,7 @@ where
     loop {
         match op().await {
             Err(e) if e.is_transient() => {
-                eprintln!("{what}: {e}; retrying in {} ms", wait.as_millis());
+                tracing::warn!("{what}: {e}; retrying in {} ms", wait.as_millis());
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(5));
             }

@@ -231,7 +231,7 @@ impl RedisRuleStore {
                             return Ok(());
                         }
                     }
-                    eprintln!("{who}: rule change feed lost (Redis connection dropped); resyncing");
+                    tracing::warn!("{who}: rule change feed lost (Redis connection dropped); resyncing");
                 }
             }
             .await;
