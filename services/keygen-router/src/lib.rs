@@ -303,6 +303,8 @@ pub struct Report {
     pub watermarks_sent: u64,
     /// Rules loaded at the last count.
     pub rules: u64,
+    /// Events of the assigned partitions not yet committed.
+    pub consumer_lag: u64,
 }
 
 impl Report {
@@ -317,6 +319,7 @@ impl Report {
             ("cepheid_router_late_total", "counter", "Events behind their source's watermark, dead-lettered.", self.late),
             ("cepheid_router_watermarks_total", "counter", "Watermark records sent.", self.watermarks_sent),
             ("cepheid_router_rules", "gauge", "Enabled rules loaded.", self.rules),
+            ("cepheid_router_consumer_lag", "gauge", "Events of the assigned events partitions after the committed offsets.", self.consumer_lag),
         ] {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
         }
@@ -386,6 +389,7 @@ pub async fn run(
     let mut out = Outbox::default();
     loop {
         report.rules = router.rule_count() as u64;
+        report.consumer_lag = consumer.lag().unwrap_or(0);
         *shared.lock().unwrap() = report.clone();
         tokio::select! {
             biased;

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cepheid_bus::{Bus, Consumer, Message};
-use cepheid_engine::cell::{CellSnapshot, KeyCell, Released, RuleBook};
+use cepheid_engine::cell::{CellSnapshot, KeyCell, Released, RuleBook, SigRules};
 use cepheid_engine::engine::EngineConfig;
 use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
@@ -159,6 +159,10 @@ pub struct Report {
     pub rules: u64,
     pub ready: bool,
     pub per_rule: Vec<(String, u64)>,
+    /// Per rule: (evaluations, timed evaluations, their nanoseconds).
+    pub rule_evals: Vec<(String, u64, u64, u64)>,
+    /// Records of the assigned partitions not read yet.
+    pub consumer_lag: u64,
 }
 
 impl Report {
@@ -187,6 +191,7 @@ impl Report {
             ("cepheid_shard_partial_matches", "gauge", "Partial matches held by running actors.", self.partial_matches),
             ("cepheid_shard_pending_events", "gauge", "Events waiting for the watermark.", self.pending_events),
             ("cepheid_shard_rules", "gauge", "Enabled rules loaded.", self.rules),
+            ("cepheid_shard_consumer_lag", "gauge", "Records of the assigned keyed partitions not read yet.", self.consumer_lag),
         ] {
             let v = if name == "cepheid_shard_checkpoint_seconds_total" {
                 format!("{:.6}", self.checkpoint_micros_total as f64 / 1e6)
@@ -198,6 +203,18 @@ impl Report {
         s.push_str("# HELP cepheid_shard_rule_matches_total Matches and timeouts published per rule.\n# TYPE cepheid_shard_rule_matches_total counter\n");
         for (rule, n) in &self.per_rule {
             s.push_str(&format!("cepheid_shard_rule_matches_total{{rule=\"{rule}\"}} {n}\n"));
+        }
+        s.push_str("# HELP cepheid_shard_rule_evaluations_total Times a rule's automaton was run on an event, per rule.\n# TYPE cepheid_shard_rule_evaluations_total counter\n");
+        for (rule, n, _, _) in &self.rule_evals {
+            s.push_str(&format!("cepheid_shard_rule_evaluations_total{{rule=\"{rule}\"}} {n}\n"));
+        }
+        s.push_str(&format!(
+            "# HELP cepheid_shard_rule_evaluation_seconds Time of one evaluation, per rule (one evaluation in {} is timed).\n# TYPE cepheid_shard_rule_evaluation_seconds summary\n",
+            cepheid_engine::cell::TIMED_EVERY
+        ));
+        for (rule, _, timed, nanos) in &self.rule_evals {
+            s.push_str(&format!("cepheid_shard_rule_evaluation_seconds_sum{{rule=\"{rule}\"}} {:.9}\n", *nanos as f64 / 1e9));
+            s.push_str(&format!("cepheid_shard_rule_evaluation_seconds_count{{rule=\"{rule}\"}} {timed}\n"));
         }
         s
     }
@@ -341,6 +358,8 @@ struct Shard {
     parts: HashMap<i32, Partition>,
     report: Report,
     per_rule: HashMap<String, u64>,
+    /// Per rule: (evaluations, timed evaluations, their nanoseconds).
+    rule_evals: HashMap<String, (u64, u64, u64)>,
     /// What /metrics and /readyz serve.
     published: Arc<Mutex<Report>>,
     telemetry: Arc<Telemetry>,
@@ -533,7 +552,7 @@ impl Shard {
         // Keys with state step in their actors (restored first when passivated);
         // a key without state steps here, and gets an actor only if it keeps some.
         let mut calls = Vec::with_capacity(order.len());
-        let mut results: Vec<(Arc<str>, Result<StepReply, String>)> = Vec::new();
+        let mut results: Vec<(Arc<str>, Arc<SigRules>, Result<StepReply, String>)> = Vec::new();
         for key in order {
             let events = batches.remove(&key).unwrap_or_default();
             let sig = key.split('|').next().unwrap_or_default();
@@ -549,24 +568,25 @@ impl Shard {
                 if !out.idle {
                     self.spawn_actor(partition, &key, cell).await?;
                 }
-                results.push((key, Ok(StepReply { out, partials })));
+                results.push((key, rules, Ok(StepReply { out, partials })));
                 continue;
             }
             let actor = self.actor_for(partition, &key, &rules).await?;
             calls.push(async move {
+                let book = rules.clone();
                 let r = actor.call(|reply| KeyMsg::Step { rules, events, watermark: Some(w), now, reply }, None).await;
                 let r = match r {
                     Ok(ractor::rpc::CallResult::Success(x)) => Ok(x),
                     Ok(_) => Err("no reply".to_string()),
                     Err(e) => Err(e.to_string()),
                 };
-                (key, r)
+                (key, book, r)
             });
         }
         results.extend(futures_util::future::join_all(calls).await);
         let mut sends = Vec::new();
         let p = self.parts.get_mut(&partition).expect("held");
-        for (key, r) in results {
+        for (key, book, r) in results {
             let reply: StepReply = match r {
                 Ok(x) => x,
                 Err(why) => {
@@ -575,6 +595,17 @@ impl Shard {
                     continue;
                 }
             };
+            for e in &reply.out.evals {
+                if let Some(rule) = book.rule_at(e.slot) {
+                    let agg = match self.rule_evals.get_mut(rule.id()) {
+                        Some(a) => a,
+                        None => self.rule_evals.entry(rule.id().to_string()).or_default(),
+                    };
+                    agg.0 += e.count;
+                    agg.1 += e.timed;
+                    agg.2 += e.nanos;
+                }
+            }
             let span = traces.get(&key).and_then(|tp| self.telemetry.continue_trace("shard.match", Kind::Consumer, Some(tp.as_bytes())));
             if let Some(sp) = &span {
                 sp.attribute("cepheid.key", key.to_string());
@@ -804,6 +835,9 @@ impl Shard {
         let mut per: Vec<(String, u64)> = self.per_rule.iter().map(|(k, v)| (k.clone(), *v)).collect();
         per.sort();
         r.per_rule = per;
+        let mut ev: Vec<(String, u64, u64, u64)> = self.rule_evals.iter().map(|(k, v)| (k.clone(), v.0, v.1, v.2)).collect();
+        ev.sort();
+        r.rule_evals = ev;
     }
 
     /// Takes note of a rebalance: partitions no longer assigned are given up.
@@ -900,6 +934,7 @@ pub async fn run(
             parts: HashMap::new(),
             report: Report::default(),
             per_rule: HashMap::new(),
+            rule_evals: HashMap::new(),
             published: shared.clone(),
             telemetry: deps.telemetry.clone(),
         };
@@ -924,6 +959,7 @@ pub async fn run(
                     None => anyhow::bail!("matcher-shard: the rule store watch ended"),
                 },
                 _ = tick.tick() => {
+                    shard.report.consumer_lag = consumer.lag().unwrap_or(0);
                     shard.publish();
                     shard.expire_routers().await?;
                     let ids: Vec<i32> = shard.parts.keys().copied().collect();

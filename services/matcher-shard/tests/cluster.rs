@@ -582,6 +582,12 @@ async fn every_service_answers_probes_and_metrics() {
             assert!(metrics.lines().any(|l| l.starts_with(metric.as_str())), "{name} does not expose {metric}:\n{metrics}");
         }
         if service == "matcher-shard" {
+            let evaluations: f64 = metrics
+                .lines()
+                .filter(|l| l.starts_with("cepheid_shard_rule_evaluations_total{") || l.starts_with("cepheid_shard_rule_evaluation_seconds_count{"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .sum();
+            assert!(evaluations > 0.0, "{name} counted no rule evaluations:\n{metrics}");
             shard_matches += metrics
                 .lines()
                 .find(|l| l.starts_with("cepheid_shard_matches_total "))

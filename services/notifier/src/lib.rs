@@ -98,7 +98,7 @@ pub fn prometheus(m: &cepheid_notify::Metrics) -> String {
     out
 }
 
-fn http(n: Notifier, bus: Bus, topic: String) -> axum::Router {
+fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::AtomicU64>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -116,7 +116,14 @@ fn http(n: Notifier, bus: Bus, topic: String) -> axum::Router {
         )
         .route("/metrics", get(move || {
             let n = n.clone();
-            async move { prometheus(&n.metrics()) }
+            let lag = lag.load(std::sync::atomic::Ordering::Relaxed);
+            async move {
+                let mut text = prometheus(&n.metrics());
+                text.push_str(&format!(
+                    "# HELP cepheid_notifier_consumer_lag Match records of the assigned partitions after the committed offsets.\n# TYPE cepheid_notifier_consumer_lag gauge\ncepheid_notifier_consumer_lag {lag}\n"
+                ));
+                text
+            }
         }))
 }
 
@@ -153,8 +160,9 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
     )
     .await?;
     let mut consumer = deps.bus.subscribe(&service.group, &[&service.matches_topic])?;
+    let lag: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let server = deps.http.map(|l| {
-        let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone());
+        let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone(), lag.clone());
         tokio::spawn(async move { axum::serve(l, app).await })
     });
     let mut rules: HashMap<(String, u64), Option<RuleSpec>> = HashMap::new();
@@ -170,6 +178,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
         tokio::select! {
             _ = &mut shutdown => break,
             _ = poll.tick() => {
+                lag.store(consumer.lag().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
                 n.poll_delayed().await.ok();
                 if !uncommitted.is_empty() {
                     commit(&n, &consumer, &service.matches_topic, &mut uncommitted, &mut submitting).await;

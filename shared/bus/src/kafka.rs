@@ -181,9 +181,10 @@ impl KafkaBus {
     }
 
     pub fn subscribe(&self, group: &str, topics: &[&str]) -> Result<KafkaConsumer, BusError> {
-        let ctx = GroupContext::default();
+        let ctx = GroupContext { lag: Arc::new(std::sync::atomic::AtomicI64::new(-1)), ..GroupContext::default() };
         let assignment = ctx.assignment.clone();
         let fresh = ctx.fresh.clone();
+        let lag = ctx.lag.clone();
         let consumer: StreamConsumer<GroupContext> = self
             .cfg
             .client()
@@ -192,10 +193,11 @@ impl KafkaBus {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
+            .set("statistics.interval.ms", "5000")
             .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer, assignment, fresh, resume: HashMap::new() })
+        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: HashMap::new() })
     }
 }
 
@@ -206,9 +208,22 @@ struct GroupContext {
     assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
     /// Partitions (re)assigned whose first record has not been read yet.
     fresh: Arc<Mutex<HashSet<(String, i32)>>>,
+    /// Records of the assigned partitions after the committed offsets (from
+    /// librdkafka's statistics, every few seconds); -1 before the first report.
+    lag: Arc<std::sync::atomic::AtomicI64>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let assigned = self.assignment.lock().unwrap().0.clone();
+        let lag: i64 = assigned
+            .iter()
+            .filter_map(|(t, p)| stats.topics.get(t).and_then(|tt| tt.partitions.get(p)))
+            .map(|p| p.consumer_lag.max(0))
+            .sum();
+        self.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -241,6 +256,7 @@ pub struct KafkaConsumer {
     consumer: StreamConsumer<GroupContext>,
     assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
     fresh: Arc<Mutex<HashSet<(String, i32)>>>,
+    lag: Arc<std::sync::atomic::AtomicI64>,
     /// Partitions that must resume exactly at an offset (after a seek or an assignment).
     resume: HashMap<(String, i32), Resume>,
 }
@@ -330,6 +346,13 @@ impl KafkaConsumer {
         self.fresh.lock().unwrap().remove(&tp);
         self.resume.insert(tp, Resume { target: offset, from: offset, found: false });
         Ok(())
+    }
+
+    /// Records of the assigned partitions after the group's committed offsets
+    /// (librdkafka's statistics, refreshed every 5 s; None before the first).
+    pub fn lag(&self) -> Option<u64> {
+        let l = self.lag.load(std::sync::atomic::Ordering::Relaxed);
+        (l >= 0).then_some(l as u64)
     }
 
     /// The group's committed offset for a partition (None when it has none).

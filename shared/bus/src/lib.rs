@@ -198,6 +198,16 @@ impl Consumer {
         }
     }
 
+    /// How far behind this member is: records of its assigned partitions not
+    /// read yet (memory), or after the group's committed offsets (Kafka, from
+    /// librdkafka's statistics every 5 s; None until the first report).
+    pub fn lag(&self) -> Option<u64> {
+        match self {
+            Consumer::Memory(m) => Some(m.lag()),
+            Consumer::Kafka(k) => k.lag(),
+        }
+    }
+
     /// Commits: the group resumes partition `partition` of `topic` at `next_offset`.
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {
         match self {

@@ -159,6 +159,15 @@ impl MemoryConsumer {
         self.changed.take()
     }
 
+    /// Records of the assigned partitions not read yet.
+    pub fn lag(&self) -> u64 {
+        let t = self.bus.topics.lock().unwrap();
+        self.positions
+            .iter()
+            .map(|(topic, p, pos)| t.get(topic.as_str()).and_then(|l| l.get(*p as usize)).map_or(0, |log| (log.len() as i64 - pos).max(0) as u64))
+            .sum()
+    }
+
     pub async fn recv(&mut self) -> Result<Message, BusError> {
         let bus = self.bus.clone();
         loop {

@@ -52,6 +52,11 @@ impl SigRules {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The rule in a slot (as [`RuleEvals::slot`] names it).
+    pub fn rule_at(&self, slot: usize) -> Option<&Arc<CellRule>> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Arc<CellRule>> {
         self.slots.iter().flatten()
     }
@@ -176,6 +181,50 @@ pub struct StepOutput {
     pub deadline: Option<i64>,
     /// Whether the key holds no state any more.
     pub idle: bool,
+    /// Per rule evaluated: how often, and the time of a sample of them.
+    pub evals: Vec<RuleEvals>,
+}
+
+/// Evaluations of one rule (by its slot in [`SigRules`]) during a step. One
+/// evaluation in [`TIMED_EVERY`] is timed, so that timing costs little on the
+/// hot path: `nanos / timed` estimates the mean evaluation time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleEvals {
+    pub slot: usize,
+    pub count: u64,
+    pub timed: u64,
+    pub nanos: u64,
+}
+
+/// One evaluation in this many is timed.
+pub const TIMED_EVERY: u32 = 16;
+
+thread_local! {
+    static EVAL_TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether to time this evaluation.
+fn timed_now() -> Option<std::time::Instant> {
+    EVAL_TICK.with(|t| {
+        let n = t.get().wrapping_add(1);
+        t.set(n);
+        (n % TIMED_EVERY == 0).then(std::time::Instant::now)
+    })
+}
+
+fn note_eval(evals: &mut Vec<RuleEvals>, slot: usize, started: Option<std::time::Instant>) {
+    let e = match evals.iter_mut().find(|e| e.slot == slot) {
+        Some(e) => e,
+        None => {
+            evals.push(RuleEvals { slot, ..Default::default() });
+            evals.last_mut().expect("pushed")
+        }
+    };
+    e.count += 1;
+    if let Some(t) = started {
+        e.timed += 1;
+        e.nanos += t.elapsed().as_nanos() as u64;
+    }
 }
 
 /// A released event: its source and its decoded form.
@@ -265,6 +314,7 @@ impl KeyCell {
     /// replaced by another version) is dropped first. `now` stamps records.
     pub fn step(&mut self, rules: &SigRules, events: &[Released], watermark: Option<i64>, now: i64) -> StepOutput {
         let mut records = Vec::new();
+        let mut evals = Vec::new();
         // Rules replaced or removed since the last step lose their state; the
         // others are re-pointed at the book's (equal) compiled rule.
         self.running.retain_mut(|r| match rules.find(r.rule.id(), r.rule.version()) {
@@ -300,6 +350,7 @@ impl KeyCell {
                     self.key = KeyVals::of(ev, &rule.rule.key_by);
                 }
                 self.out.clear();
+                let started = timed_now();
                 let i = match self.running.iter().position(|r| r.slot == slot) {
                     Some(i) => {
                         let r = &mut self.running[i];
@@ -311,6 +362,7 @@ impl KeyCell {
                     }
                     None => {
                         if !rule.nfa.can_start(ev, &mut self.cache) {
+                            note_eval(&mut evals, slot, started);
                             continue;
                         }
                         let mut st = NfaState::new(&rule.nfa);
@@ -320,6 +372,7 @@ impl KeyCell {
                     }
                 };
                 self.settle(i, now, &mut records);
+                note_eval(&mut evals, slot, started);
             }
         }
         if let Some(w) = watermark {
@@ -342,7 +395,7 @@ impl KeyCell {
                 }
             }
         }
-        StepOutput { records, deadline: self.deadline(), idle: self.running.is_empty() }
+        StepOutput { records, deadline: self.deadline(), idle: self.running.is_empty(), evals }
     }
 
     fn deadline(&self) -> Option<i64> {
