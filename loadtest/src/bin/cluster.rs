@@ -69,9 +69,17 @@ fn pct(v: &[f64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let shards: Vec<String> = a.shards.split(',').map(str::to_string).collect();
-    // Event time advances one second per 1 000 events (a busy shop), so
-    // windows close and the watermark moves while the load runs.
-    let lines = generate(&Params { events: a.events, users: a.users, products: a.products, seed: a.seed, rate: 1000.0, ..Params::default() });
+    // Event time starts now (or after the previous run's events: the cluster's
+    // watermark only goes forward) and advances with the target rate, so that
+    // event time keeps pace with the clock when the load is paced; unpaced,
+    // one second of event time per 1 000 events (windows close, the watermark moves).
+    let next_file = a.pids.join("loadtest-next-event-ms");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    let start_ms = now_ms.max(std::fs::read_to_string(&next_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0));
+    let event_rate = if a.rate > 0.0 { a.rate } else { 1000.0 };
+    let lines = generate(&Params { events: a.events, users: a.users, products: a.products, seed: a.seed, rate: event_rate, start_ms, ..Params::default() });
+    let last_ms = lines.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["eventTime"].as_i64()).max().unwrap_or(start_ms);
+    std::fs::write(&next_file, (last_ms + 10_000).to_string())?;
     let http = reqwest::Client::new();
     let routed0 = scrape(&http, &a.router, "cepheid_router_routed_total").await?;
     let mut consumed0 = 0.0;
@@ -117,7 +125,11 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep_until(due.into()).await;
         }
         let r = http.post(format!("{}/v1/events?source=clickstream", a.ingest)).body(chunk.join("\n")).send().await?;
-        let v: serde_json::Value = r.json().await?;
+        let status = r.status();
+        let text = r.text().await?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("ingest answered batch {i} with {status}: {e}: {}", &text[..text.len().min(300)]))?;
+        anyhow::ensure!(status.as_u16() == 202 || status.as_u16() == 400, "ingest answered batch {i} with {status}: {}", &text[..text.len().min(300)]);
         accepted += v["accepted"].as_u64().unwrap_or(0);
         let now = Instant::now();
         for l in chunk {
@@ -165,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
     let eps = accepted as f64 / done.as_secs_f64();
     let report = serde_json::json!({
         "events": accepted, "batch": a.batch, "target_rate": a.rate,
+        "out_of_orderness_ms": 2000,
         "post_seconds": posted.as_secs_f64(), "through_seconds": done.as_secs_f64(), "events_per_second": eps,
         "alerts_measured": lat.len(),
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
