@@ -8,6 +8,8 @@
 #   scripts/local-cluster.sh status   # the probes of every service
 #   scripts/local-cluster.sh stop     # stops everything (alerts and logs stay)
 #
+# Each start uses a Redis prefix of its own (.local-cluster/prefix): the broker
+# keeps nothing between starts, so neither may the checkpoints.
 # The example rules are stored in Redis with `cepheid rules apply`, each also
 # delivering to the alerts file. Ports: ingest 8080, router 9101, notifier
 # 9102, shards 9103 and 9104, broker 9092.
@@ -53,6 +55,18 @@ start() {
       --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/) >"$dir/broker.log" 2>&1 &
   echo $! >"$dir/broker.pid"
   wait_port 127.0.0.1:9092 broker
+
+  # The broker starts empty every time, so shard checkpoints and delivered ids
+  # of an earlier start would point at offsets that no longer exist: each start
+  # gets a Redis prefix of its own (the previous one is removed).
+  if [ -z "${CEPHEID__REDIS__PREFIX:-}" ]; then
+    if [ -e "$dir/prefix" ] && command -v redis-cli >/dev/null 2>&1; then
+      redis-cli -u "${CEPHEID__REDIS__URL:-redis://127.0.0.1:6379}" --scan --pattern "$(cat "$dir/prefix"):*" \
+        | xargs -r -n 500 redis-cli -u "${CEPHEID__REDIS__URL:-redis://127.0.0.1:6379}" del >/dev/null || true
+    fi
+    export CEPHEID__REDIS__PREFIX="cepheid-local-$(date +%s)"
+    echo "$CEPHEID__REDIS__PREFIX" >"$dir/prefix"
+  fi
 
   # The example rules, each also delivering to the alerts file.
   rm -rf "$dir/rules" && mkdir -p "$dir/rules"

@@ -56,6 +56,15 @@ pub struct RouterConfig {
     /// Where late events go, with the reason.
     #[serde(default = "dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// An input partition that delivered nothing for this long (wall clock)
+    /// stops holding the watermark back; until every assigned partition has
+    /// delivered a record or gone idle, no watermark is sent.
+    #[serde(default = "idle_partition_ms")]
+    pub idle_partition_ms: u64,
+}
+
+fn idle_partition_ms() -> u64 {
+    5_000
 }
 
 fn dead_letter_topic() -> String {
@@ -122,6 +131,13 @@ pub struct Router {
     sigs: Vec<(String, Vec<FieldId>)>,
     /// Per source: (time field, bound, newest time seen per input partition).
     sources: HashMap<String, (FieldId, i64, BTreeMap<i32, i64>)>,
+    /// Assigned input partitions → (wall-clock ms of the last record or of the
+    /// assignment, whether a record came). None until an assignment is known.
+    heard: Option<HashMap<i32, (i64, bool)>>,
+    /// Per source, the last watermark sent: it never goes back, and an event
+    /// behind it is late even when its own partition is behind the others.
+    sent: HashMap<String, i64>,
+    idle_ms: i64,
 }
 
 impl Router {
@@ -134,6 +150,21 @@ impl Router {
             index: RuleIndex::default(),
             sigs: Vec::new(),
             sources: HashMap::new(),
+            heard: None,
+            sent: HashMap::new(),
+            idle_ms: idle_partition_ms() as i64,
+        }
+    }
+
+    /// How long an input partition may deliver nothing before it stops holding the watermark back.
+    pub fn set_idle_partition_ms(&mut self, ms: u64) {
+        self.idle_ms = ms as i64;
+    }
+
+    /// Notes a record of an input partition (wall-clock ms).
+    pub fn heard_from(&mut self, partition: i32, now_ms: i64) {
+        if let Some(h) = &mut self.heard {
+            h.insert(partition, (now_ms, true));
         }
     }
 
@@ -235,7 +266,7 @@ impl Router {
         let t = ev.time();
         if let Some(e) = self.sources.get_mut(source) {
             let max = e.2.entry(partition).or_insert(t);
-            let watermark = max.saturating_sub(bound);
+            let watermark = max.saturating_sub(bound).max(self.sent.get(source).copied().unwrap_or(i64::MIN));
             if t < watermark {
                 return Ok(Routed::Late { time: t, watermark });
             }
@@ -272,22 +303,42 @@ impl Router {
 
     /// Current watermark of every source seen: the minimum over its input
     /// partitions of (newest time − bound).
-    pub fn watermarks(&self) -> Vec<(String, i64)> {
-        let mut v: Vec<(String, i64)> = self
-            .sources
-            .iter()
-            .filter_map(|(s, (_, bound, per))| per.values().min().map(|m| (s.clone(), m.saturating_sub(*bound))))
-            .collect();
+    /// The watermark to send per source: the minimum over the input partitions
+    /// that are not idle (all of them when every one is). Nothing while an
+    /// assigned partition has not delivered its first record and is not idle
+    /// yet: its events may be older than the others'. Never goes back.
+    pub fn watermarks(&mut self, now_ms: i64) -> Vec<(String, i64)> {
+        let idle = |last: i64| now_ms - last >= self.idle_ms;
+        if let Some(h) = &self.heard {
+            if h.values().any(|(last, seen)| !seen && !idle(*last)) {
+                return Vec::new();
+            }
+        }
+        let active = |p: &i32| self.heard.as_ref().is_none_or(|h| h.get(p).is_some_and(|(last, _)| !idle(*last)));
+        let mut v: Vec<(String, i64)> = Vec::new();
+        for (s, (_, bound, per)) in &self.sources {
+            let m = per.iter().filter(|(p, _)| active(p)).map(|(_, m)| *m).min().or_else(|| per.values().min().copied());
+            if let Some(m) = m {
+                let w = m.saturating_sub(*bound).max(self.sent.get(s).copied().unwrap_or(i64::MIN));
+                v.push((s.clone(), w));
+            }
+        }
+        for (s, w) in &v {
+            self.sent.insert(s.clone(), *w);
+        }
         v.sort();
         v
     }
 
-    /// Forgets input partitions this router no longer reads (after a
-    /// rebalance), so they do not hold its watermark back.
-    pub fn keep_partitions(&mut self, assigned: &[i32]) {
+    /// The input partitions this router now reads (after a rebalance): others
+    /// no longer hold its watermark back; new ones do until they deliver a
+    /// record or go idle.
+    pub fn keep_partitions(&mut self, assigned: &[i32], now_ms: i64) {
         for (_, _, per) in self.sources.values_mut() {
             per.retain(|p, _| assigned.contains(p));
         }
+        let old = self.heard.take().unwrap_or_default();
+        self.heard = Some(assigned.iter().map(|p| (*p, old.get(p).copied().unwrap_or((now_ms, false)))).collect());
     }
 }
 
@@ -369,6 +420,7 @@ pub async fn run(
     let partitions = bus.partitions(&cfg.keyed_topic).await?;
     let router_id = cfg.router_id.clone().unwrap_or_else(|| format!("router-{}", std::process::id()));
     let mut router = Router::new(engine);
+    router.set_idle_partition_ms(cfg.idle_partition_ms);
     let mut updates = rules.watch("router");
     // Every rule before the first event.
     match updates.recv().await {
@@ -399,7 +451,7 @@ pub async fn run(
                 None => anyhow::bail!("router: the rule store watch ended"),
             },
             _ = tick.tick() => {
-                for (source, wm) in router.watermarks() {
+                for (source, wm) in router.watermarks(wall_ms()) {
                     let w = wm.to_string();
                     for p in 0..partitions {
                         out.push(&bus, &cfg.keyed_topic, Some(p), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
@@ -415,13 +467,14 @@ pub async fn run(
                 };
                 if let Some(assigned) = consumer.assignment_changed() {
                     let mine: Vec<i32> = assigned.iter().filter(|(t, _)| *t == cfg.events_topic).map(|(_, p)| *p).collect();
-                    router.keep_partitions(&mine);
+                    router.keep_partitions(&mine, wall_ms());
                 }
                 report.events += 1;
                 let trace = telemetry.continue_trace("router.route", Kind::Consumer, m.header(TRACEPARENT));
                 let traceparent = trace.as_ref().map(Traced::traceparent);
                 let source = m.header("cepheid-source").map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_else(|| "default".into());
                 let text = String::from_utf8_lossy(&m.payload).into_owned();
+                router.heard_from(m.partition, wall_ms());
                 match router.route_from(&source, m.partition, &text) {
                     Err(e) => {
                         report.rejected += 1;
@@ -536,3 +589,8 @@ impl Outbox {
     }
 }
 
+
+/// Wall-clock milliseconds (input partition idleness only; event time drives everything else).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

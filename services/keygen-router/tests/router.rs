@@ -35,7 +35,7 @@ fn routes_by_filter_and_key() {
     assert_eq!(r.route("clickstream", r#"{"eventTime":6000,"eventType":"purchase","userId":7}"#).unwrap(), Routed::Routes { time: 6000, routes: vec![] });
     assert!(r.route("clickstream", r#"{"eventType":"view"}"#).is_err());
     // Watermark: newest time − 2 s default bound; older events are late (equal is not).
-    assert_eq!(r.watermarks(), vec![("clickstream".to_string(), 4000)]);
+    assert_eq!(r.watermarks(0), vec![("clickstream".to_string(), 4000)]);
     assert_eq!(r.route("clickstream", r#"{"eventTime":3999,"eventType":"view","userId":7}"#).unwrap(), Routed::Late { time: 3999, watermark: 4000 });
     assert!(matches!(r.route("clickstream", r#"{"eventTime":4000,"eventType":"view","userId":7}"#).unwrap(), Routed::Routes { .. }));
     r.remove("by_user");
@@ -151,4 +151,33 @@ async fn take(keyed: &mut cepheid_bus::Consumer, wp: &mut std::collections::BTre
         out.push((String::from_utf8(m.key.clone().unwrap()).unwrap(), m.partition));
     }
     out
+}
+
+/// With several input partitions the watermark sent is the minimum over them,
+/// and none is sent while an assigned partition has not delivered its first
+/// record (its events may be older than the others') unless it has been idle
+/// for `idle_partition_ms`; an event behind what was sent is late, whatever
+/// its own partition's progress.
+#[test]
+fn watermark_waits_for_every_assigned_partition_or_its_idleness() {
+    let mut r = Router::new(EngineConfig::default());
+    r.set_idle_partition_ms(5_000);
+    r.upsert(&rule("by_user", 1, r#""key_by":"userId","pattern":[{"name":"a"}]"#)).unwrap();
+    r.keep_partitions(&[0, 1, 2], 0);
+    r.heard_from(0, 10);
+    assert!(r.route_from("clickstream", 0, r#"{"eventTime":50000,"userId":1}"#).is_ok());
+    assert_eq!(r.watermarks(100), vec![], "partitions 1 and 2 have not been heard from");
+    r.heard_from(1, 200);
+    assert!(r.route_from("clickstream", 1, r#"{"eventTime":20000,"userId":2}"#).is_ok());
+    assert_eq!(r.watermarks(300), vec![], "partition 2 neither");
+    // Partition 2 stays silent past the idleness limit: it no longer holds the watermark back.
+    assert_eq!(r.watermarks(5_000), vec![("clickstream".to_string(), 18_000)], "minimum over partitions 0 and 1");
+    // Partition 2 wakes up with an event behind what was sent: late.
+    r.heard_from(2, 5_100);
+    assert_eq!(r.route_from("clickstream", 2, r#"{"eventTime":17000,"userId":3}"#).unwrap(), Routed::Late { time: 17000, watermark: 18000 });
+    // Partition 1 goes idle too; the watermark never goes back.
+    r.heard_from(0, 9_000);
+    assert!(r.route_from("clickstream", 0, r#"{"eventTime":60000,"userId":1}"#).is_ok());
+    let w = r.watermarks(9_500);
+    assert_eq!(w, vec![("clickstream".to_string(), 18_000)], "partition 2's own progress (17 s) is below what was sent");
 }

@@ -215,6 +215,7 @@ impl Cluster {
             watermark_interval_ms: 20,
             listen: "127.0.0.1:0".into(),
             dead_letter_topic: dead_topic.clone(),
+            idle_partition_ms: 5_000,
         };
         let (b, s, t) = (bus.clone(), store.clone(), telemetry("cepheid-keygen-router"));
         let mut probes = vec![("ingest".to_string(), ingest_url.clone())];
