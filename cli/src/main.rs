@@ -13,8 +13,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Warnings of the libraries (delivery retries, Redis reconnects) go to stderr as text.
-    let _ = cepheid_telemetry::init_logs(&cepheid_telemetry::TelemetrySettings { log_level: "warn".into(), ..Default::default() });
+    // Warnings of the libraries (delivery retries, Redis reconnects) and the
+    // `log` alert target go to stderr as text.
+    let _ = cepheid_telemetry::init_logs(&cepheid_telemetry::TelemetrySettings { log_level: "warn,cepheid_alert=info".into(), ..Default::default() });
     let cli = cepheid_cli::Cli::parse();
     match cepheid_cli::main(cli) {
         Ok(code) => code,

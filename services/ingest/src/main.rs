@@ -1,5 +1,8 @@
 //! `cepheid-ingest [CONFIG]`: configuration, connections, signals; the work is in [`cepheid_ingest::run`].
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use cepheid_runtime::{config_arg, load, shutdown_signal, KafkaSettings};
 use serde::Deserialize;

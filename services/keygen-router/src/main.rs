@@ -1,5 +1,8 @@
 //! `cepheid-keygen-router [CONFIG]`: configuration, connections, signals; the work is in [`cepheid_keygen_router::run`].
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use cepheid_runtime::{config_arg, load, shutdown_signal, KafkaSettings, RedisSettings};
 use serde::Deserialize;

@@ -96,10 +96,10 @@ fn group() -> String {
     "cepheid-shard".into()
 }
 fn ckpt_ms() -> u64 {
-    1_000
+    5_000
 }
 fn ckpt_records() -> u64 {
-    20_000
+    100_000
 }
 fn passivate_ms() -> u64 {
     60_000

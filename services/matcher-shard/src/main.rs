@@ -1,5 +1,8 @@
 //! `cepheid-matcher-shard [CONFIG]`: configuration, connections, signals; the work is in [`cepheid_matcher_shard::run`].
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use anyhow::Context;

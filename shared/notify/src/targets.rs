@@ -92,7 +92,8 @@ impl Target {
                 w.write_all(line.as_bytes()).and_then(|_| w.write_all(b"\n")).and_then(|_| w.flush()).map_err(|e| SendError::retry(e.to_string()))
             }
             Target::Log => {
-                tracing::warn!("[alert {}] {}", job.rule_id, job.message);
+                // The process's log (stderr; JSON lines when the service logs JSON).
+                tracing::info!(target: "cepheid_alert", rule_id = %job.rule_id, match_id = %job.match_id, "[alert {}] {}", job.rule_id, job.message);
                 Ok(())
             }
         }
