@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use cepheid_rules::{compile, CompiledRule, Diagnostics, NoStages, RuleSpec};
+use cepheid_rules::{compile, CompiledRule, Diagnostic, Diagnostics, NoStages, RuleSpec, TimeMode};
 use cepheid_types::{Event, EventDecoder, FieldId, FieldRegistry, MatchKind, MatchRecord};
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +97,15 @@ impl RuleBook {
         self.remove(&spec.id);
         if !spec.enabled {
             return Ok(());
+        }
+        if spec.time == TimeMode::Processing {
+            // Key cells step in event time only; running it here would silently change its results.
+            let mut d = Diagnostic::new(
+                "E200",
+                "`time: processing` rules are not run by the cluster's matcher shards yet (only by `cepheid run`); the rule is skipped",
+            );
+            d.rule = Some(spec.id.clone());
+            return Err(Diagnostics::one(d));
         }
         let rule = compile(spec, &mut self.registry)?;
         let nfa = Arc::new(build_nfa(&rule));

@@ -144,3 +144,14 @@ fn key_cells_give_the_engines_matches() {
         assert_eq!(got, want, "watermark every {every} events");
     }
 }
+
+/// A processing-time rule is refused by the key cells (they run event time
+/// only) with a diagnostic naming the rule, instead of running with other results.
+#[test]
+fn processing_time_rules_are_refused_by_key_cells() {
+    let spec = cepheid_rules::parse_rule_json(r#"{"id":"pt","version":1,"time":"processing","key_by":["userId"],"pattern":[{"name":"a"}]}"#).unwrap();
+    let mut book = RuleBook::new(EngineConfig::default());
+    let err = book.upsert(&spec).unwrap_err().to_string();
+    assert!(err.contains("E200") && err.contains("`pt`") && err.contains("processing"), "{err}");
+    assert_eq!(book.len(), 0);
+}
