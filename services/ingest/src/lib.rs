@@ -230,11 +230,9 @@ impl Ctx {
             other => other.to_string(),
         });
         let traceparent = trace.map(Traced::traceparent);
-        let mut headers: Vec<(&str, &[u8])> = vec![("cepheid-source", source.as_bytes())];
-        if let Some(tp) = &traceparent {
-            headers.push((TRACEPARENT, tp.as_bytes()));
-        }
-        self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &headers).await
+        let headers = [("cepheid-source", source.as_bytes()), (TRACEPARENT, traceparent.as_deref().unwrap_or_default().as_bytes())];
+        let headers = if traceparent.is_some() { &headers[..] } else { &headers[..1] };
+        self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), headers).await
     }
 }
 

@@ -496,11 +496,14 @@ pub async fn run(
                         }
                         for r in routes {
                             let key = format!("{}|{}", r.signature, r.key);
-                            let mut headers: Vec<(&str, &[u8])> = vec![("cepheid-source", source.as_bytes()), ("cepheid-signature", r.signature.as_bytes()), ("cepheid-time", time.as_bytes())];
-                            if let Some(tp) = &traceparent {
-                                headers.push((TRACEPARENT, tp.as_bytes()));
-                            }
-                            out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, &headers).await?;
+                            let headers = [
+                                ("cepheid-source", source.as_bytes()),
+                                ("cepheid-signature", r.signature.as_bytes()),
+                                ("cepheid-time", time.as_bytes()),
+                                (TRACEPARENT, traceparent.as_deref().unwrap_or_default().as_bytes()),
+                            ];
+                            let headers = if traceparent.is_some() { &headers[..] } else { &headers[..3] };
+                            out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, headers).await?;
                             report.routed += 1;
                         }
                     }

@@ -606,7 +606,7 @@ impl Shard {
                     agg.2 += e.nanos;
                 }
             }
-            let span = traces.get(&key).and_then(|tp| self.telemetry.continue_trace("shard.match", Kind::Consumer, Some(tp.as_bytes())));
+            let span = (!traces.is_empty()).then(|| traces.get(&key)).flatten().and_then(|tp| self.telemetry.continue_trace("shard.match", Kind::Consumer, Some(tp.as_bytes())));
             if let Some(sp) = &span {
                 sp.attribute("cepheid.key", key.to_string());
                 sp.attribute("cepheid.records", reply.out.records.len() as i64);

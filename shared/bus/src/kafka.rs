@@ -1,7 +1,7 @@
 //! Kafka through rdkafka (librdkafka built from source by rdkafka-sys; Debian's
 //! older librdkafka does not work with every Kafka-protocol broker).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -142,15 +142,7 @@ impl KafkaBus {
     }
 
     pub async fn send(&self, topic: &str, partition: i32, key: Option<&[u8]>, payload: &[u8], headers: &[(&str, &[u8])]) -> Result<(i32, i64), BusError> {
-        let mut h = OwnedHeaders::new();
-        for (k, v) in headers {
-            h = h.insert(Header { key: k, value: Some(*v) });
-        }
-        let mut rec = FutureRecord::to(topic).partition(partition).payload(payload).headers(h);
-        if let Some(k) = key {
-            rec = rec.key(k);
-        }
-        match self.producer.send(rec, Duration::from_secs(30)).await {
+        match self.producer.send(record(topic, partition, key, payload, headers), Duration::from_secs(30)).await {
             Ok(d) => Ok((d.partition, d.offset)),
             Err((e, _)) => Err(classify(e)),
         }
@@ -160,15 +152,7 @@ impl KafkaBus {
     /// other keep their order in a partition); the future resolves on the
     /// acknowledgement.
     pub fn enqueue(&self, topic: &str, partition: i32, key: Option<&[u8]>, payload: &[u8], headers: &[(&str, &[u8])]) -> Result<crate::Delivery, BusError> {
-        let mut h = OwnedHeaders::new();
-        for (k, v) in headers {
-            h = h.insert(Header { key: k, value: Some(*v) });
-        }
-        let mut rec = FutureRecord::to(topic).partition(partition).payload(payload).headers(h);
-        if let Some(k) = key {
-            rec = rec.key(k);
-        }
-        match self.producer.send_result(rec) {
+        match self.producer.send_result(record(topic, partition, key, payload, headers)) {
             Ok(f) => Ok(Box::pin(async move {
                 match f.await {
                     Ok(Ok(d)) => Ok((d.partition, d.offset)),
@@ -197,7 +181,20 @@ impl KafkaBus {
             .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: HashMap::new() })
+        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: Vec::new() })
+    }
+}
+
+/// The producer record of a message to send.
+fn record<'a>(topic: &'a str, partition: i32, key: Option<&'a [u8]>, payload: &'a [u8], headers: &[(&str, &[u8])]) -> FutureRecord<'a, [u8], [u8]> {
+    let mut h = OwnedHeaders::new();
+    for (k, v) in headers {
+        h = h.insert(Header { key: k, value: Some(*v) });
+    }
+    let rec = FutureRecord::to(topic).partition(partition).payload(payload).headers(h);
+    match key {
+        Some(k) => rec.key(k),
+        None => rec,
     }
 }
 
@@ -206,8 +203,9 @@ impl KafkaBus {
 struct GroupContext {
     /// (current assignment, changed since last read)
     assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
-    /// Partitions (re)assigned whose first record has not been read yet.
-    fresh: Arc<Mutex<HashSet<(String, i32)>>>,
+    /// Partitions (re)assigned whose first record has not been read yet
+    /// (a Vec: nearly always empty, searched without allocating).
+    fresh: Arc<Mutex<Vec<(String, i32)>>>,
     /// Records of the assigned partitions after the committed offsets (from
     /// librdkafka's statistics, every few seconds); -1 before the first report.
     lag: Arc<std::sync::atomic::AtomicI64>,
@@ -233,7 +231,9 @@ impl ConsumerContext for GroupContext {
             Rebalance::Assign(tpl) => {
                 for e in tpl.elements() {
                     let tp = (e.topic().to_string(), e.partition());
-                    fresh.insert(tp.clone());
+                    if !fresh.contains(&tp) {
+                        fresh.push(tp.clone());
+                    }
                     if !a.0.contains(&tp) {
                         a.0.push(tp);
                     }
@@ -242,7 +242,7 @@ impl ConsumerContext for GroupContext {
             Rebalance::Revoke(tpl) => {
                 for e in tpl.elements() {
                     a.0.retain(|(t, p)| !(t == e.topic() && *p == e.partition()));
-                    fresh.remove(&(e.topic().to_string(), e.partition()));
+                    fresh.retain(|(t, p)| !(t == e.topic() && *p == e.partition()));
                 }
             }
             Rebalance::Error(_) => return,
@@ -255,10 +255,11 @@ impl ConsumerContext for GroupContext {
 pub struct KafkaConsumer {
     consumer: StreamConsumer<GroupContext>,
     assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
-    fresh: Arc<Mutex<HashSet<(String, i32)>>>,
+    fresh: Arc<Mutex<Vec<(String, i32)>>>,
     lag: Arc<std::sync::atomic::AtomicI64>,
-    /// Partitions that must resume exactly at an offset (after a seek or an assignment).
-    resume: HashMap<(String, i32), Resume>,
+    /// Partitions that must resume exactly at an offset (after a seek or an
+    /// assignment); nearly always empty.
+    resume: Vec<Resume>,
 }
 
 /// A partition to be read from `target` on. Some brokers answer a fetch
@@ -269,6 +270,8 @@ pub struct KafkaConsumer {
 /// `target` (records deleted by retention) is the gap accepted, loudly.
 #[derive(Debug)]
 struct Resume {
+    topic: String,
+    partition: i32,
     target: i64,
     from: i64,
     /// A record before `target` was read: the next ones are contiguous.
@@ -290,21 +293,21 @@ impl KafkaConsumer {
     pub async fn recv(&mut self) -> Result<Message, BusError> {
         let m = loop {
             let m = self.consumer.recv().await.map_err(classify)?;
-            let tp = (m.topic().to_string(), m.partition());
-            let offset = m.offset();
-            let fresh = self.fresh.lock().unwrap().remove(&tp);
+            let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+            let fresh = {
+                let mut f = self.fresh.lock().unwrap();
+                let i = f.iter().position(|(t, p)| t == topic && *p == partition);
+                i.map(|i| f.swap_remove(i)).is_some()
+            };
             if fresh {
                 // The first record since this partition was assigned: it must be the committed one.
-                match self.committed(&tp.0, tp.1)? {
-                    Some(c) if offset > c => {
-                        self.resume.insert(tp.clone(), Resume { target: c, from: c, found: false });
-                    }
-                    _ => {
-                        self.resume.remove(&tp);
-                    }
+                self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
+                if let Some(c) = self.committed(topic, partition)?.filter(|c| offset > *c) {
+                    self.resume.push(Resume { topic: topic.to_string(), partition, target: c, from: c, found: false });
                 }
             }
-            let Some(r) = self.resume.get_mut(&tp) else { break m };
+            let Some(i) = self.resume.iter().position(|r| r.topic == topic && r.partition == partition) else { break m };
+            let r = &mut self.resume[i];
             if offset < r.target {
                 r.found = true;
                 continue; // before the resume point: not this consumer's to deliver
@@ -312,15 +315,15 @@ impl KafkaConsumer {
             if offset > r.target && !r.found {
                 if r.from > 0 {
                     r.from = (r.target - 2 * (r.target - r.from).max(512)).max(0);
-                    self.consumer.seek(&tp.0, tp.1, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
+                    self.consumer.seek(topic, partition, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
                     continue;
                 }
                 tracing::warn!(
-                    "bus: {}/{}: records {}..{} are not on the broker any more (deleted before they were read); resuming at {offset}",
-                    tp.0, tp.1, r.target, offset
+                    "bus: {topic}/{partition}: records {}..{offset} are not on the broker any more (deleted before they were read); resuming at {offset}",
+                    r.target
                 );
             }
-            self.resume.remove(&tp);
+            self.resume.swap_remove(i);
             break m;
         };
         let headers = m
@@ -342,9 +345,9 @@ impl KafkaConsumer {
     pub async fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), BusError> {
         // Rare (after taking a partition); librdkafka answers quickly.
         self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(classify)?;
-        let tp = (topic.to_string(), partition);
-        self.fresh.lock().unwrap().remove(&tp);
-        self.resume.insert(tp, Resume { target: offset, from: offset, found: false });
+        self.fresh.lock().unwrap().retain(|(t, p)| !(t == topic && *p == partition));
+        self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
+        self.resume.push(Resume { topic: topic.to_string(), partition, target: offset, from: offset, found: false });
         Ok(())
     }
 
