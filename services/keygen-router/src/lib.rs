@@ -221,9 +221,7 @@ impl Router {
         };
         match u {
             RuleUpdate::All(all) => {
-                let keep: std::collections::HashSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
-                let stale: Vec<String> = self.rules.keys().filter(|k| !keep.contains(k.as_str())).cloned().collect();
-                for id in stale {
+                for id in RuleUpdate::gone(&all, self.rules.keys().map(String::as_str)) {
                     self.remove(&id);
                 }
                 for spec in &all {

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use cepheid_bus::{Bus, Consumer, Message};
 use cepheid_engine::cell::{CellSnapshot, KeyCell, Released, RuleBook, SigRules};
-use cepheid_engine::engine::EngineConfig;
+use cepheid_engine::engine::{EngineConfig, TimeOrdered};
 use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_types::Clock;
@@ -220,31 +220,15 @@ impl Report {
     }
 }
 
-struct Pending {
-    t: i64,
-    arrival: u64,
+/// An event record waiting for the partition's watermark.
+struct Held {
     source: Arc<str>,
     key: Arc<str>,
     raw: String,
     /// The `traceparent` of a traced event.
     trace: Option<Box<str>>,
 }
-impl PartialEq for Pending {
-    fn eq(&self, o: &Self) -> bool {
-        (self.t, self.arrival) == (o.t, o.arrival)
-    }
-}
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Pending {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.t, self.arrival).cmp(&(o.t, o.arrival))
-    }
-}
+type Pending = TimeOrdered<Held>;
 
 /// A key with state (running, passivated, or both).
 struct KeySlot {
@@ -369,15 +353,15 @@ impl Shard {
     /// Takes a partition: restores its checkpoint.
     async fn acquire(&mut self, partition: i32) -> anyhow::Result<()> {
         // Without its checkpoint the partition cannot go on: wait for Redis.
-        let mut wait = Duration::from_millis(100);
+        let mut backoff = cepheid_state::Backoff::default();
         let a = loop {
             match self.ckpt.acquire(&self.cfg.keyed_topic, partition).await {
                 Err(checkpoint::CheckpointError::Redis(e)) if cepheid_state::redis_unavailable(&e) => {
                     self.report.redis_errors += 1;
                     self.publish();
+                    let wait = backoff.next_wait();
                     tracing::warn!("matcher-shard: taking partition {partition}: redis unreachable; retrying in {} ms", wait.as_millis());
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
                 }
                 other => break other?,
             }
@@ -398,7 +382,11 @@ impl Shard {
                 .pending
                 .into_iter()
                 .map(|r| {
-                    Reverse(Pending { t: r.t, arrival: r.arrival, source: Arc::from(r.source.as_str()), key: Arc::from(r.key.as_str()), raw: r.raw, trace: r.trace.map(Into::into) })
+                    Reverse(Pending {
+                        t: r.t,
+                        arrival: r.arrival,
+                        item: Held { source: Arc::from(r.source.as_str()), key: Arc::from(r.key.as_str()), raw: r.raw, trace: r.trace.map(Into::into) },
+                    })
                 })
                 .collect(),
             keys: HashMap::new(),
@@ -496,7 +484,7 @@ impl Shard {
             p.arrival += 1;
             let raw = String::from_utf8_lossy(&m.payload).into_owned();
             let trace = m.header(TRACEPARENT).map(|t| String::from_utf8_lossy(t).into());
-            p.pending.push(Reverse(Pending { t, arrival: p.arrival, source, key: Arc::from(key.as_str()), raw, trace }));
+            p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { source, key: Arc::from(key.as_str()), raw, trace } }));
         }
         self.maybe_checkpoint(m.partition, consumer).await
     }
@@ -533,8 +521,8 @@ impl Shard {
                 Vec::new()
             });
             list.push(Released { source: rec.source.to_string(), event: ev });
-            if let Some(t) = rec.trace {
-                traces.insert(rec.key.clone(), t);
+            if let Some(t) = rec.item.trace {
+                traces.insert(rec.item.key, t);
             }
         }
         let due: Vec<Arc<str>> = p.timers.iter().take_while(|(d, _)| *d <= w).map(|(_, k)| k.clone()).collect();
@@ -678,16 +666,16 @@ impl Shard {
     /// A passivated key's state. While Redis is unreachable the partition
     /// waits (back-pressure: nothing further is read), retrying with backoff.
     async fn load_retrying(&mut self, partition: i32, key: &str) -> Option<String> {
-        let mut wait = Duration::from_millis(100);
+        let mut backoff = cepheid_state::Backoff::default();
         loop {
             match self.ckpt.load(&self.cfg.keyed_topic, partition, key).await {
                 Ok(doc) => return doc,
                 Err(e) => {
                     self.report.redis_errors += 1;
                     self.publish();
+                    let wait = backoff.next_wait();
                     tracing::warn!("matcher-shard: partition {partition} key {key}: loading its state: {e}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -855,9 +843,7 @@ impl Shard {
     fn follow(&mut self, u: RuleUpdate) {
         match u {
             RuleUpdate::All(all) => {
-                let keep: HashSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
-                let stale: Vec<String> = self.book.rules().map(|(id, _)| id.to_string()).filter(|id| !keep.contains(id.as_str())).collect();
-                for id in stale {
+                for id in RuleUpdate::gone(&all, self.book.rules().map(|(id, _)| id)) {
                     self.book.remove(&id);
                 }
                 for spec in &all {

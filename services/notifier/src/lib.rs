@@ -225,13 +225,13 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                                         let trace_id = span.as_ref().map(Traced::trace_id);
                                         // Redis down (dedupe window, delay queue): wait for it, or the
                                         // match would be lost when its offset is committed.
-                                        let mut wait = Duration::from_millis(100);
+                                        let mut backoff = cepheid_state::Backoff::default();
                                         loop {
                                             match n2.submit(&r, &name, &action).await {
                                                 Err(e) if e.is_transient() => {
+                                                    let wait = backoff.next_wait();
                                                     tracing::warn!(match_id = %r.match_id, trace_id, "notifier: {e}; retrying in {} ms", wait.as_millis());
                                                     sleeper.sleep(wait).await;
-                                                    wait = (wait * 2).min(Duration::from_secs(5));
                                                 }
                                                 Err(e) => {
                                                     if let Some(sp) = &span {

@@ -105,28 +105,48 @@ struct Source {
     watermark: i64,
 }
 
-struct Pending {
-    t: i64,
-    arrival: u64,
-    source: usize,
-    event: Event,
+/// An entry of a reorder buffer: ordered by (event time, arrival) alone,
+/// whatever it carries (reachable through `Deref`). The engine's buffer and
+/// the matcher shard's hold different items in the same order.
+pub struct TimeOrdered<T> {
+    pub t: i64,
+    pub arrival: u64,
+    pub item: T,
 }
-impl PartialEq for Pending {
+impl<T> PartialEq for TimeOrdered<T> {
     fn eq(&self, o: &Self) -> bool {
         (self.t, self.arrival) == (o.t, o.arrival)
     }
 }
-impl Eq for Pending {}
-impl PartialOrd for Pending {
+impl<T> Eq for TimeOrdered<T> {}
+impl<T> PartialOrd for TimeOrdered<T> {
     fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for Pending {
+impl<T> Ord for TimeOrdered<T> {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         (self.t, self.arrival).cmp(&(o.t, o.arrival))
     }
 }
+impl<T> std::ops::Deref for TimeOrdered<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.item
+    }
+}
+impl<T> std::ops::DerefMut for TimeOrdered<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.item
+    }
+}
+
+/// An event waiting for the watermark: its source and its decoded form.
+struct Held {
+    source: usize,
+    event: Event,
+}
+type Pending = TimeOrdered<Held>;
 
 pub(crate) struct KeyState {
     pub(crate) nfa: NfaState,
@@ -400,7 +420,7 @@ impl Engine {
         src.max_seen = Some(newest);
         src.watermark = src.watermark.max(newest.saturating_sub(src.bound));
         self.arrival += 1;
-        self.reorder.push(Reverse(Pending { t, arrival: self.arrival, source: si, event }));
+        self.reorder.push(Reverse(Pending { t, arrival: self.arrival, item: Held { source: si, event } }));
         let w = self.global_watermark();
         if w > self.released {
             self.advance_to(w, out);
@@ -741,7 +761,7 @@ impl Engine {
             let si = self.source(&p.source);
             let dec = EventDecoder::new(&self.registry, self.sources[si].time_field);
             let event = dec.decode_with_time(&p.raw, p.t).map_err(|e| EngineError::Snapshot(format!("pending event: {e}")))?;
-            self.reorder.push(Reverse(Pending { t: p.t, arrival: p.arrival, source: si, event }));
+            self.reorder.push(Reverse(Pending { t: p.t, arrival: p.arrival, item: Held { source: si, event } }));
         }
         for r in snap.rules {
             let Some(&si) = self.by_id.get(&r.id) else {

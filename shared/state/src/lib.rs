@@ -40,6 +40,26 @@ pub fn redis_unavailable(e: &redis::RedisError) -> bool {
         || matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry)
 }
 
+/// The waits between retries of something that depends on Redis (or another
+/// service coming back): 100 ms, doubling up to 5 s.
+#[derive(Debug)]
+pub struct Backoff(std::time::Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(std::time::Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    /// How long to wait before the next attempt.
+    pub fn next_wait(&mut self) -> std::time::Duration {
+        let w = self.0;
+        self.0 = (w * 2).min(std::time::Duration::from_secs(5));
+        w
+    }
+}
+
 /// Runs `op` until it succeeds or fails for a reason other than Redis being
 /// unreachable; transient failures are logged (`what`) and retried after a
 /// backoff of 100 ms doubling up to 5 s. For what a service cannot go on
@@ -49,13 +69,13 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StateError>>,
 {
-    let mut wait = std::time::Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
         match op().await {
             Err(e) if e.is_transient() => {
+                let wait = backoff.next_wait();
                 tracing::warn!("{what}: {e}; retrying in {} ms", wait.as_millis());
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(5));
             }
             other => return other,
         }

@@ -29,6 +29,14 @@ pub enum RuleUpdate {
     Delete(String),
 }
 
+impl RuleUpdate {
+    /// Of the rule ids a service holds, those a full resync (`all`) no longer has.
+    pub fn gone<'a>(all: &[RuleSpec], held: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let keep: std::collections::HashSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
+        held.into_iter().filter(|id| !keep.contains(id)).map(str::to_string).collect()
+    }
+}
+
 /// One change, as published on the change channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleChange {
