@@ -198,11 +198,14 @@ fn record<'a>(topic: &'a str, partition: i32, key: Option<&'a [u8]>, payload: &'
     }
 }
 
+/// (current assignment, changed since last read), shared with the rebalance callback.
+type Assignment = Arc<Mutex<(Vec<(String, i32)>, bool)>>;
+
 /// Records the partitions each rebalance leaves this member with.
 #[derive(Default)]
 struct GroupContext {
     /// (current assignment, changed since last read)
-    assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
+    assignment: Assignment,
     /// Partitions (re)assigned whose first record has not been read yet
     /// (a Vec: nearly always empty, searched without allocating).
     fresh: Arc<Mutex<Vec<(String, i32)>>>,
@@ -254,7 +257,7 @@ impl ConsumerContext for GroupContext {
 
 pub struct KafkaConsumer {
     consumer: StreamConsumer<GroupContext>,
-    assignment: Arc<Mutex<(Vec<(String, i32)>, bool)>>,
+    assignment: Assignment,
     fresh: Arc<Mutex<Vec<(String, i32)>>>,
     lag: Arc<std::sync::atomic::AtomicI64>,
     /// Partitions that must resume exactly at an offset (after a seek or an

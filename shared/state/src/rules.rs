@@ -24,7 +24,7 @@ pub enum RuleUpdate {
     /// Every live rule: anything held that is not in it is gone.
     All(Vec<RuleSpec>),
     /// A rule stored or replaced (its latest version).
-    Upsert(RuleSpec),
+    Upsert(Box<RuleSpec>),
     /// A rule deleted.
     Delete(String),
 }
@@ -230,7 +230,7 @@ impl RedisRuleStore {
                     while let Some(c) = feed.next().await {
                         let update = match c.op {
                             ChangeOp::Upsert => match crate::retrying(&format!("{who}: reading rule `{}`", c.id), || store.get(&c.id)).await? {
-                                Some(spec) => RuleUpdate::Upsert(spec),
+                                Some(spec) => RuleUpdate::Upsert(Box::new(spec)),
                                 None => continue, // deleted since; its delete follows
                             },
                             ChangeOp::Delete => RuleUpdate::Delete(c.id),
