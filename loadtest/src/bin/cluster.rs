@@ -58,6 +58,44 @@ async fn scrape(http: &reqwest::Client, url: &str, metric: &str) -> anyhow::Resu
         .unwrap_or(0.0))
 }
 
+/// CPU time (user + system, seconds) of every service with a pid file, of
+/// the Redis server and of this driver: where the machine's two cores went.
+fn cpu_seconds(pids: &std::path::Path) -> BTreeMap<String, f64> {
+    fn of(pid: &str) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0) // USER_HZ
+    }
+    let mut out = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir(pids) {
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "pid") {
+                if let Some(s) = std::fs::read_to_string(&p).ok().and_then(|pid| of(pid.trim())) {
+                    out.insert(p.file_stem().unwrap().to_string_lossy().into_owned(), s);
+                }
+            }
+        }
+    }
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for e in procs.flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if pid.bytes().all(|b| b.is_ascii_digit()) && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "redis-server") {
+                if let Some(s) = of(&pid) {
+                    *out.entry("redis".to_string()).or_default() += s;
+                }
+            }
+        }
+    }
+    if let Some(s) = of("self") {
+        out.insert("driver".to_string(), s);
+    }
+    out
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -86,24 +124,34 @@ async fn main() -> anyhow::Result<()> {
     for s in &shards {
         consumed0 += scrape(&http, s, "cepheid_shard_events_total").await?;
     }
-    let seen0 = std::fs::read_to_string(&a.alerts).map(|s| s.lines().count()).unwrap_or(0);
+    // The alert file is followed from its current end (read incrementally, so
+    // that the driver's own CPU use stays small next to the cluster's).
+    let seen0 = std::fs::metadata(&a.alerts).map(|m| m.len()).unwrap_or(0);
 
     // Alert watcher: stamps each new line when first seen.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let path = a.alerts.clone();
     let watcher = tokio::spawn(async move {
+        use std::io::{Read, Seek, SeekFrom};
         let mut stamped: Vec<(i64, Instant)> = Vec::new();
-        let mut seen = seen0;
+        let mut offset = seen0;
+        let mut partial = String::new();
         loop {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                let now = Instant::now();
-                for l in text.lines().skip(seen) {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
-                        if v["match"]["kind"] == "match" {
-                            stamped.push((v["match"]["last_event_time"].as_i64().unwrap_or(0), now));
+            if let Ok(mut f) = std::fs::File::open(&path) {
+                let mut chunk = String::new();
+                if f.seek(SeekFrom::Start(offset)).is_ok() && f.read_to_string(&mut chunk).is_ok() {
+                    offset += chunk.len() as u64;
+                    partial.push_str(&chunk);
+                    let now = Instant::now();
+                    let complete = partial.rfind('\n').map_or(0, |i| i + 1);
+                    for l in partial[..complete].lines() {
+                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
+                            if v["match"]["kind"] == "match" {
+                                stamped.push((v["match"]["last_event_time"].as_i64().unwrap_or(0), now));
+                            }
                         }
                     }
-                    seen += 1;
+                    partial.drain(..complete);
                 }
             }
             if *stop_rx.borrow() {
@@ -116,6 +164,8 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
+    let times: Vec<Option<i64>> = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["eventTime"].as_i64())).collect();
+    let cpu0 = cpu_seconds(&a.pids);
     let start = Instant::now();
     let mut acked: BTreeMap<i64, Instant> = BTreeMap::new(); // event time → ack of its batch
     let mut accepted = 0u64;
@@ -132,10 +182,8 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(status.as_u16() == 202 || status.as_u16() == 400, "ingest answered batch {i} with {status}: {}", &text[..text.len().min(300)]);
         accepted += v["accepted"].as_u64().unwrap_or(0);
         let now = Instant::now();
-        for l in chunk {
-            if let Some(t) = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["eventTime"].as_i64()) {
-                acked.entry(t).or_insert(now);
-            }
+        for t in times[i * a.batch..(i * a.batch + chunk.len())].iter().flatten() {
+            acked.entry(*t).or_insert(now);
         }
     }
     let posted = start.elapsed();
@@ -174,6 +222,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    let cpu1 = cpu_seconds(&a.pids);
+    let cpu: BTreeMap<String, f64> = cpu1.iter().map(|(k, v)| (k.clone(), ((v - cpu0.get(k).copied().unwrap_or(0.0)) * 100.0).round() / 100.0)).collect();
     let eps = accepted as f64 / done.as_secs_f64();
     let report = serde_json::json!({
         "events": accepted, "batch": a.batch, "target_rate": a.rate,
@@ -182,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
         "alerts_measured": lat.len(),
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
         "rss_mib": rss,
+        "cpu_seconds": cpu,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(j) = a.json {

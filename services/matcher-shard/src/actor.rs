@@ -10,8 +10,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 pub enum KeyMsg {
     /// Process released events, then fire deadlines due at the watermark.
     Step { rules: Arc<SigRules>, events: Vec<Released>, watermark: Option<i64>, now: i64, reply: RpcReplyPort<StepReply> },
-    /// The cell as a JSON document (for checkpoints and passivation).
-    Snapshot(RpcReplyPort<String>),
+    /// The cell in its stored (binary) form, for checkpoints and passivation.
+    Snapshot(RpcReplyPort<Vec<u8>>),
 }
 
 pub struct StepReply {
@@ -37,8 +37,7 @@ impl Actor for KeyActor {
                 let _ = reply.send(StepReply { out, partials: cell.partial_count() });
             }
             KeyMsg::Snapshot(reply) => {
-                let doc = serde_json::to_string(&cell.snapshot()).expect("snapshot serialises");
-                let _ = reply.send(doc);
+                let _ = reply.send(cell.encode());
             }
         }
         Ok(())

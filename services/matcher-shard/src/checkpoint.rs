@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `{p}:shard:{T-n}:epoch` | string | ownership counter, raised by every shard that takes the partition |
 //! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: next offset, watermarks, the reorder buffer |
-//! | `{p}:shard:{T-n}:state` | hash | `signature|key` → JSON [`cepheid_engine::cell::CellSnapshot`] |
+//! | `{p}:shard:{T-n}:state` | hash | `signature|key` → the key's cell in binary form ([`cepheid_engine::cellcodec`]; JSON in checkpoints of earlier versions) |
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
 //!
 //! Fencing: a checkpoint `WATCH`es the epoch and is written only while the
@@ -67,7 +67,7 @@ pub struct Acquired {
 pub struct Writes {
     pub meta: Meta,
     /// Key states to store, with the key's deadline.
-    pub states: Vec<(String, String, Option<i64>)>,
+    pub states: Vec<(String, Vec<u8>, Option<i64>)>,
     /// Keys whose state is gone.
     pub deleted: Vec<String>,
 }
@@ -124,7 +124,7 @@ impl Checkpoints {
     }
 
     /// A passivated key's state.
-    pub async fn load(&self, topic: &str, partition: i32, key: &str) -> Result<Option<String>, CheckpointError> {
+    pub async fn load(&self, topic: &str, partition: i32, key: &str) -> Result<Option<Vec<u8>>, CheckpointError> {
         let mut c = self.reader.clone();
         Ok(redis::cmd("HGET").arg(format!("{}:state", self.base(topic, partition))).arg(key).query_async(&mut c).await?)
     }

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cepheid_bus::{Bus, Consumer, Message};
-use cepheid_engine::cell::{CellSnapshot, KeyCell, Released, RuleBook, SigRules};
+use cepheid_engine::cell::{KeyCell, Released, RuleBook, SigRules};
 use cepheid_engine::engine::{EngineConfig, TimeOrdered};
 use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
@@ -641,7 +641,7 @@ impl Shard {
             return Ok(a.clone());
         }
         let cell = match self.load_retrying(partition, key).await {
-            Some(doc) => match serde_json::from_str::<CellSnapshot>(&doc) {
+            Some(doc) => match cepheid_engine::cellcodec::decode(&doc) {
                 Ok(snap) => {
                     let (cell, dropped) = KeyCell::restore(snap, rules, &self.book);
                     for d in dropped {
@@ -665,7 +665,7 @@ impl Shard {
 
     /// A passivated key's state. While Redis is unreachable the partition
     /// waits (back-pressure: nothing further is read), retrying with backoff.
-    async fn load_retrying(&mut self, partition: i32, key: &str) -> Option<String> {
+    async fn load_retrying(&mut self, partition: i32, key: &str) -> Option<Vec<u8>> {
         let mut backoff = cepheid_state::Backoff::default();
         loop {
             match self.ckpt.load(&self.cfg.keyed_topic, partition, key).await {

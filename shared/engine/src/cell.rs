@@ -25,6 +25,8 @@ pub struct CellRule {
     pub rule: Arc<CompiledRule>,
     pub nfa: Arc<Nfa>,
     pub key_names: Vec<String>,
+    /// The automaton's [`crate::snapshot::fingerprint`] (computed once: snapshots name it).
+    pub automaton: String,
 }
 
 impl CellRule {
@@ -111,7 +113,8 @@ impl RuleBook {
         let nfa = Arc::new(build_nfa(&rule));
         let gate = gate_for(rule.filter.as_deref(), &nfa);
         let sig = spec.key_by.join(",");
-        let cell = Arc::new(CellRule { rule: Arc::new(rule), nfa, key_names: spec.key_by.clone() });
+        let automaton = crate::snapshot::fingerprint(&nfa);
+        let cell = Arc::new(CellRule { rule: Arc::new(rule), nfa, key_names: spec.key_by.clone(), automaton });
         let rules = Arc::make_mut(self.by_sig.entry(sig.clone()).or_default());
         let slot = match rules.slots.iter().position(Option::is_none) {
             Some(i) => i,
@@ -286,7 +289,7 @@ impl KeyCell {
                 .and_then(|s| book.time_fields.iter().find(|(n, _)| n == s).map(|x| x.1))
                 .unwrap_or(book.default_time);
             let dec = EventDecoder::new(&book.registry, tf);
-            match NfaState::restore(r.state, &rule.nfa, &dec) {
+            match NfaState::restore_as(r.state, &rule.nfa, &rule.automaton, &dec) {
                 Ok(st) => {
                     let deadline = st.next_deadline(&rule.nfa);
                     cell.running.push(Running { rule: rule.clone(), slot, nfa: st, deadline });
@@ -303,9 +306,21 @@ impl KeyCell {
             rules: self
                 .running
                 .iter()
-                .map(|r| CellRuleSnapshot { id: r.rule.id().to_string(), version: r.rule.version(), state: r.nfa.snapshot(&r.rule.nfa) })
+                .map(|r| CellRuleSnapshot { id: r.rule.id().to_string(), version: r.rule.version(), state: r.nfa.snapshot_as(r.rule.automaton.clone()) })
                 .collect(),
         }
+    }
+
+    /// The cell in its compact binary form ([`crate::cellcodec`]); reads back
+    /// with [`crate::cellcodec::decode`] as the [`KeyCell::snapshot`] of this cell.
+    pub fn encode(&self) -> Vec<u8> {
+        let key = self.key.as_ref().map(key_to_json).unwrap_or_default();
+        let views: Vec<crate::cellcodec::RuleView<'_>> = self
+            .running
+            .iter()
+            .map(|r| crate::cellcodec::RuleView { id: r.rule.id(), version: r.rule.version(), automaton: &r.rule.automaton, state: &r.nfa })
+            .collect();
+        crate::cellcodec::encode(&key, &views)
     }
 
     /// Partial matches held, over all rules.

@@ -10,6 +10,7 @@
 //!   `cepheid test` and the conformance suites.
 
 pub mod cell;
+pub mod cellcodec;
 pub mod engine;
 pub mod index;
 pub mod key;

@@ -132,6 +132,11 @@ fn cs_from(c: CsSnap, nfa: &Nfa) -> Result<Cs, SnapshotError> {
 impl NfaState {
     /// This state as a snapshot document.
     pub fn snapshot(&self, nfa: &Nfa) -> KeySnapshot {
+        self.snapshot_as(fingerprint(nfa))
+    }
+
+    /// As [`NfaState::snapshot`], with the automaton's [`fingerprint`] already known.
+    pub fn snapshot_as(&self, automaton: String) -> KeySnapshot {
         let mut events: Vec<EventSnap> = self
             .buffer
             .events
@@ -156,7 +161,7 @@ impl NfaState {
         nodes.sort_by_key(|n| (n.id.event, n.id.page));
         KeySnapshot {
             format: FORMAT,
-            automaton: fingerprint(nfa),
+            automaton,
             next_seq: self.next_seq,
             partial: self.partial.as_slice().iter().map(cs_snap).collect(),
             completed: self.completed.as_slice().iter().map(cs_snap).collect(),
@@ -167,12 +172,16 @@ impl NfaState {
 
     /// Restores a state; events are decoded again with `decoder`.
     pub fn restore(snap: KeySnapshot, nfa: &Nfa, decoder: &EventDecoder) -> Result<NfaState, SnapshotError> {
+        NfaState::restore_as(snap, nfa, &fingerprint(nfa), decoder)
+    }
+
+    /// As [`NfaState::restore`], with the automaton's [`fingerprint`] already known.
+    pub fn restore_as(snap: KeySnapshot, nfa: &Nfa, expected: &str, decoder: &EventDecoder) -> Result<NfaState, SnapshotError> {
         if snap.format > FORMAT {
             return Err(SnapshotError::NewerFormat(snap.format));
         }
-        let expected = fingerprint(nfa);
         if snap.automaton != expected {
-            return Err(SnapshotError::Automaton { found: snap.automaton, expected });
+            return Err(SnapshotError::Automaton { found: snap.automaton, expected: expected.to_string() });
         }
         let mut buffer = SharedBuffer::default();
         for e in snap.events {

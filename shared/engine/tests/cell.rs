@@ -60,7 +60,10 @@ fn engine_ids(rules: &[RuleSpec], lines: &[String]) -> Vec<String> {
     ids
 }
 
-fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize) -> Vec<String> {
+/// `every`: events between watermarks. `stored`: after every step each key
+/// goes through its stored (binary) form and on from the restored cell, as
+/// if it had been passivated.
+fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize, stored: bool) -> Vec<String> {
     let cfg = EngineConfig::default();
     let bound = cfg.default_source.out_of_orderness_ms;
     let mut book = RuleBook::new(cfg.clone());
@@ -105,6 +108,15 @@ fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize) -> Vec<String> {
             ids.extend(out.records.into_iter().map(|m| format!("{} {}", m.rule_id, m.match_id)));
             if out.idle {
                 cells.remove(&key);
+            } else if stored {
+                let bytes = cell.encode();
+                let back = cepheid_engine::cellcodec::decode(&bytes).unwrap_or_else(|e| panic!("key {key}: {e}"));
+                assert_eq!(back, cell.snapshot(), "key {key}: the binary form reads back as the snapshot");
+                let json = serde_json::to_vec(&back).unwrap();
+                assert_eq!(cepheid_engine::cellcodec::decode(&json).unwrap(), back, "key {key}: the JSON form of earlier checkpoints still reads");
+                let (restored, dropped) = KeyCell::restore(back, rules, &book);
+                assert!(dropped.is_empty(), "key {key}: {dropped:?}");
+                *cell = restored;
             }
         }
     };
@@ -138,10 +150,10 @@ fn key_cells_give_the_engines_matches() {
     let lines = sample();
     let want = engine_ids(&rules, &lines);
     assert!(want.len() > 100);
-    for every in [1, 500] {
-        let got = cell_ids(&rules, &lines, every);
-        assert_eq!(got.len(), want.len(), "watermark every {every} events");
-        assert_eq!(got, want, "watermark every {every} events");
+    for (every, stored) in [(1, false), (500, false), (500, true)] {
+        let got = cell_ids(&rules, &lines, every, stored);
+        assert_eq!(got.len(), want.len(), "watermark every {every} events, stored {stored}");
+        assert_eq!(got, want, "watermark every {every} events, stored {stored}");
     }
 }
 
