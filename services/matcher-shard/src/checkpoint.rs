@@ -10,12 +10,18 @@
 //! | `{p}:shard:{T-n}:state` | hash | `signature|key` → the key's cell in binary form ([`cepheid_engine::cellcodec`]; JSON in checkpoints of earlier versions) |
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
 //!
+//! Checkpoints are written by a task of their own ([`Checkpoints::start_writer`]),
+//! one after the other in the order taken, so the partitions' loops go on
+//! reading while Redis stores what they took; a partition has at most one
+//! checkpoint in flight.
+//!
 //! Fencing: a checkpoint `WATCH`es the epoch and is written only while the
 //! epoch is still the one this shard set when it took the partition. A shard
 //! that lost the partition in a rebalance (or was presumed dead) can never
 //! overwrite the state its successor restored from.
 
 use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 /// A partition's position and its events not yet released.
@@ -83,13 +89,27 @@ pub enum CheckpointError {
 }
 
 /// The checkpoint store of one shard. Checkpoints go through a connection
-/// used by nothing else (`WATCH` is per connection); key loads use another.
-/// Both reconnect by themselves after Redis restarts or the network drops.
+/// used by nothing else, by one task (`WATCH` is per connection, so two
+/// checkpoints must never interleave on it); taking partitions and loading
+/// keys use another. Both reconnect by themselves after Redis restarts or
+/// the network drops.
 pub struct Checkpoints {
     prefix: String,
     writer: ConnectionManager,
     reader: ConnectionManager,
 }
+
+/// A checkpoint handed to the writer, with what its taker needs back (`then`).
+pub struct Job<T> {
+    pub topic: String,
+    pub partition: i32,
+    pub epoch: i64,
+    pub writes: Writes,
+    pub then: T,
+}
+
+/// What the writer answers for a [`Job`].
+pub type Done<T> = (T, Result<(), CheckpointError>);
 
 impl Checkpoints {
     pub async fn connect(url: &str, prefix: &str) -> Result<Checkpoints, CheckpointError> {
@@ -100,21 +120,41 @@ impl Checkpoints {
     }
 
     fn base(&self, topic: &str, partition: i32) -> String {
-        format!("{}:shard:{{{topic}-{partition}}}", self.prefix)
+        base(&self.prefix, topic, partition)
+    }
+
+    /// Starts the writer task: jobs are written in the order sent, and each
+    /// answered on the returned receiver. The task ends when the sender is dropped.
+    pub fn start_writer<T: Send + 'static>(&self) -> (mpsc::UnboundedSender<Job<T>>, mpsc::UnboundedReceiver<Done<T>>) {
+        let (jobs, mut rx) = mpsc::unbounded_channel::<Job<T>>();
+        let (done, answers) = mpsc::unbounded_channel();
+        let mut conn = self.writer.clone();
+        let prefix = self.prefix.clone();
+        tokio::spawn(async move {
+            while let Some(job) = rx.recv().await {
+                let r = commit(&mut conn, &prefix, &job.topic, job.partition, job.epoch, &job.writes).await;
+                drop(job.writes);
+                if done.send((job.then, r)).is_err() {
+                    break;
+                }
+            }
+        });
+        (jobs, answers)
     }
 
     /// Takes the partition: raises its epoch and reads its checkpoint.
     pub async fn acquire(&mut self, topic: &str, partition: i32) -> Result<Acquired, CheckpointError> {
         let b = self.base(topic, partition);
-        let epoch: i64 = redis::cmd("INCR").arg(format!("{b}:epoch")).query_async(&mut self.writer).await?;
-        let meta: Option<String> = redis::cmd("GET").arg(format!("{b}:meta")).query_async(&mut self.writer).await?;
+        let mut c = self.reader.clone();
+        let epoch: i64 = redis::cmd("INCR").arg(format!("{b}:epoch")).query_async(&mut c).await?;
+        let meta: Option<String> = redis::cmd("GET").arg(format!("{b}:meta")).query_async(&mut c).await?;
         let meta = match meta {
             Some(m) => Some(serde_json::from_str(&m).map_err(|e| CheckpointError::Corrupt(format!("{b}:meta"), e.to_string()))?),
             None => None,
         };
-        let names: Vec<String> = redis::cmd("HKEYS").arg(format!("{b}:state")).query_async(&mut self.writer).await?;
+        let names: Vec<String> = redis::cmd("HKEYS").arg(format!("{b}:state")).query_async(&mut c).await?;
         let timers: Vec<(String, f64)> =
-            redis::cmd("ZRANGE").arg(format!("{b}:timers")).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut self.writer).await?;
+            redis::cmd("ZRANGE").arg(format!("{b}:timers")).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut c).await?;
         let timers: std::collections::HashMap<String, i64> = timers.into_iter().map(|(k, s)| (k, s as i64)).collect();
         let keys = names.into_iter().map(|k| {
             let d = timers.get(&k).copied();
@@ -128,40 +168,44 @@ impl Checkpoints {
         let mut c = self.reader.clone();
         Ok(redis::cmd("HGET").arg(format!("{}:state", self.base(topic, partition))).arg(key).query_async(&mut c).await?)
     }
+}
 
-    /// Writes a checkpoint atomically, if this shard still owns the partition.
-    pub async fn commit(&mut self, topic: &str, partition: i32, epoch: i64, w: &Writes) -> Result<(), CheckpointError> {
-        let b = self.base(topic, partition);
-        let epoch_key = format!("{b}:epoch");
-        redis::cmd("WATCH").arg(&epoch_key).query_async::<()>(&mut self.writer).await?;
-        let current: Option<i64> = redis::cmd("GET").arg(&epoch_key).query_async(&mut self.writer).await?;
-        if current != Some(epoch) {
-            redis::cmd("UNWATCH").query_async::<()>(&mut self.writer).await?;
-            return Err(CheckpointError::Fenced(format!("{topic}/{partition}"), epoch, current.unwrap_or(0)));
-        }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let state = format!("{b}:state");
-        let timers = format!("{b}:timers");
-        // Deletions first: a key dropped and started again since the last checkpoint is stored.
-        for k in &w.deleted {
-            pipe.cmd("HDEL").arg(&state).arg(k).ignore();
-            pipe.cmd("ZREM").arg(&timers).arg(k).ignore();
-        }
-        for (k, doc, deadline) in &w.states {
-            pipe.cmd("HSET").arg(&state).arg(k).arg(doc).ignore();
-            match deadline {
-                Some(d) => pipe.cmd("ZADD").arg(&timers).arg(*d).arg(k).ignore(),
-                None => pipe.cmd("ZREM").arg(&timers).arg(k).ignore(),
-            };
-        }
-        let meta = serde_json::to_string(&w.meta).expect("meta serialises");
-        pipe.cmd("SET").arg(format!("{b}:meta")).arg(meta);
-        // EXEC answers nil when the watched epoch changed in between.
-        let done: Option<(redis::Value,)> = pipe.query_async(&mut self.writer).await?;
-        match done {
-            Some(_) => Ok(()),
-            None => Err(CheckpointError::Fenced(format!("{topic}/{partition}"), epoch, -1)),
-        }
+fn base(prefix: &str, topic: &str, partition: i32) -> String {
+    format!("{prefix}:shard:{{{topic}-{partition}}}")
+}
+
+/// Writes a checkpoint atomically, if this shard still owns the partition.
+async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partition: i32, epoch: i64, w: &Writes) -> Result<(), CheckpointError> {
+    let b = base(prefix, topic, partition);
+    let epoch_key = format!("{b}:epoch");
+    redis::cmd("WATCH").arg(&epoch_key).query_async::<()>(conn).await?;
+    let current: Option<i64> = redis::cmd("GET").arg(&epoch_key).query_async(conn).await?;
+    if current != Some(epoch) {
+        redis::cmd("UNWATCH").query_async::<()>(conn).await?;
+        return Err(CheckpointError::Fenced(format!("{topic}/{partition}"), epoch, current.unwrap_or(0)));
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let state = format!("{b}:state");
+    let timers = format!("{b}:timers");
+    // Deletions first: a key dropped and started again since the last checkpoint is stored.
+    for k in &w.deleted {
+        pipe.cmd("HDEL").arg(&state).arg(k).ignore();
+        pipe.cmd("ZREM").arg(&timers).arg(k).ignore();
+    }
+    for (k, doc, deadline) in &w.states {
+        pipe.cmd("HSET").arg(&state).arg(k).arg(doc).ignore();
+        match deadline {
+            Some(d) => pipe.cmd("ZADD").arg(&timers).arg(*d).arg(k).ignore(),
+            None => pipe.cmd("ZREM").arg(&timers).arg(k).ignore(),
+        };
+    }
+    let meta = serde_json::to_string(&w.meta).expect("meta serialises");
+    pipe.cmd("SET").arg(format!("{b}:meta")).arg(meta);
+    // EXEC answers nil when the watched epoch changed in between.
+    let done: Option<(redis::Value,)> = pipe.query_async(conn).await?;
+    match done {
+        Some(_) => Ok(()),
+        None => Err(CheckpointError::Fenced(format!("{topic}/{partition}"), epoch, -1)),
     }
 }

@@ -13,7 +13,9 @@
 //! Every `checkpoint_interval_ms` or `checkpoint_records` records the dirty
 //! key states, the timer index changes and the partition's next offset and
 //! reorder buffer are written to Redis in one `MULTI`/`EXEC`, fenced by the
-//! partition's ownership epoch ([`checkpoint`]). Then the offset is committed
+//! partition's ownership epoch ([`checkpoint`]). The snapshots are taken in
+//! the partition's loop; a writer task stores them while the loop reads on.
+//! Once stored, the offset is committed
 //! to the group and keys idle for `passivate_after_ms` are passivated (their
 //! state is in Redis; the actor stops). A shard that takes a partition — at
 //! start, after a crash of another, in a rebalance — restores from the
@@ -45,7 +47,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use actor::{KeyActor, KeyMsg, StepReply};
-use checkpoint::{Checkpoints, Meta, PendingRecord, RouterMark, Writes};
+use checkpoint::{Checkpoints, Done, Job, Meta, PendingRecord, RouterMark, Writes};
 
 /// The `[shard]` configuration section.
 #[derive(Clone, Debug, Deserialize)]
@@ -238,6 +240,8 @@ struct KeySlot {
     stored: bool,
     /// Changed since the last checkpoint.
     dirty: bool,
+    /// Steps that changed it (a checkpoint in flight clears `dirty` only if none came after it).
+    changes: u64,
     last_used: Instant,
     partials: usize,
 }
@@ -258,6 +262,8 @@ struct Partition {
     deleted: HashSet<Arc<str>>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// A checkpoint of this partition is being written.
+    committing: bool,
     /// Changed since the last checkpoint (records read or state changed).
     changed: bool,
 }
@@ -332,6 +338,19 @@ impl Partition {
     }
 }
 
+/// What the shard keeps of a checkpoint while the writer stores it.
+struct Taken {
+    partition: i32,
+    epoch: i64,
+    /// The partition's next offset as of the checkpoint.
+    offset: i64,
+    /// Keys written, with the change count each was snapshotted at.
+    keys: Vec<(Arc<str>, u64)>,
+    deleted: Vec<Arc<str>>,
+    passivate: bool,
+    started: std::time::Instant,
+}
+
 /// The shard's working state.
 struct Shard {
     cfg: ShardConfig,
@@ -339,6 +358,9 @@ struct Shard {
     clock: Arc<dyn Clock>,
     book: RuleBook,
     ckpt: Checkpoints,
+    /// Checkpoints to the writer task, and its answers.
+    jobs: tokio::sync::mpsc::UnboundedSender<Job<Taken>>,
+    done: tokio::sync::mpsc::UnboundedReceiver<Done<Taken>>,
     parts: HashMap<i32, Partition>,
     report: Report,
     per_rule: HashMap<String, u64>,
@@ -394,24 +416,38 @@ impl Shard {
             deleted: HashSet::new(),
             since_checkpoint: 0,
             last_checkpoint: now,
+            committing: false,
             changed: false,
         };
         for (k, d) in a.keys {
             let k: Arc<str> = Arc::from(k.as_str());
-            p.keys.insert(k.clone(), KeySlot { actor: None, deadline: None, stored: true, dirty: false, last_used: now, partials: 0 });
+            p.keys.insert(k.clone(), KeySlot { actor: None, deadline: None, stored: true, dirty: false, changes: 0, last_used: now, partials: 0 });
             p.set_deadline(&k, d);
         }
         self.parts.insert(partition, p);
         Ok(())
     }
 
-    /// Gives a partition up: a last checkpoint (if still owned), then its actors stop.
+    /// Gives a partition up: the checkpoint in flight, a last one (if still
+    /// owned), then its actors stop.
     async fn release(&mut self, partition: i32, consumer: &Consumer) {
-        if let Err(e) = self.checkpoint(partition, consumer, false).await {
+        self.settle(partition, consumer).await;
+        if let Err(e) = self.checkpoint(partition, false).await {
             tracing::warn!("matcher-shard: releasing partition {partition}: {e}");
         }
+        self.settle(partition, consumer).await;
         if let Some(mut p) = self.parts.remove(&partition) {
             p.stop_all();
+        }
+    }
+
+    /// Waits until the partition has no checkpoint in flight.
+    async fn settle(&mut self, partition: i32, consumer: &Consumer) {
+        while self.parts.get(&partition).is_some_and(|p| p.committing) {
+            match self.done.recv().await {
+                Some(d) => self.committed(d, consumer),
+                None => break,
+            }
         }
     }
 
@@ -486,7 +522,7 @@ impl Shard {
             let trace = m.header(TRACEPARENT).map(|t| String::from_utf8_lossy(t).into());
             p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { source, key: Arc::from(key.as_str()), raw, trace } }));
         }
-        self.maybe_checkpoint(m.partition, consumer).await
+        self.maybe_checkpoint(m.partition).await
     }
 
     async fn dead_letter(&self, m: &Message, reason: &str) -> anyhow::Result<()> {
@@ -613,6 +649,7 @@ impl Shard {
             } else {
                 if let Some(slot) = p.keys.get_mut(&key) {
                     slot.dirty = true;
+                    slot.changes += 1;
                     slot.partials = reply.partials;
                 }
                 p.set_deadline(&key, reply.out.deadline);
@@ -690,6 +727,7 @@ impl Shard {
             deadline: None,
             stored: false,
             dirty: true,
+            changes: 1,
             last_used: Instant::now(),
             partials: 0,
         });
@@ -697,43 +735,72 @@ impl Shard {
         Ok(actor)
     }
 
-    async fn maybe_checkpoint(&mut self, partition: i32, consumer: &Consumer) -> anyhow::Result<()> {
+    async fn maybe_checkpoint(&mut self, partition: i32) -> anyhow::Result<()> {
         let p = &self.parts[&partition];
-        if p.since_checkpoint >= self.cfg.checkpoint_records
-            || (p.changed && p.last_checkpoint.elapsed() >= Duration::from_millis(self.cfg.checkpoint_interval_ms))
+        if !p.committing
+            && (p.since_checkpoint >= self.cfg.checkpoint_records
+                || (p.changed && p.last_checkpoint.elapsed() >= Duration::from_millis(self.cfg.checkpoint_interval_ms)))
         {
-            self.checkpoint(partition, consumer, true).await?;
+            self.checkpoint(partition, true).await?;
         }
         Ok(())
     }
 
-    /// Writes the partition's checkpoint, commits its offset, passivates idle keys.
-    async fn checkpoint(&mut self, partition: i32, consumer: &Consumer, passivate: bool) -> anyhow::Result<()> {
+    /// Takes the partition's checkpoint — the dirty keys' snapshots and the
+    /// partition's position, all as of now — and hands it to the writer;
+    /// [`Shard::committed`] takes the answer. Nothing happens while one is in flight.
+    async fn checkpoint(&mut self, partition: i32, passivate: bool) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let Some(p) = self.parts.get_mut(&partition) else { return Ok(()) };
-        let dirty: Vec<(Arc<str>, ActorRef<KeyMsg>, Option<i64>)> = p
+        if p.committing {
+            return Ok(());
+        }
+        let dirty: Vec<(Arc<str>, ActorRef<KeyMsg>, Option<i64>, u64)> = p
             .keys
             .iter()
             .filter(|(_, s)| s.dirty)
-            .filter_map(|(k, s)| s.actor.clone().map(|a| (k.clone(), a, s.deadline)))
+            .filter_map(|(k, s)| s.actor.clone().map(|a| (k.clone(), a, s.deadline, s.changes)))
             .collect();
-        let docs = futures_util::future::join_all(dirty.iter().map(|(k, a, d)| async move {
-            (k.clone(), a.call(KeyMsg::Snapshot, None).await, *d)
+        // Each actor encodes its own cell (in parallel); the loop reads on only
+        // after every snapshot is taken, so all of them are as of this point.
+        let docs = futures_util::future::join_all(dirty.iter().map(|(k, a, d, n)| async move {
+            (k.clone(), a.call(KeyMsg::Snapshot, None).await, *d, *n)
         }))
         .await;
-        let mut writes = Writes { meta: p.meta(), states: Vec::new(), deleted: p.deleted.iter().map(|k| k.to_string()).collect() };
-        let mut written = Vec::new();
-        for (k, doc, d) in docs {
+        let deleted: Vec<Arc<str>> = p.deleted.drain().collect();
+        let mut writes = Writes { meta: p.meta(), states: Vec::with_capacity(docs.len()), deleted: deleted.iter().map(|k| k.to_string()).collect() };
+        let mut keys = Vec::with_capacity(docs.len());
+        for (k, doc, d, n) in docs {
             match doc {
                 Ok(ractor::rpc::CallResult::Success(doc)) => {
                     writes.states.push((k.to_string(), doc, d));
-                    written.push(k);
+                    // Redis holds (or, once written, will hold) state of this key: dropping it must delete that.
+                    if let Some(s) = p.keys.get_mut(&k) {
+                        s.stored = true;
+                    }
+                    keys.push((k, n));
                 }
                 _ => tracing::warn!("matcher-shard: partition {partition} key {k}: no snapshot (actor gone); not checkpointed"),
             }
         }
-        let (topic, epoch, offset) = (p.topic.clone(), p.epoch, p.next_offset);
-        match self.ckpt.commit(&topic, partition, epoch, &writes).await {
+        p.committing = true;
+        p.since_checkpoint = 0;
+        p.changed = false;
+        p.last_checkpoint = Instant::now();
+        let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, keys, deleted, passivate, started };
+        let job = Job { topic: p.topic.clone(), partition, epoch: p.epoch, writes, then };
+        self.jobs.send(job).map_err(|_| anyhow::anyhow!("matcher-shard: the checkpoint writer stopped"))
+    }
+
+    /// The writer's answer for a checkpoint: on success the keys it holds are
+    /// clean (unless changed since), the offset is committed to the group and
+    /// idle keys are passivated; on failure nothing is lost (the state stays
+    /// here, the offset is not committed) and the next interval tries again.
+    fn committed(&mut self, (t, result): Done<Taken>, consumer: &Consumer) {
+        let partition = t.partition;
+        let Some(p) = self.parts.get_mut(&partition).filter(|p| p.epoch == t.epoch) else { return };
+        p.committing = false;
+        match result {
             Ok(()) => {}
             Err(checkpoint::CheckpointError::Fenced(what, mine, now)) => {
                 tracing::warn!("matcher-shard: partition {what}: taken over by another shard (epoch {mine} → {now}); giving it up");
@@ -741,38 +808,34 @@ impl Shard {
                 if let Some(mut p) = self.parts.remove(&partition) {
                     p.stop_all();
                 }
-                return Ok(());
+                return;
             }
             Err(e) => {
-                // Nothing is lost: the state stays here and the offset is not committed; the
-                // next tick tries again.
                 self.report.checkpoint_failures += 1;
                 self.report.redis_errors += 1;
-                tracing::warn!("matcher-shard: checkpoint of {topic}/{partition}: {e}; retrying in {} ms", self.cfg.checkpoint_interval_ms);
-                if let Some(p) = self.parts.get_mut(&partition) {
-                    p.since_checkpoint = 0;
-                    p.last_checkpoint = Instant::now();
+                tracing::warn!("matcher-shard: checkpoint of {}/{partition}: {e}; retrying in {} ms", p.topic, self.cfg.checkpoint_interval_ms);
+                for k in t.deleted {
+                    if !p.keys.contains_key(&k) {
+                        p.deleted.insert(k);
+                    }
                 }
-                return Ok(());
+                p.changed = true;
+                return;
             }
         }
         self.report.checkpoints += 1;
-        self.report.checkpoint_micros_total += started.elapsed().as_micros() as u64;
-        let p = self.parts.get_mut(&partition).expect("held");
-        for k in written {
+        self.report.checkpoint_micros_total += t.started.elapsed().as_micros() as u64;
+        for (k, n) in t.keys {
             if let Some(s) = p.keys.get_mut(&k) {
-                s.dirty = false;
-                s.stored = true;
+                if s.changes == n {
+                    s.dirty = false;
+                }
             }
         }
-        p.deleted.clear();
-        p.since_checkpoint = 0;
-        p.changed = false;
-        p.last_checkpoint = Instant::now();
-        if let Err(e) = consumer.commit(&topic, partition, offset) {
-            tracing::warn!("matcher-shard: committing {topic}/{partition}@{offset}: {e} (the Redis checkpoint stands)");
+        if let Err(e) = consumer.commit(&p.topic, partition, t.offset) {
+            tracing::warn!("matcher-shard: committing {}/{partition}@{}: {e} (the Redis checkpoint stands)", p.topic, t.offset);
         }
-        if passivate {
+        if t.passivate {
             let idle = Duration::from_millis(self.cfg.passivate_after_ms);
             for s in p.keys.values_mut() {
                 if !s.dirty && s.stored && s.actor.is_some() && s.last_used.elapsed() >= idle {
@@ -784,7 +847,6 @@ impl Shard {
                 }
             }
         }
-        Ok(())
     }
 
     /// Drops routers not heard from for a while; their old watermarks no longer hold partitions back.
@@ -910,6 +972,7 @@ pub async fn run(
     bus.create_topic(&cfg.matches_topic, cfg.matches_partitions).await?;
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let ckpt = Checkpoints::connect(&deps.redis_url, &deps.prefix).await?;
+    let (jobs, done) = ckpt.start_writer();
     let mut shard =
         Shard {
             cfg: cfg.clone(),
@@ -917,6 +980,8 @@ pub async fn run(
             clock: deps.clock.clone(),
             book: RuleBook::new(engine),
             ckpt,
+            jobs,
+            done,
             parts: HashMap::new(),
             report: Report::default(),
             per_rule: HashMap::new(),
@@ -944,6 +1009,10 @@ pub async fn run(
                     Some(u) => shard.follow(u?),
                     None => anyhow::bail!("matcher-shard: the rule store watch ended"),
                 },
+                d = shard.done.recv() => match d {
+                    Some(d) => shard.committed(d, &consumer),
+                    None => anyhow::bail!("matcher-shard: the checkpoint writer stopped"),
+                },
                 _ = tick.tick() => {
                     shard.report.consumer_lag = consumer.lag().unwrap_or(0);
                     shard.publish();
@@ -951,7 +1020,7 @@ pub async fn run(
                     let ids: Vec<i32> = shard.parts.keys().copied().collect();
                     for id in ids {
                         if shard.parts.contains_key(&id) {
-                            shard.maybe_checkpoint(id, &consumer).await?;
+                            shard.maybe_checkpoint(id).await?;
                         }
                     }
                 }
