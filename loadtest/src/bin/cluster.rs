@@ -10,6 +10,8 @@
 //!   that takes the event time seen past the match's last event plus the
 //!   configured out-of-orderness bound (before that no watermark can decide
 //!   the match) until the alert line appears: what the cluster adds;
+//! - of that, the part after the shard decided the match (its `detected_at`)
+//!   until the alert line appears (matches topic, notifier, file);
 //! - resident memory of every service process.
 //!
 //! `cargo run --release -p cepheid-loadtest --bin cluster -- --help`
@@ -140,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
     let path = a.alerts.clone();
     let watcher = tokio::spawn(async move {
         use std::io::{Read, Seek, SeekFrom};
-        let mut stamped: Vec<(i64, Instant)> = Vec::new();
+        let mut stamped: Vec<(i64, Instant, i64)> = Vec::new();
         let mut offset = seen0;
         let mut partial = String::new();
         loop {
@@ -154,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
                     for l in partial[..complete].lines() {
                         if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
                             if v["match"]["kind"] == "match" {
-                                stamped.push((v["match"]["last_event_time"].as_i64().unwrap_or(0), now));
+                                stamped.push((v["match"]["last_event_time"].as_i64().unwrap_or(0), now, v["match"]["detected_at"].as_i64().unwrap_or(0)));
                             }
                         }
                     }
@@ -174,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
     let times: Vec<Option<i64>> = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["eventTime"].as_i64())).collect();
     let cpu0 = cpu_seconds(&a.pids);
     let start = Instant::now();
+    let start_wall_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() * 1e3;
     let mut acked: BTreeMap<i64, Instant> = BTreeMap::new(); // event time → ack of its batch
     let mut frontier: Vec<(i64, Instant)> = Vec::new(); // highest event time posted so far, at each ack
     let mut accepted = 0u64;
@@ -217,18 +220,25 @@ async fn main() -> anyhow::Result<()> {
     let stamped = watcher.await?;
     let mut lat: Vec<f64> = stamped
         .iter()
-        .filter_map(|(t, seen)| acked.get(t).map(|ack| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3))
+        .filter_map(|(t, seen, _)| acked.get(t).map(|ack| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3))
         .collect();
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
     // Beyond the lateness: from the first ack that took the event time past last_event_time + bound.
     let mut beyond: Vec<f64> = stamped
         .iter()
-        .filter_map(|(t, seen)| {
+        .filter(|(t, _, _)| acked.contains_key(t)) // matches of this run's events, as above
+        .filter_map(|(t, seen, _)| {
             let i = frontier.partition_point(|(m, _)| *m <= t + a.lateness_ms);
             frontier.get(i).map(|(_, ack)| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3)
         })
         .collect();
     beyond.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    let mut after_shard: Vec<f64> = stamped
+        .iter()
+        .filter(|(t, _, d)| acked.contains_key(t) && *d > 0)
+        .map(|(_, seen, d)| start_wall_ms + seen.saturating_duration_since(start).as_secs_f64() * 1e3 - *d as f64)
+        .collect();
+    after_shard.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let mut rss = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir(&a.pids) {
         for e in dir.flatten() {
@@ -253,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
         "beyond_lateness_measured": beyond.len(),
         "beyond_lateness_ms": {"p50": pct(&beyond, 0.5), "p95": pct(&beyond, 0.95), "p99": pct(&beyond, 0.99)},
+        "after_shard_ms": {"p50": pct(&after_shard, 0.5), "p95": pct(&after_shard, 0.95), "p99": pct(&after_shard, 0.99)},
         "rss_mib": rss,
         "cpu_seconds": cpu,
     });

@@ -14,6 +14,10 @@
 //! the router sends each source's watermark to every partition: a record
 //! with no key, an empty payload and headers `cepheid-watermark`,
 //! `cepheid-source`, `cepheid-router` — a shard takes the minimum over routers.
+//! Keyed records carry the router's watermark as of sending them too
+//! (`cepheid-watermark`, `cepheid-router`): a busy partition's watermark moves
+//! with its records, not only every interval (Flink sends watermarks in-band
+//! the same way), and the periodic records keep quiet partitions moving.
 //!
 //! Rules come from the Redis rule store: a full resync at start and whenever
 //! the change feed ends (pub/sub drops messages while disconnected), live
@@ -306,26 +310,30 @@ impl Router {
     /// assigned partition has not delivered its first record and is not idle
     /// yet: its events may be older than the others'. Never goes back.
     pub fn watermarks(&mut self, now_ms: i64) -> Vec<(String, i64)> {
+        let mut names: Vec<String> = self.sources.keys().cloned().collect();
+        names.sort();
+        names.into_iter().filter_map(|s| self.watermark_now(&s, now_ms).map(|w| (s, w))).collect()
+    }
+
+    /// The watermark of one source to send now, as [`Router::watermarks`]
+    /// computes it (and, like it, remembered as sent); `None` while the
+    /// partitions hold it back or nothing of the source was seen.
+    pub fn watermark_now(&mut self, source: &str, now_ms: i64) -> Option<i64> {
         let idle = |last: i64| now_ms - last >= self.idle_ms;
         if let Some(h) = &self.heard {
             if h.values().any(|(last, seen)| !seen && !idle(*last)) {
-                return Vec::new();
+                return None;
             }
         }
         let active = |p: &i32| self.heard.as_ref().is_none_or(|h| h.get(p).is_some_and(|(last, _)| !idle(*last)));
-        let mut v: Vec<(String, i64)> = Vec::new();
-        for (s, (_, bound, per)) in &self.sources {
-            let m = per.iter().filter(|(p, _)| active(p)).map(|(_, m)| *m).min().or_else(|| per.values().min().copied());
-            if let Some(m) = m {
-                let w = m.saturating_sub(*bound).max(self.sent.get(s).copied().unwrap_or(i64::MIN));
-                v.push((s.clone(), w));
-            }
+        let (_, bound, per) = self.sources.get(source)?;
+        let m = per.iter().filter(|(p, _)| active(p)).map(|(_, m)| *m).min().or_else(|| per.values().min().copied())?;
+        let sent = self.sent.get(source).copied().unwrap_or(i64::MIN);
+        let w = m.saturating_sub(*bound).max(sent);
+        if w != sent {
+            self.sent.insert(source.to_string(), w);
         }
-        for (s, w) in &v {
-            self.sent.insert(s.clone(), *w);
-        }
-        v.sort();
-        v
+        Some(w)
     }
 
     /// The input partitions this router now reads (after a rebalance): others
@@ -416,7 +424,7 @@ pub async fn run(
     bus.create_topic(&cfg.events_topic, cfg.keyed_partitions).await?;
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let partitions = bus.partitions(&cfg.keyed_topic).await?;
-    let router_id = cfg.router_id.clone().unwrap_or_else(|| format!("router-{}", std::process::id()));
+    let router_id = cfg.router_id.clone().unwrap_or_else(default_router_id);
     let mut router = Router::new(engine);
     router.set_idle_partition_ms(cfg.idle_partition_ms);
     let mut updates = rules.watch("router");
@@ -489,6 +497,8 @@ pub async fn run(
                     Ok(Routed::Routes { routes, .. }) if routes.is_empty() => report.unrouted += 1,
                     Ok(Routed::Routes { time: t, routes }) => {
                         let time = t.to_string();
+                        // The watermark as of this event (never ahead of it: an event behind it was late).
+                        let wm = router.watermark_now(&source, wall_ms()).map(|w| w.to_string()).unwrap_or_default();
                         if let Some(t) = &trace {
                             t.attribute("cepheid.keyed_records", routes.len() as i64);
                         }
@@ -498,9 +508,21 @@ pub async fn run(
                                 ("cepheid-source", source.as_bytes()),
                                 ("cepheid-signature", r.signature.as_bytes()),
                                 ("cepheid-time", time.as_bytes()),
+                                ("cepheid-router", router_id.as_bytes()),
+                                ("cepheid-watermark", wm.as_bytes()),
                                 (TRACEPARENT, traceparent.as_deref().unwrap_or_default().as_bytes()),
                             ];
-                            let headers = if traceparent.is_some() { &headers[..] } else { &headers[..3] };
+                            let n = if wm.is_empty() { 3 } else { 5 };
+                            let headers = if traceparent.is_some() {
+                                // Without a watermark, the trace header moves up.
+                                if wm.is_empty() {
+                                    &[headers[0], headers[1], headers[2], headers[5]][..]
+                                } else {
+                                    &headers[..]
+                                }
+                            } else {
+                                &headers[..n]
+                            };
                             out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, headers).await?;
                             report.routed += 1;
                         }
@@ -524,6 +546,18 @@ pub async fn run(
         s.abort();
     }
     Ok(report)
+}
+
+/// `router-<host>-<pid>`: the pid alone is the same (1) in every container,
+/// and shards must tell the routers apart (each holds the watermark back).
+fn default_router_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("router-{host}-{}", std::process::id())
 }
 
 /// Records acknowledged together before their events are committed.

@@ -77,6 +77,11 @@ pub struct ShardConfig {
     /// A router not heard from for this long no longer holds the watermark back.
     #[serde(default = "router_expiry")]
     pub router_expiry_ms: u64,
+    /// Events are released to their keys at most this often (ms) as the
+    /// watermark carried by event records moves (a watermark record releases
+    /// at once): the keys' work and the match records of this long go together.
+    #[serde(default = "release_ms")]
+    pub release_interval_ms: u64,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     #[serde(default = "listen")]
     pub listen: String,
@@ -108,6 +113,9 @@ fn passivate_ms() -> u64 {
 }
 fn router_expiry() -> u64 {
     30_000
+}
+fn release_ms() -> u64 {
+    50
 }
 fn listen() -> String {
     "0.0.0.0:9103".into()
@@ -222,6 +230,9 @@ impl Report {
     }
 }
 
+/// Match records in flight at most, before the shard waits for their acknowledgements.
+const MAX_UNACKED: usize = 10_000;
+
 /// An event record waiting for the partition's watermark.
 struct Held {
     source: Arc<str>,
@@ -264,6 +275,8 @@ struct Partition {
     last_checkpoint: Instant,
     /// A checkpoint of this partition is being written.
     committing: bool,
+    /// When events were last released.
+    last_release: Instant,
     /// Changed since the last checkpoint (records read or state changed).
     changed: bool,
 }
@@ -290,6 +303,20 @@ impl Partition {
             .collect();
         routers.sort_by(|a, b| (&a.source, &a.router).cmp(&(&b.source, &b.router)));
         Meta { offset: self.next_offset, released: self.released, arrival: self.arrival, routers, pending }
+    }
+
+    /// Takes router `router`'s watermark `w` for `source` (watermarks only go forward).
+    fn mark(&mut self, source: &Arc<str>, router: &[u8], w: i64) {
+        let now = Instant::now();
+        match self.routers.iter_mut().find(|((s, r), _)| s == source && r.as_bytes() == router) {
+            Some((_, e)) => {
+                e.0 = e.0.max(w);
+                e.1 = now;
+            }
+            None => {
+                self.routers.insert((source.clone(), String::from_utf8_lossy(router).into_owned()), (w, now));
+            }
+        }
     }
 
     /// The watermark the routers allow: per source the minimum over routers, then the minimum over sources.
@@ -362,6 +389,10 @@ struct Shard {
     jobs: tokio::sync::mpsc::UnboundedSender<Job<Taken>>,
     done: tokio::sync::mpsc::UnboundedReceiver<Done<Taken>>,
     parts: HashMap<i32, Partition>,
+    /// Match records handed to the bus and not yet known acknowledged: all are
+    /// awaited before the next checkpoint is taken.
+    /// (In a mutex only so that the shard is `Sync`; used through `get_mut`.)
+    unacked: Mutex<Vec<cepheid_bus::Delivery>>,
     report: Report,
     per_rule: HashMap<String, u64>,
     /// Per rule: (evaluations, timed evaluations, their nanoseconds).
@@ -417,6 +448,7 @@ impl Shard {
             since_checkpoint: 0,
             last_checkpoint: now,
             committing: false,
+            last_release: now,
             changed: false,
         };
         for (k, d) in a.keys {
@@ -483,21 +515,19 @@ impl Shard {
             Some(s) => Arc::from(String::from_utf8_lossy(s).as_ref()),
             None => Arc::from("default"),
         };
-        if let Some(w) = m.header("cepheid-watermark") {
-            self.report.watermarks += 1;
-            let Some(w) = std::str::from_utf8(w).ok().and_then(|w| w.parse::<i64>().ok()) else {
-                tracing::warn!("matcher-shard: {}/{}/{}: unreadable watermark", m.topic, m.partition, m.offset);
-                return Ok(());
-            };
-            let router = m.header("cepheid-router").map(|r| String::from_utf8_lossy(r).into_owned()).unwrap_or_default();
-            let e = p.routers.entry((source, router)).or_insert((w, Instant::now()));
-            e.0 = e.0.max(w);
-            e.1 = Instant::now();
-            if let Some(allowed) = p.allowed() {
-                if allowed > p.released {
-                    self.advance(m.partition, allowed).await?;
+        // A router's watermark: a record of its own (no key), or carried by an event record.
+        let watermark = match m.header("cepheid-watermark") {
+            Some(w) => match std::str::from_utf8(w).ok().and_then(|w| w.parse::<i64>().ok()) {
+                Some(w) => Some(w),
+                None => {
+                    tracing::warn!("matcher-shard: {}/{}/{}: unreadable watermark", m.topic, m.partition, m.offset);
+                    None
                 }
-            }
+            },
+            None => None,
+        };
+        if m.key.is_none() && m.header("cepheid-watermark").is_some() {
+            self.report.watermarks += 1;
         } else {
             self.report.events += 1;
             let key = m.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned());
@@ -520,7 +550,16 @@ impl Shard {
             p.arrival += 1;
             let raw = String::from_utf8_lossy(&m.payload).into_owned();
             let trace = m.header(TRACEPARENT).map(|t| String::from_utf8_lossy(t).into());
-            p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { source, key: Arc::from(key.as_str()), raw, trace } }));
+            p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { source: source.clone(), key: Arc::from(key.as_str()), raw, trace } }));
+        }
+        if let Some(w) = watermark {
+            // After the event it came with: the router sent that event first (it is not behind w).
+            let p = self.parts.get_mut(&m.partition).expect("acquired");
+            p.mark(&source, m.header("cepheid-router").unwrap_or_default(), w);
+            let due = m.key.is_none() || p.last_release.elapsed() >= Duration::from_millis(self.cfg.release_interval_ms);
+            if let Some(allowed) = p.allowed().filter(|a| due && *a > p.released) {
+                self.advance(m.partition, allowed).await?;
+            }
         }
         self.maybe_checkpoint(m.partition).await
     }
@@ -570,6 +609,7 @@ impl Shard {
         }
         p.released = w;
         p.changed = true;
+        p.last_release = Instant::now();
         if order.is_empty() {
             return Ok(());
         }
@@ -655,16 +695,40 @@ impl Shard {
                 p.set_deadline(&key, reply.out.deadline);
             }
         }
-        // Every match is acknowledged before anything after it is checkpointed.
-        let bus = &self.bus;
-        let topic = &self.cfg.matches_topic;
-        let acks = futures_util::future::join_all(sends.iter().map(|(id, line, tp)| {
+        // Handed to the bus now; every match is acknowledged before the next
+        // checkpoint is taken (so before anything after it is checkpointed).
+        for (id, line, tp) in &sends {
             let headers: Vec<(&str, &[u8])> = tp.iter().map(|t| (TRACEPARENT, t.as_bytes())).collect();
-            async move { bus.send(topic, None, Some(id.as_bytes()), line.as_bytes(), &headers).await }
-        }))
-        .await;
-        for a in acks {
-            a?;
+            let d = match self.bus.enqueue(&self.cfg.matches_topic, None, Some(id.as_bytes()), line.as_bytes(), &headers).await {
+                Err(e) if e.is_transient() => {
+                    // The producer's queue is full: wait for what is in flight, then once more.
+                    self.acknowledged().await?;
+                    self.bus.enqueue(&self.cfg.matches_topic, None, Some(id.as_bytes()), line.as_bytes(), &headers).await?
+                }
+                other => other?,
+            };
+            self.unacked.get_mut().expect("unpoisoned").push(d);
+        }
+        if self.unacked.get_mut().expect("unpoisoned").len() >= MAX_UNACKED {
+            self.acknowledged().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every match record handed to the bus is acknowledged.
+    async fn acknowledged(&mut self) -> anyhow::Result<()> {
+        let unacked = std::mem::take(self.unacked.get_mut().expect("unpoisoned"));
+        for d in unacked {
+            d.await?;
+        }
+        Ok(())
+    }
+
+    /// Releases what the watermark allows on partitions that held back (see `release_interval_ms`).
+    async fn release_due(&mut self) -> anyhow::Result<()> {
+        let due: Vec<(i32, i64)> = self.parts.iter().filter_map(|(id, p)| p.allowed().filter(|a| *a > p.released).map(|a| (*id, a))).collect();
+        for (id, a) in due {
+            self.advance(id, a).await?;
         }
         Ok(())
     }
@@ -751,10 +815,12 @@ impl Shard {
     /// [`Shard::committed`] takes the answer. Nothing happens while one is in flight.
     async fn checkpoint(&mut self, partition: i32, passivate: bool) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let Some(p) = self.parts.get_mut(&partition) else { return Ok(()) };
-        if p.committing {
+        if self.parts.get(&partition).is_none_or(|p| p.committing) {
             return Ok(());
         }
+        // The matches of the state about to be checkpointed are in the matches topic.
+        self.acknowledged().await?;
+        let p = self.parts.get_mut(&partition).expect("held");
         let dirty: Vec<(Arc<str>, ActorRef<KeyMsg>, Option<i64>, u64)> = p
             .keys
             .iter()
@@ -983,6 +1049,7 @@ pub async fn run(
             jobs,
             done,
             parts: HashMap::new(),
+            unacked: Mutex::new(Vec::new()),
             report: Report::default(),
             per_rule: HashMap::new(),
             rule_evals: HashMap::new(),
@@ -999,6 +1066,8 @@ pub async fn run(
     let mut assigned: HashSet<i32> = HashSet::new();
     shard.report.ready = true;
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.checkpoint_interval_ms.clamp(10, 1_000)));
+    let mut release = tokio::time::interval(Duration::from_millis(cfg.release_interval_ms.max(1)));
+    release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let result: anyhow::Result<()> = async {
         loop {
@@ -1009,6 +1078,7 @@ pub async fn run(
                     Some(u) => shard.follow(u?),
                     None => anyhow::bail!("matcher-shard: the rule store watch ended"),
                 },
+                _ = release.tick() => shard.release_due().await?,
                 d = shard.done.recv() => match d {
                     Some(d) => shard.committed(d, &consumer),
                     None => anyhow::bail!("matcher-shard: the checkpoint writer stopped"),

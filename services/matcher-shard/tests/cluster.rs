@@ -296,6 +296,7 @@ impl Cluster {
             // Every idle key is passivated at each checkpoint: restores are exercised throughout.
             passivate_after_ms: 0,
             router_expiry_ms: 60_000,
+            release_interval_ms: 20,
             listen: "127.0.0.1:0".into(),
         }
     }

@@ -25,8 +25,16 @@ pub struct KafkaConfig {
 
 impl KafkaConfig {
     fn client(&self) -> ClientConfig {
+        self.client_with(&[])
+    }
+
+    /// A client with `defaults` that the configured properties may override.
+    fn client_with(&self, defaults: &[(&str, &str)]) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in defaults {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.properties {
             c.set(k, v);
         }
@@ -169,14 +177,17 @@ impl KafkaBus {
         let assignment = ctx.assignment.clone();
         let fresh = ctx.fresh.clone();
         let lag = ctx.lag.clone();
+        // A fetch waits at most 10 ms for data (librdkafka's default is 500 ms):
+        // Kafka answers as soon as there is any, but other Kafka-protocol
+        // brokers (tansu) wait the whole time, and every hop of the cluster
+        // would add it to the latency.
         let consumer: StreamConsumer<GroupContext> = self
             .cfg
-            .client()
+            .client_with(&[("fetch.wait.max.ms", "10"), ("session.timeout.ms", "10000")])
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", "10000")
             .set("statistics.interval.ms", "5000")
             .create_with_context(ctx)
             .map_err(classify)?;
