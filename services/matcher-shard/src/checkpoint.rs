@@ -11,9 +11,12 @@
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
 //!
 //! Checkpoints are written by a task of their own ([`Checkpoints::start_writer`]),
-//! one after the other in the order taken, so the partitions' loops go on
-//! reading while Redis stores what they took; a partition has at most one
-//! checkpoint in flight.
+//! one after the other in the order taken: a partition's loop only asks its
+//! dirty keys' actors for their snapshots (the requests queue in the actors'
+//! mailboxes before any later step, so every snapshot is as of the same
+//! point) and reads on; the writer waits for the snapshots and for the
+//! acknowledgements of the match records sent before that point, then writes.
+//! A partition has at most one checkpoint in flight.
 //!
 //! Fencing: a checkpoint `WATCH`es the epoch and is written only while the
 //! epoch is still the one this shard set when it took the partition. A shard
@@ -86,6 +89,10 @@ pub enum CheckpointError {
     Redis(#[from] redis::RedisError),
     #[error("checkpoint of {0} is unreadable: {1}")]
     Corrupt(String, String),
+    #[error("checkpoint not taken: {0}")]
+    Incomplete(String),
+    #[error("a match record was not delivered: {0}")]
+    Undelivered(String),
 }
 
 /// The checkpoint store of one shard. Checkpoints go through a connection
@@ -99,12 +106,24 @@ pub struct Checkpoints {
     reader: ConnectionManager,
 }
 
+/// Something the writer waits for.
+pub type Pending<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// A key's snapshot to come (`None`: the key's actor stopped before answering).
+pub type Snapshot = Pending<Option<Vec<u8>>>;
+
 /// A checkpoint handed to the writer, with what its taker needs back (`then`).
 pub struct Job<T> {
     pub topic: String,
     pub partition: i32,
     pub epoch: i64,
-    pub writes: Writes,
+    /// Acknowledgements of the match records sent before the checkpoint:
+    /// all must succeed before it is written.
+    pub delivered: Vec<Pending<Result<(), String>>>,
+    pub meta: Meta,
+    /// Key snapshots to come, with each key's deadline.
+    pub states: Vec<(String, Snapshot, Option<i64>)>,
+    pub deleted: Vec<String>,
     pub then: T,
 }
 
@@ -132,8 +151,20 @@ impl Checkpoints {
         let prefix = self.prefix.clone();
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
-                let r = commit(&mut conn, &prefix, &job.topic, job.partition, job.epoch, &job.writes).await;
-                drop(job.writes);
+                let r = async {
+                    for d in job.delivered {
+                        d.await.map_err(CheckpointError::Undelivered)?;
+                    }
+                    let mut w = Writes { meta: job.meta, states: Vec::with_capacity(job.states.len()), deleted: job.deleted };
+                    for (k, doc, deadline) in job.states {
+                        match doc.await {
+                            Some(doc) => w.states.push((k, doc, deadline)),
+                            None => return Err(CheckpointError::Incomplete(format!("key {k}: its actor stopped before its snapshot"))),
+                        }
+                    }
+                    commit(&mut conn, &prefix, &job.topic, job.partition, job.epoch, &w).await
+                }
+                .await;
                 if done.send((job.then, r)).is_err() {
                     break;
                 }

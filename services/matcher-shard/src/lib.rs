@@ -47,7 +47,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use actor::{KeyActor, KeyMsg, StepReply};
-use checkpoint::{Checkpoints, Done, Job, Meta, PendingRecord, RouterMark, Writes};
+use checkpoint::{Checkpoints, Done, Job, Meta, PendingRecord, RouterMark};
 
 /// The `[shard]` configuration section.
 #[derive(Clone, Debug, Deserialize)]
@@ -251,7 +251,9 @@ struct KeySlot {
     stored: bool,
     /// Changed since the last checkpoint.
     dirty: bool,
-    /// Steps that changed it (a checkpoint in flight clears `dirty` only if none came after it).
+    /// Its last change, numbered per partition (a checkpoint in flight clears
+    /// `dirty` only if the key did not change after its snapshot; numbers are
+    /// never reused, also not by a key dropped and started again).
     changes: u64,
     last_used: Instant,
     partials: usize,
@@ -277,6 +279,8 @@ struct Partition {
     committing: bool,
     /// When events were last released.
     last_release: Instant,
+    /// The last number given to a key's change (see `KeySlot::changes`).
+    change_seq: u64,
     /// Changed since the last checkpoint (records read or state changed).
     changed: bool,
 }
@@ -449,6 +453,7 @@ impl Shard {
             last_checkpoint: now,
             committing: false,
             last_release: now,
+            change_seq: 0,
             changed: false,
         };
         for (k, d) in a.keys {
@@ -477,7 +482,12 @@ impl Shard {
     async fn settle(&mut self, partition: i32, consumer: &Consumer) {
         while self.parts.get(&partition).is_some_and(|p| p.committing) {
             match self.done.recv().await {
-                Some(d) => self.committed(d, consumer),
+                Some(d) => {
+                    if let Err(e) = self.committed(d, consumer) {
+                        tracing::error!("{e}");
+                        break;
+                    }
+                }
                 None => break,
             }
         }
@@ -687,9 +697,10 @@ impl Shard {
             if reply.out.idle {
                 p.drop_key(&key);
             } else {
+                p.change_seq += 1;
                 if let Some(slot) = p.keys.get_mut(&key) {
                     slot.dirty = true;
-                    slot.changes += 1;
+                    slot.changes = p.change_seq;
                     slot.partials = reply.partials;
                 }
                 p.set_deadline(&key, reply.out.deadline);
@@ -785,13 +796,16 @@ impl Shard {
     async fn spawn_actor(&mut self, partition: i32, key: &Arc<str>, cell: KeyCell) -> anyhow::Result<ActorRef<KeyMsg>> {
         let (actor, _) = Actor::spawn(None, KeyActor, cell).await.map_err(|e| anyhow::anyhow!("starting the actor of key {key}: {e}"))?;
         let p = self.parts.get_mut(&partition).expect("held");
-        p.deleted.remove(key);
+        // A key dropped since the last checkpoint and started again: its old state in
+        // Redis is overwritten by the next checkpoint, or deleted if it is dropped again.
+        let in_redis = p.deleted.remove(key);
+        p.change_seq += 1;
         let slot = p.keys.entry(key.clone()).or_insert(KeySlot {
             actor: None,
             deadline: None,
-            stored: false,
+            stored: in_redis,
             dirty: true,
-            changes: 1,
+            changes: p.change_seq,
             last_used: Instant::now(),
             partials: 0,
         });
@@ -818,43 +832,50 @@ impl Shard {
         if self.parts.get(&partition).is_none_or(|p| p.committing) {
             return Ok(());
         }
-        // The matches of the state about to be checkpointed are in the matches topic.
-        self.acknowledged().await?;
-        let p = self.parts.get_mut(&partition).expect("held");
-        let dirty: Vec<(Arc<str>, ActorRef<KeyMsg>, Option<i64>, u64)> = p
-            .keys
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .filter_map(|(k, s)| s.actor.clone().map(|a| (k.clone(), a, s.deadline, s.changes)))
+        // The match records sent so far are in the topic before the state after them is stored.
+        let delivered: Vec<checkpoint::Pending<Result<(), String>>> = std::mem::take(self.unacked.get_mut().expect("unpoisoned"))
+            .into_iter()
+            .map(|d| -> checkpoint::Pending<Result<(), String>> { Box::pin(async move { d.await.map(|_| ()).map_err(|e| e.to_string()) }) })
             .collect();
-        // Each actor encodes its own cell (in parallel); the loop reads on only
-        // after every snapshot is taken, so all of them are as of this point.
-        let docs = futures_util::future::join_all(dirty.iter().map(|(k, a, d, n)| async move {
-            (k.clone(), a.call(KeyMsg::Snapshot, None).await, *d, *n)
-        }))
-        .await;
-        let deleted: Vec<Arc<str>> = p.deleted.drain().collect();
-        let mut writes = Writes { meta: p.meta(), states: Vec::with_capacity(docs.len()), deleted: deleted.iter().map(|k| k.to_string()).collect() };
-        let mut keys = Vec::with_capacity(docs.len());
-        for (k, doc, d, n) in docs {
-            match doc {
-                Ok(ractor::rpc::CallResult::Success(doc)) => {
-                    writes.states.push((k.to_string(), doc, d));
-                    // Redis holds (or, once written, will hold) state of this key: dropping it must delete that.
-                    if let Some(s) = p.keys.get_mut(&k) {
-                        s.stored = true;
-                    }
-                    keys.push((k, n));
-                }
-                _ => tracing::warn!("matcher-shard: partition {partition} key {k}: no snapshot (actor gone); not checkpointed"),
+        let p = self.parts.get_mut(&partition).expect("held");
+        // Each dirty key's actor is asked for its snapshot; the request is in its
+        // mailbox before any later step, so the snapshot is as of this point. The
+        // actors encode in parallel and the writer collects the answers.
+        let mut states = Vec::new();
+        let mut keys = Vec::new();
+        let mut gone = Vec::new();
+        for (k, slot) in p.keys.iter_mut().filter(|(_, s)| s.dirty) {
+            let Some(a) = &slot.actor else { continue };
+            let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+            if a.send_message(KeyMsg::Snapshot(tx.into())).is_err() {
+                gone.push(k.clone());
+                continue;
             }
+            // Redis holds (or, once written, will hold) state of this key: dropping it must delete that.
+            slot.stored = true;
+            states.push((k.to_string(), Box::pin(async move { rx.await.ok() }) as checkpoint::Snapshot, slot.deadline));
+            keys.push((k.clone(), slot.changes));
         }
+        for k in gone {
+            tracing::warn!("matcher-shard: partition {partition} key {k}: its actor is gone; the key's state is dropped");
+            p.drop_key(&k);
+        }
+        let deleted: Vec<Arc<str>> = p.deleted.drain().collect();
         p.committing = true;
         p.since_checkpoint = 0;
         p.changed = false;
         p.last_checkpoint = Instant::now();
-        let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, keys, deleted, passivate, started };
-        let job = Job { topic: p.topic.clone(), partition, epoch: p.epoch, writes, then };
+        let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, keys, deleted: deleted.clone(), passivate, started };
+        let job = Job {
+            topic: p.topic.clone(),
+            partition,
+            epoch: p.epoch,
+            delivered,
+            meta: p.meta(),
+            states,
+            deleted: deleted.iter().map(|k| k.to_string()).collect(),
+            then,
+        };
         self.jobs.send(job).map_err(|_| anyhow::anyhow!("matcher-shard: the checkpoint writer stopped"))
     }
 
@@ -862,9 +883,14 @@ impl Shard {
     /// clean (unless changed since), the offset is committed to the group and
     /// idle keys are passivated; on failure nothing is lost (the state stays
     /// here, the offset is not committed) and the next interval tries again.
-    fn committed(&mut self, (t, result): Done<Taken>, consumer: &Consumer) {
+    fn committed(&mut self, (t, result): Done<Taken>, consumer: &Consumer) -> anyhow::Result<()> {
+        if let Err(checkpoint::CheckpointError::Undelivered(e)) = &result {
+            // Its state went on past a match that is not in the matches topic: only a
+            // restart from the last checkpoint (before it) gets that match out.
+            anyhow::bail!("matcher-shard: a match record could not be delivered ({e}); stopping without checkpointing past it");
+        }
         let partition = t.partition;
-        let Some(p) = self.parts.get_mut(&partition).filter(|p| p.epoch == t.epoch) else { return };
+        let Some(p) = self.parts.get_mut(&partition).filter(|p| p.epoch == t.epoch) else { return Ok(()) };
         p.committing = false;
         match result {
             Ok(()) => {}
@@ -874,7 +900,7 @@ impl Shard {
                 if let Some(mut p) = self.parts.remove(&partition) {
                     p.stop_all();
                 }
-                return;
+                return Ok(());
             }
             Err(e) => {
                 self.report.checkpoint_failures += 1;
@@ -886,7 +912,7 @@ impl Shard {
                     }
                 }
                 p.changed = true;
-                return;
+                return Ok(());
             }
         }
         self.report.checkpoints += 1;
@@ -913,6 +939,7 @@ impl Shard {
                 }
             }
         }
+        Ok(())
     }
 
     /// Drops routers not heard from for a while; their old watermarks no longer hold partitions back.
@@ -1080,7 +1107,7 @@ pub async fn run(
                 },
                 _ = release.tick() => shard.release_due().await?,
                 d = shard.done.recv() => match d {
-                    Some(d) => shard.committed(d, &consumer),
+                    Some(d) => shard.committed(d, &consumer)?,
                     None => anyhow::bail!("matcher-shard: the checkpoint writer stopped"),
                 },
                 _ = tick.tick() => {
