@@ -187,7 +187,7 @@ impl Report {
             ("cepheid_shard_matches_total", "counter", "Match records published.", self.matches),
             ("cepheid_shard_timeouts_total", "counter", "Timeout records published.", self.timeouts),
             ("cepheid_shard_checkpoints_total", "counter", "Partition checkpoints written.", self.checkpoints),
-            ("cepheid_shard_checkpoint_seconds_total", "counter", "Time spent writing checkpoints.", 0),
+            ("cepheid_shard_checkpoint_seconds_total", "counter", "Time from taking each checkpoint until Redis stored it (the partitions read on meanwhile).", 0),
             ("cepheid_shard_checkpoint_failures_total", "counter", "Checkpoints that failed (retried).", self.checkpoint_failures),
             ("cepheid_shard_redis_errors_total", "counter", "Redis calls that failed and were retried.", self.redis_errors),
             ("cepheid_shard_fenced_total", "counter", "Partitions given up because another shard took them.", self.fenced),
