@@ -397,6 +397,8 @@ struct Shard {
     /// awaited before the next checkpoint is taken.
     /// (In a mutex only so that the shard is `Sync`; used through `get_mut`.)
     unacked: Mutex<Vec<cepheid_bus::Delivery>>,
+    /// Why the shard must stop without checkpointing any more (a match was not delivered).
+    fatal: Option<String>,
     report: Report,
     per_rule: HashMap<String, u64>,
     /// Per rule: (evaluations, timed evaluations, their nanoseconds).
@@ -485,6 +487,7 @@ impl Shard {
                 Some(d) => {
                     if let Err(e) = self.committed(d, consumer) {
                         tracing::error!("{e}");
+                        self.fatal = Some(e.to_string());
                         break;
                     }
                 }
@@ -829,7 +832,7 @@ impl Shard {
     /// [`Shard::committed`] takes the answer. Nothing happens while one is in flight.
     async fn checkpoint(&mut self, partition: i32, passivate: bool) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        if self.parts.get(&partition).is_none_or(|p| p.committing) {
+        if self.fatal.is_some() || self.parts.get(&partition).is_none_or(|p| p.committing) {
             return Ok(());
         }
         // The match records sent so far are in the topic before the state after them is stored.
@@ -1077,6 +1080,7 @@ pub async fn run(
             done,
             parts: HashMap::new(),
             unacked: Mutex::new(Vec::new()),
+            fatal: None,
             report: Report::default(),
             per_rule: HashMap::new(),
             rule_evals: HashMap::new(),
@@ -1099,6 +1103,9 @@ pub async fn run(
     let result: anyhow::Result<()> = async {
         loop {
             shard.follow_assignment(&mut consumer, &mut assigned).await;
+            if let Some(e) = &shard.fatal {
+                anyhow::bail!("{e}");
+            }
             tokio::select! {
                 _ = &mut shutdown => break,
                 u = updates.recv() => match u {
@@ -1107,7 +1114,12 @@ pub async fn run(
                 },
                 _ = release.tick() => shard.release_due().await?,
                 d = shard.done.recv() => match d {
-                    Some(d) => shard.committed(d, &consumer)?,
+                    Some(d) => {
+                        if let Err(e) = shard.committed(d, &consumer) {
+                            shard.fatal = Some(e.to_string());
+                            return Err(e);
+                        }
+                    }
                     None => anyhow::bail!("matcher-shard: the checkpoint writer stopped"),
                 },
                 _ = tick.tick() => {
@@ -1140,10 +1152,17 @@ pub async fn run(
         Ok(())
     }
     .await;
-    // Graceful or not, try to leave every partition checkpointed.
+    // Graceful or not, try to leave every partition checkpointed — unless a
+    // match was not delivered: no checkpoint may then go past it.
     let ids: Vec<i32> = shard.parts.keys().copied().collect();
     for id in ids {
-        shard.release(id, &consumer).await;
+        if shard.fatal.is_some() {
+            if let Some(mut p) = shard.parts.remove(&id) {
+                p.stop_all();
+            }
+        } else {
+            shard.release(id, &consumer).await;
+        }
     }
     shard.publish();
     shard.telemetry.flush();
