@@ -25,7 +25,7 @@
 //! event_id = t:z seq:v           node_id = event_id page:v        dewey = v(n) v*
 //! ```
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use crate::cell::{CellRuleSnapshot, CellSnapshot};
 use crate::nfa::buffer::{EventId, NodeId};
@@ -46,7 +46,7 @@ pub(crate) struct RuleView<'a> {
 
 struct Writer<'a> {
     out: Vec<u8>,
-    texts: HashMap<&'a str, u64>,
+    texts: FxHashMap<&'a str, u64>,
 }
 
 impl<'a> Writer<'a> {
@@ -121,7 +121,7 @@ impl<'a> Writer<'a> {
 
 /// Encodes a cell: its key (as the JSON array [`CellSnapshot::key`] holds) and its running rules.
 pub(crate) fn encode(key: &[serde_json::Value], rules: &[RuleView<'_>]) -> Vec<u8> {
-    let mut w = Writer { out: Vec::with_capacity(256), texts: HashMap::new() };
+    let mut w = Writer { out: Vec::with_capacity(256), texts: FxHashMap::default() };
     w.out.extend_from_slice(&MAGIC);
     w.out.push(CELL_FORMAT);
     w.s(&serde_json::to_string(key).expect("key values serialise"));
@@ -209,6 +209,15 @@ impl Reader<'_> {
         }
         Ok(n)
     }
+    /// A count, then that many items.
+    fn seq<T>(&mut self, mut item: impl FnMut(&mut Self) -> Result<T, SnapshotError>) -> Result<Vec<T>, SnapshotError> {
+        let n = self.count()?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(item(self)?);
+        }
+        Ok(v)
+    }
     fn s(&mut self) -> Result<String, SnapshotError> {
         let at = self.at;
         let n = self.count()?;
@@ -237,8 +246,7 @@ impl Reader<'_> {
         Ok(if self.flag()? { Some(self.node_id()?) } else { None })
     }
     fn dewey(&mut self) -> Result<Vec<u32>, SnapshotError> {
-        let n = self.count()?;
-        (0..n).map(|_| self.v32()).collect()
+        self.seq(Self::v32)
     }
     fn text(&mut self) -> Result<String, SnapshotError> {
         let at = self.at;
@@ -284,51 +292,22 @@ pub fn decode(buf: &[u8]) -> Result<CellSnapshot, SnapshotError> {
     let mut r = Reader { buf, at: 3, texts: Vec::new() };
     let at = r.at;
     let key: Vec<serde_json::Value> = serde_json::from_str(&r.s()?).map_err(|e| bad(at, &format!("key: {e}")))?;
-    let n = r.count()?;
-    let mut rules = Vec::with_capacity(n);
-    for _ in 0..n {
+    let rules = r.seq(|r| {
         let id = r.s()?;
         let version = r.v()?;
         let automaton = r.s()?;
         let next_seq = r.v()?;
-        let mut pqs = [Vec::new(), Vec::new()];
-        for pq in &mut pqs {
-            let n = r.count()?;
-            for _ in 0..n {
-                pq.push(r.cs()?);
-            }
-        }
-        let [partial, completed] = pqs;
-        let n = r.count()?;
-        let mut events = Vec::with_capacity(n);
-        for _ in 0..n {
-            let id = r.event_id()?;
-            let refs = r.v32()?;
-            let time = r.z()?;
-            let raw = r.text()?;
-            events.push(EventSnap { id, refs, time, raw });
-        }
-        let n = r.count()?;
-        let mut nodes = Vec::with_capacity(n);
-        for _ in 0..n {
+        let partial = r.seq(Reader::cs)?;
+        let completed = r.seq(Reader::cs)?;
+        let events = r.seq(|r| Ok(EventSnap { id: r.event_id()?, refs: r.v32()?, time: r.z()?, raw: r.text()? }))?;
+        let nodes = r.seq(|r| {
             let id = r.node_id()?;
             let refs = r.v32()?;
-            let m = r.count()?;
-            let mut edges = Vec::with_capacity(m);
-            for _ in 0..m {
-                let target = r.opt_node()?;
-                let version = r.dewey()?;
-                let refs = r.v32()?;
-                edges.push(EdgeSnap { target, version, refs });
-            }
-            nodes.push(NodeSnap { id, refs, edges });
-        }
-        rules.push(CellRuleSnapshot {
-            id,
-            version,
-            state: KeySnapshot { format: FORMAT, automaton, next_seq, partial, completed, events, nodes },
-        });
-    }
+            let edges = r.seq(|r| Ok(EdgeSnap { target: r.opt_node()?, version: r.dewey()?, refs: r.v32()? }))?;
+            Ok(NodeSnap { id, refs, edges })
+        })?;
+        Ok(CellRuleSnapshot { id, version, state: KeySnapshot { format: FORMAT, automaton, next_seq, partial, completed, events, nodes } })
+    })?;
     if r.at != buf.len() {
         return Err(bad(r.at, "trailing bytes"));
     }
@@ -351,7 +330,7 @@ mod tests {
     #[test]
     fn varints_round_trip() {
         for x in [0i64, 1, -1, 63, -64, 64, i64::MAX, i64::MIN, 1_795_364_993_084] {
-            let mut w = Writer { out: Vec::new(), texts: HashMap::new() };
+            let mut w = Writer { out: Vec::new(), texts: FxHashMap::default() };
             w.z(x);
             w.v(x as u64);
             let mut r = Reader { buf: &w.out, at: 0, texts: Vec::new() };
