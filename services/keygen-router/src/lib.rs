@@ -504,25 +504,24 @@ pub async fn run(
                         }
                         for r in routes {
                             let key = format!("{}|{}", r.signature, r.key);
-                            let headers = [
+                            // The optional headers (watermark, trace) only when there is one; no allocation.
+                            let optional = [
+                                (!wm.is_empty()).then_some(("cepheid-router", router_id.as_bytes())),
+                                (!wm.is_empty()).then_some(("cepheid-watermark", wm.as_bytes())),
+                                traceparent.as_deref().map(|t| (TRACEPARENT, t.as_bytes())),
+                            ];
+                            let mut all = [("", &b""[..]); 6];
+                            all[..3].copy_from_slice(&[
                                 ("cepheid-source", source.as_bytes()),
                                 ("cepheid-signature", r.signature.as_bytes()),
                                 ("cepheid-time", time.as_bytes()),
-                                ("cepheid-router", router_id.as_bytes()),
-                                ("cepheid-watermark", wm.as_bytes()),
-                                (TRACEPARENT, traceparent.as_deref().unwrap_or_default().as_bytes()),
-                            ];
-                            let n = if wm.is_empty() { 3 } else { 5 };
-                            let headers = if traceparent.is_some() {
-                                // Without a watermark, the trace header moves up.
-                                if wm.is_empty() {
-                                    &[headers[0], headers[1], headers[2], headers[5]][..]
-                                } else {
-                                    &headers[..]
-                                }
-                            } else {
-                                &headers[..n]
-                            };
+                            ]);
+                            let mut n = 3;
+                            for h in optional.into_iter().flatten() {
+                                all[n] = h;
+                                n += 1;
+                            }
+                            let headers = &all[..n];
                             out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, headers).await?;
                             report.routed += 1;
                         }

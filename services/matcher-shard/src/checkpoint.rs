@@ -107,10 +107,10 @@ pub struct Checkpoints {
 }
 
 /// Something the writer waits for.
-pub type Pending<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+pub type Deferred<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// A key's snapshot to come (`None`: the key's actor stopped before answering).
-pub type Snapshot = Pending<Option<Vec<u8>>>;
+pub type Snapshot = Deferred<Option<Vec<u8>>>;
 
 /// A checkpoint handed to the writer, with what its taker needs back (`then`).
 pub struct Job<T> {
@@ -119,7 +119,7 @@ pub struct Job<T> {
     pub epoch: i64,
     /// Acknowledgements of the match records sent before the checkpoint:
     /// all must succeed before it is written.
-    pub delivered: Vec<Pending<Result<(), String>>>,
+    pub delivered: Vec<Deferred<Result<(), String>>>,
     pub meta: Meta,
     /// Key snapshots to come, with each key's deadline.
     pub states: Vec<(String, Snapshot, Option<i64>)>,

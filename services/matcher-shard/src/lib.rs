@@ -13,9 +13,9 @@
 //! Every `checkpoint_interval_ms` or `checkpoint_records` records the dirty
 //! key states, the timer index changes and the partition's next offset and
 //! reorder buffer are written to Redis in one `MULTI`/`EXEC`, fenced by the
-//! partition's ownership epoch ([`checkpoint`]). The snapshots are taken in
-//! the partition's loop; a writer task stores them while the loop reads on.
-//! Once stored, the offset is committed
+//! partition's ownership epoch ([`checkpoint`]). The partition's loop only
+//! asks the dirty keys' actors for their snapshots and reads on; a writer task
+//! collects them and stores the checkpoint. Once stored, the offset is committed
 //! to the group and keys idle for `passivate_after_ms` are passivated (their
 //! state is in Redis; the actor stops). A shard that takes a partition — at
 //! start, after a crash of another, in a rebalance — restores from the
@@ -324,13 +324,9 @@ impl Partition {
     }
 
     /// The watermark the routers allow: per source the minimum over routers, then the minimum over sources.
+    /// (The minimum of per-source minima is the minimum over every (source, router).)
     fn allowed(&self) -> Option<i64> {
-        let mut per_source: HashMap<&str, i64> = HashMap::new();
-        for ((s, _), (w, _)) in &self.routers {
-            let e = per_source.entry(s).or_insert(*w);
-            *e = (*e).min(*w);
-        }
-        per_source.values().copied().min()
+        self.routers.values().map(|(w, _)| *w).min()
     }
 
     fn set_deadline(&mut self, key: &Arc<str>, deadline: Option<i64>) {
@@ -487,7 +483,6 @@ impl Shard {
                 Some(d) => {
                     if let Err(e) = self.committed(d, consumer) {
                         tracing::error!("{e}");
-                        self.fatal = Some(e.to_string());
                         break;
                     }
                 }
@@ -529,17 +524,15 @@ impl Shard {
             None => Arc::from("default"),
         };
         // A router's watermark: a record of its own (no key), or carried by an event record.
-        let watermark = match m.header("cepheid-watermark") {
-            Some(w) => match std::str::from_utf8(w).ok().and_then(|w| w.parse::<i64>().ok()) {
-                Some(w) => Some(w),
-                None => {
-                    tracing::warn!("matcher-shard: {}/{}/{}: unreadable watermark", m.topic, m.partition, m.offset);
-                    None
-                }
-            },
-            None => None,
-        };
-        if m.key.is_none() && m.header("cepheid-watermark").is_some() {
+        let header = m.header("cepheid-watermark");
+        let watermark = header.and_then(|w| {
+            let w = std::str::from_utf8(w).ok().and_then(|w| w.parse::<i64>().ok());
+            if w.is_none() {
+                tracing::warn!("matcher-shard: {}/{}/{}: unreadable watermark", m.topic, m.partition, m.offset);
+            }
+            w
+        });
+        if m.key.is_none() && header.is_some() {
             self.report.watermarks += 1;
         } else {
             self.report.events += 1;
@@ -570,7 +563,7 @@ impl Shard {
             let p = self.parts.get_mut(&m.partition).expect("acquired");
             p.mark(&source, m.header("cepheid-router").unwrap_or_default(), w);
             let due = m.key.is_none() || p.last_release.elapsed() >= Duration::from_millis(self.cfg.release_interval_ms);
-            if let Some(allowed) = p.allowed().filter(|a| due && *a > p.released) {
+            if let Some(allowed) = due.then(|| p.allowed()).flatten().filter(|a| *a > p.released) {
                 self.advance(m.partition, allowed).await?;
             }
         }
@@ -836,9 +829,9 @@ impl Shard {
             return Ok(());
         }
         // The match records sent so far are in the topic before the state after them is stored.
-        let delivered: Vec<checkpoint::Pending<Result<(), String>>> = std::mem::take(self.unacked.get_mut().expect("unpoisoned"))
+        let delivered: Vec<checkpoint::Deferred<Result<(), String>>> = std::mem::take(self.unacked.get_mut().expect("unpoisoned"))
             .into_iter()
-            .map(|d| -> checkpoint::Pending<Result<(), String>> { Box::pin(async move { d.await.map(|_| ()).map_err(|e| e.to_string()) }) })
+            .map(|d| -> checkpoint::Deferred<Result<(), String>> { Box::pin(async move { d.await.map(|_| ()).map_err(|e| e.to_string()) }) })
             .collect();
         let p = self.parts.get_mut(&partition).expect("held");
         // Each dirty key's actor is asked for its snapshot; the request is in its
@@ -890,7 +883,9 @@ impl Shard {
         if let Err(checkpoint::CheckpointError::Undelivered(e)) = &result {
             // Its state went on past a match that is not in the matches topic: only a
             // restart from the last checkpoint (before it) gets that match out.
-            anyhow::bail!("matcher-shard: a match record could not be delivered ({e}); stopping without checkpointing past it");
+            let why = format!("matcher-shard: a match record could not be delivered ({e}); stopping without checkpointing past it");
+            self.fatal = Some(why.clone());
+            anyhow::bail!(why);
         }
         let partition = t.partition;
         let Some(p) = self.parts.get_mut(&partition).filter(|p| p.epoch == t.epoch) else { return Ok(()) };
@@ -1114,12 +1109,7 @@ pub async fn run(
                 },
                 _ = release.tick() => shard.release_due().await?,
                 d = shard.done.recv() => match d {
-                    Some(d) => {
-                        if let Err(e) = shard.committed(d, &consumer) {
-                            shard.fatal = Some(e.to_string());
-                            return Err(e);
-                        }
-                    }
+                    Some(d) => shard.committed(d, &consumer)?,
                     None => anyhow::bail!("matcher-shard: the checkpoint writer stopped"),
                 },
                 _ = tick.tick() => {
