@@ -11,8 +11,13 @@
 //!   `cepheid-reason` header. Offsets are committed after forwarding.
 //! - `GET /healthz` (alive), `GET /readyz` (the events topic is reachable).
 //!
-//! Events are written as received (trimmed), with the source in the
-//! `cepheid-source` header, keyed by the schema's `partition_key` field.
+//! Events are written as received (trimmed), to the partition of the schema's
+//! `partition_key` field (jump hash; partition 0 without one). A post's events
+//! bound for one partition travel as one record, a frame
+//! ([`cepheid_bus::frame`], header `cepheid-frame`; each event with its
+//! partition key, time, source and traceparent); a forwarded raw record is
+//! one record, keyed by the partition key, with the source in the
+//! `cepheid-source` header. The router reads both.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -23,7 +28,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cepheid_bus::Bus;
+use cepheid_bus::frame::{Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION};
+use cepheid_bus::{partition_for, Bus};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -225,15 +231,31 @@ impl Ctx {
     /// their order); the returned future is its acknowledgement.
     /// A traced event carries its trace onwards in the `traceparent` header.
     async fn enqueue(&self, source: &str, schema: &Schema, text: &str, event: &Value, trace: Option<&Traced>) -> Result<cepheid_bus::Delivery, cepheid_bus::BusError> {
-        let key = schema.partition_key.as_ref().and_then(|k| event.get(k)).map(|v| match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        });
+        let key = partition_key(schema, event);
         let traceparent = trace.map(Traced::traceparent);
         let headers = [("cepheid-source", source.as_bytes()), (TRACEPARENT, traceparent.as_deref().unwrap_or_default().as_bytes())];
         let headers = if traceparent.is_some() { &headers[..] } else { &headers[..1] };
         self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), headers).await
     }
+}
+
+/// The value of the schema's `partition_key` field, rendered (strings as they are).
+fn partition_key(schema: &Schema, event: &Value) -> Option<String> {
+    schema.partition_key.as_ref().and_then(|k| event.get(k)).map(|v| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+/// A frame stays well under a broker's usual record limit (1 MB).
+const FRAME_BYTES: usize = 512 * 1024;
+
+/// A frame of posted events being filled: the lines it holds and their traces.
+#[derive(Default)]
+struct Framing {
+    writer: FrameWriter,
+    lines: Vec<usize>,
+    traces: Vec<Traced>,
 }
 
 #[derive(Deserialize)]
@@ -273,40 +295,70 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
             },
         }
     }
-    // Enqueue in the order posted (the order the router sees); answer only
-    // once the bus acknowledged each.
-    let mut acks = Vec::with_capacity(good.len());
+    // The events bound for one partition go as frames (one record each, in the
+    // order posted: the order the router sees); the answer comes only once the
+    // bus acknowledged every frame.
     Metrics::add(&ctx.metrics.awaiting_ack, good.len() as u64);
+    let partitions = match ctx.bus.partitions(&ctx.cfg.events_topic).await {
+        Ok(n) => n,
+        Err(e) => {
+            ctx.metrics.awaiting_ack.fetch_sub(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Metrics::add(&ctx.metrics.failed, good.len() as u64);
+            let failed: Vec<Value> = good.iter().map(|(line, _, _)| json!({"line": line, "reason": format!("not stored, retry: {e}")})).collect();
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"source": source, "accepted": 0, "rejected": rejected, "failed": failed})));
+        }
+    };
+    let mut frames: BTreeMap<i32, Framing> = BTreeMap::new();
+    let mut sealed: Vec<(i32, Framing)> = Vec::new();
     for (line, text, v) in &good {
-        let line = *line;
         // A sampled event starts a trace; its span ends with the bus's acknowledgement.
         let trace = ctx.telemetry.start_trace("ingest.accept", Kind::Server);
         if let Some(t) = &trace {
             t.attribute("cepheid.source", source.clone());
-            t.attribute("cepheid.line", line as i64);
+            t.attribute("cepheid.line", *line as i64);
         }
-        match ctx.enqueue(&source, schema_for(&ctx, &source), text, v, trace.as_ref()).await {
-            Ok(d) => acks.push(Box::pin(async move {
-                let r = d.await.map(|_| ());
-                if let (Some(t), Err(e)) = (&trace, &r) {
+        let key = partition_key(schema, v);
+        let p = key.as_deref().map_or(0, |k| partition_for(k.as_bytes(), partitions));
+        let f = frames.entry(p).or_default();
+        let traceparent = trace.as_ref().map(Traced::traceparent);
+        let time = v.get(&schema.time_field).and_then(Value::as_i64).unwrap_or_default();
+        f.writer.push(&Entry { key: key.as_deref().unwrap_or_default().as_bytes(), time, source: &source, trace: traceparent.as_deref(), payload: text.as_bytes() });
+        f.lines.push(*line);
+        f.traces.extend(trace);
+        if f.writer.bytes() >= FRAME_BYTES {
+            sealed.push((p, std::mem::take(f)));
+        }
+    }
+    sealed.extend(frames);
+    let mut acks = Vec::with_capacity(sealed.len());
+    for (p, f) in sealed {
+        let Framing { mut writer, lines, traces } = f;
+        let sent = ctx.bus.enqueue(&ctx.cfg.events_topic, Some(p), None, &writer.take(), &[(FRAME_HEADER, FRAME_VERSION)]).await;
+        acks.push(async move {
+            let r = match sent {
+                Ok(d) => d.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &r {
+                for t in &traces {
                     t.error(e.to_string());
                 }
-                drop(trace);
-                (line, r)
-            }) as std::pin::Pin<Box<dyn Future<Output = _> + Send>>),
-            Err(e) => acks.push(Box::pin(async move { (line, Err(e)) })),
-        }
+            }
+            drop(traces);
+            (lines, r)
+        });
     }
     let results = futures_util::future::join_all(acks).await;
     ctx.metrics.awaiting_ack.fetch_sub(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let mut accepted = 0;
     let mut failed = Vec::new();
-    for (line, r) in results {
+    for (lines, r) in results {
         match r {
-            Ok(()) => accepted += 1,
-            Err(e) => failed.push(json!({"line": line, "reason": format!("not stored, retry: {e}")})),
+            Ok(()) => accepted += lines.len() as u64,
+            Err(e) => failed.extend(lines.iter().map(|line| json!({"line": line, "reason": format!("not stored, retry: {e}")}))),
         }
     }
+    failed.sort_by_key(|f| f["line"].as_u64());
     Metrics::add(&ctx.metrics.accepted, accepted);
     Metrics::add(&ctx.metrics.rejected, rejected.len() as u64);
     Metrics::add(&ctx.metrics.failed, failed.len() as u64);
@@ -319,10 +371,6 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
         StatusCode::ACCEPTED
     };
     (status, Json(body))
-}
-
-fn schema_for<'a>(ctx: &'a Ctx, source: &str) -> &'a Schema {
-    ctx.schema(source).expect("checked before")
 }
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {

@@ -1,7 +1,8 @@
 //! The ingest service in-process, on the in-memory bus and (when
 //! `CEPHEID_KAFKA_BOOTSTRAP` names a broker) on Kafka.
 
-use cepheid_bus::Bus;
+use cepheid_bus::frame::{self, FRAME_HEADER};
+use cepheid_bus::{partition_for, Bus};
 use cepheid_ingest::{run, IngestConfig};
 use serde_json::Value;
 
@@ -83,12 +84,27 @@ async fn scenario(bus: Bus, tag: &str) {
 
     let mut events = bus.subscribe(&format!("reader-{tag}"), &[cfg.events_topic.as_str()]).unwrap();
     let mut got = Vec::new();
-    for _ in 0..4 {
+    while got.len() < 4 {
         let m = tokio::time::timeout(std::time::Duration::from_secs(20), events.recv()).await.expect("events").unwrap();
-        assert_eq!(m.header("cepheid-source"), Some(&b"clickstream"[..]));
-        let v: Value = serde_json::from_slice(&m.payload).unwrap();
-        assert_eq!(m.key.as_deref().map(|k| String::from_utf8(k.to_vec()).unwrap()), Some(v["userId"].to_string()));
-        got.push(v["eventTime"].as_i64().unwrap());
+        let partitions = bus.partitions(&cfg.events_topic).await.unwrap();
+        if m.header(FRAME_HEADER).is_some() {
+            // Posted events: a frame per partition, each event with its partition key and time.
+            for e in frame::entries(&m.payload) {
+                let e = e.expect("a readable frame");
+                assert_eq!(e.source, "clickstream");
+                let v: Value = serde_json::from_slice(e.payload).unwrap();
+                assert_eq!(String::from_utf8(e.key.to_vec()).unwrap(), v["userId"].to_string());
+                assert_eq!(partition_for(e.key, partitions), m.partition);
+                assert_eq!(e.time, v["eventTime"].as_i64().unwrap());
+                got.push(e.time);
+            }
+        } else {
+            // A forwarded raw record: one event.
+            assert_eq!(m.header("cepheid-source"), Some(&b"clickstream"[..]));
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(m.key.as_deref().map(|k| String::from_utf8(k.to_vec()).unwrap()), Some(v["userId"].to_string()));
+            got.push(v["eventTime"].as_i64().unwrap());
+        }
     }
     got.sort();
     assert_eq!(got, vec![1, 2, 5, 6]);

@@ -8,16 +8,19 @@
 //! by their `key_by`; for each distinct key the event is published once to the
 //! keyed topic, partitioned by jump consistent hashing of the key.
 //!
-//! Keyed record: key = `signature|key`, payload = the event as received,
-//! headers `cepheid-source`, `cepheid-signature` (the key_by fields, `,`
-//! joined), `cepheid-time` (event time, ms). Every `watermark_interval_ms`
-//! the router sends each source's watermark to every partition: a record
-//! with no key, an empty payload and headers `cepheid-watermark`,
-//! `cepheid-source`, `cepheid-router` — a shard takes the minimum over routers.
-//! Keyed records carry the router's watermark as of sending them too
-//! (`cepheid-watermark`, `cepheid-router`): a busy partition's watermark moves
-//! with its records, not only every interval (Flink sends watermarks in-band
-//! the same way), and the periodic records keep quiet partitions moving.
+//! The events bound for one keyed partition travel together in one record, a
+//! frame ([`cepheid_bus::frame`]: per event its key `signature|key`, event
+//! time, source, traceparent and the event as received), sent when the events
+//! topic has nothing more at the moment, when full, or `frame_linger_ms` after
+//! its first event: a broker's cost is mostly per record. A frame carries the
+//! router's watermark per source as of sending it (`cepheid-watermarks`, a
+//! JSON object, and `cepheid-router`), which applies after the frame's events
+//! (Flink sends watermarks in-band the same way). Every
+//! `watermark_interval_ms` the router also sends each source's watermark to
+//! every partition, after any open frames: a record with no key, an empty
+//! payload and headers `cepheid-watermark`, `cepheid-source`,
+//! `cepheid-router` — so quiet partitions move too. A shard takes the
+//! minimum over routers.
 //!
 //! Rules come from the Redis rule store: a full resync at start and whenever
 //! the change feed ends (pub/sub drops messages while disconnected), live
@@ -27,7 +30,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
-use cepheid_bus::Bus;
+use cepheid_bus::frame::{self, Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION};
+use cepheid_bus::{partition_for, Bus};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_engine::engine::EngineConfig;
 use cepheid_engine::index::{required_atoms, Gate, RuleIndex};
@@ -65,6 +69,27 @@ pub struct RouterConfig {
     /// delivered a record or gone idle, no watermark is sent.
     #[serde(default = "idle_partition_ms")]
     pub idle_partition_ms: u64,
+    /// Events bound for one keyed partition travel in one record (a frame)
+    /// of at most this many events…
+    #[serde(default = "frame_max_events")]
+    pub frame_max_events: usize,
+    /// …or this many bytes…
+    #[serde(default = "frame_max_bytes")]
+    pub frame_max_bytes: usize,
+    /// …sent when the events topic has nothing more at the moment, or at the
+    /// latest this long (ms) after the first event went in.
+    #[serde(default = "frame_linger_ms")]
+    pub frame_linger_ms: u64,
+}
+
+fn frame_max_events() -> usize {
+    1_000
+}
+fn frame_max_bytes() -> usize {
+    512 * 1024
+}
+fn frame_linger_ms() -> u64 {
+    5
 }
 
 fn idle_partition_ms() -> u64 {
@@ -353,6 +378,8 @@ impl Router {
 pub struct Report {
     pub events: u64,
     pub routed: u64,
+    /// Frames (records of the keyed topic holding events) published.
+    pub frames: u64,
     pub unrouted: u64,
     pub rejected: u64,
     /// Events behind their source's watermark (sent to the dead-letter topic).
@@ -370,7 +397,8 @@ impl Report {
         let mut s = String::new();
         for (name, kind, help, v) in [
             ("cepheid_router_events_total", "counter", "Events read from the events topic.", self.events),
-            ("cepheid_router_routed_total", "counter", "Keyed records published (one per event and key signature).", self.routed),
+            ("cepheid_router_routed_total", "counter", "Events published to the keyed topic (one per event and key signature).", self.routed),
+            ("cepheid_router_frames_total", "counter", "Keyed records (frames of events) published.", self.frames),
             ("cepheid_router_unrouted_total", "counter", "Events no enabled rule admits.", self.unrouted),
             ("cepheid_router_rejected_total", "counter", "Events that cannot be decoded (no time field, not JSON).", self.rejected),
             ("cepheid_router_late_total", "counter", "Events behind their source's watermark, dead-lettered.", self.late),
@@ -444,7 +472,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     // Records are enqueued in order and acknowledged together: an event's
     // offset is committed once every record enqueued up to it is acknowledged.
-    let mut out = Outbox::default();
+    let mut out = Outbox::new(partitions);
     loop {
         report.rules = router.rule_count() as u64;
         report.consumer_lag = consumer.lag().unwrap_or(0);
@@ -457,6 +485,8 @@ pub async fn run(
                 None => anyhow::bail!("router: the rule store watch ended"),
             },
             _ = tick.tick() => {
+                // Every event framed so far goes before the watermark that may pass it.
+                report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
                 for (source, wm) in router.watermarks(wall_ms()) {
                     let w = wm.to_string();
                     for p in 0..partitions {
@@ -475,62 +505,36 @@ pub async fn run(
                     let mine: Vec<i32> = assigned.iter().filter(|(t, _)| *t == cfg.events_topic).map(|(_, p)| *p).collect();
                     router.keep_partitions(&mine, wall_ms());
                 }
-                report.events += 1;
-                let trace = telemetry.continue_trace("router.route", Kind::Consumer, m.header(TRACEPARENT));
-                let traceparent = trace.as_ref().map(Traced::traceparent);
-                let source = m.header("cepheid-source").map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_else(|| "default".into());
-                let text = String::from_utf8_lossy(&m.payload).into_owned();
                 router.heard_from(m.partition, wall_ms());
-                match router.route_from(&source, m.partition, &text) {
-                    Err(e) => {
-                        report.rejected += 1;
-                        if let Some(t) = &trace {
-                            t.error(e.to_string());
-                        }
-                        tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, trace_id = trace.as_ref().map(Traced::trace_id), "router: event refused: {e}");
-                    }
-                    Ok(Routed::Late { time, watermark }) => {
-                        report.late += 1;
-                        let reason = format!("late: event time {time} is behind the watermark {watermark}");
-                        out.push(&bus, &cfg.dead_letter_topic, None, None, &m.payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-source", source.as_bytes())]).await?;
-                    }
-                    Ok(Routed::Routes { routes, .. }) if routes.is_empty() => report.unrouted += 1,
-                    Ok(Routed::Routes { time: t, routes }) => {
-                        let time = t.to_string();
-                        // The watermark as of this event (never ahead of it: an event behind it was late).
-                        let wm = router.watermark_now(&source, wall_ms()).map(|w| w.to_string()).unwrap_or_default();
-                        if let Some(t) = &trace {
-                            t.attribute("cepheid.keyed_records", routes.len() as i64);
-                        }
-                        for r in routes {
-                            let key = format!("{}|{}", r.signature, r.key);
-                            // The optional headers (watermark, trace) only when there is one; no allocation.
-                            let optional = [
-                                (!wm.is_empty()).then_some(("cepheid-router", router_id.as_bytes())),
-                                (!wm.is_empty()).then_some(("cepheid-watermark", wm.as_bytes())),
-                                traceparent.as_deref().map(|t| (TRACEPARENT, t.as_bytes())),
-                            ];
-                            let mut all = [("", &b""[..]); 6];
-                            all[..3].copy_from_slice(&[
-                                ("cepheid-source", source.as_bytes()),
-                                ("cepheid-signature", r.signature.as_bytes()),
-                                ("cepheid-time", time.as_bytes()),
-                            ]);
-                            let mut n = 3;
-                            for h in optional.into_iter().flatten() {
-                                all[n] = h;
-                                n += 1;
+                let input = Input { topic: &m.topic, partition: m.partition, offset: m.offset };
+                let mut ctx = RouteCtx { router: &mut router, out: &mut out, report: &mut report, bus: &bus, cfg: &cfg, telemetry: &telemetry, partitions, router_id: &router_id };
+                if m.header(FRAME_HEADER).is_some() {
+                    // Ingest's frame: the events of one post bound for this partition.
+                    for e in frame::entries(&m.payload) {
+                        match e {
+                            Ok(e) => ctx.route(&input, e.source, e.trace.map(str::as_bytes), e.payload).await?,
+                            Err(e) => {
+                                ctx.report.rejected += 1;
+                                tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "router: unreadable frame: {e}; the rest of the record is dropped");
                             }
-                            let headers = &all[..n];
-                            out.push(&bus, &cfg.keyed_topic, None, Some(key.as_bytes()), &m.payload, headers).await?;
-                            report.routed += 1;
                         }
                     }
+                } else {
+                    let source = m.header("cepheid-source").map(String::from_utf8_lossy).unwrap_or(std::borrow::Cow::Borrowed("default"));
+                    ctx.route(&input, &source, m.header(TRACEPARENT), &m.payload).await?;
                 }
                 out.done(&m.topic, m.partition, m.offset + 1);
+                // Waited long enough (a steady stream never pauses for the idle branch below).
+                if out.frames_due(&cfg) {
+                    report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
+                }
                 if out.len() >= OUTBOX_LIMIT {
                     out.flush(&consumer).await?;
                 }
+            }
+            // The events topic has nothing at the moment: the frames go.
+            _ = std::future::ready(()), if out.has_frames() => {
+                report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
             }
             // Nothing else to do: wait for the acknowledgements and commit.
             r = out.acked(), if !out.is_empty() => {
@@ -539,12 +543,73 @@ pub async fn run(
             }
         }
     }
+    report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
     out.flush(&consumer).await?;
     telemetry.flush();
     if let Some(s) = server {
         s.abort();
     }
     Ok(report)
+}
+
+/// Where an event was read.
+struct Input<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+}
+
+/// What routing one event touches.
+struct RouteCtx<'a> {
+    router: &'a mut Router,
+    out: &'a mut Outbox,
+    report: &'a mut Report,
+    bus: &'a Bus,
+    cfg: &'a RouterConfig,
+    telemetry: &'a Telemetry,
+    partitions: i32,
+    router_id: &'a str,
+}
+
+impl RouteCtx<'_> {
+    /// Routes one event: into the frames of its keys' partitions, or to the
+    /// dead-letter topic when late; an event that cannot be decoded is counted and logged.
+    async fn route(&mut self, input: &Input<'_>, source: &str, traceparent_in: Option<&[u8]>, payload: &[u8]) -> anyhow::Result<()> {
+        self.report.events += 1;
+        let trace = self.telemetry.continue_trace("router.route", Kind::Consumer, traceparent_in);
+        let traceparent = trace.as_ref().map(Traced::traceparent);
+        let text = String::from_utf8_lossy(payload);
+        match self.router.route_from(source, input.partition, &text) {
+            Err(e) => {
+                self.report.rejected += 1;
+                if let Some(t) = &trace {
+                    t.error(e.to_string());
+                }
+                tracing::warn!(topic = %input.topic, partition = input.partition, offset = input.offset, trace_id = trace.as_ref().map(Traced::trace_id), "router: event refused: {e}");
+            }
+            Ok(Routed::Late { time, watermark }) => {
+                self.report.late += 1;
+                let reason = format!("late: event time {time} is behind the watermark {watermark}");
+                self.out.push(self.bus, &self.cfg.dead_letter_topic, None, None, payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-source", source.as_bytes())]).await?;
+            }
+            Ok(Routed::Routes { routes, .. }) if routes.is_empty() => self.report.unrouted += 1,
+            Ok(Routed::Routes { time, routes }) => {
+                if let Some(t) = &trace {
+                    t.attribute("cepheid.keyed_records", routes.len() as i64);
+                }
+                for r in routes {
+                    let key = format!("{}|{}", r.signature, r.key);
+                    let e = Entry { key: key.as_bytes(), time, source, trace: traceparent.as_deref(), payload };
+                    self.out.frame(self.partitions, &e);
+                    self.report.routed += 1;
+                }
+                if self.out.frames_full(self.cfg) {
+                    self.report.frames += self.out.send_frames(self.bus, &self.cfg.keyed_topic, self.router, self.router_id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `router-<host>-<pid>`: the pid alone is the same (1) in every container,
@@ -562,19 +627,76 @@ fn default_router_id() -> String {
 /// Records acknowledged together before their events are committed.
 const OUTBOX_LIMIT: usize = 5_000;
 
-/// Records enqueued and not yet acknowledged, and the offsets they cover.
-#[derive(Default)]
+/// Records enqueued and not yet acknowledged, and the offsets they cover;
+/// the frames being filled, and the offsets of the events in them.
 struct Outbox {
     acks: std::collections::VecDeque<cepheid_bus::Delivery>,
     offsets: std::collections::BTreeMap<(String, i32), i64>,
+    /// Per keyed partition.
+    frames: Vec<FrameWriter>,
+    /// Per input partition, the next offset after the events read since the
+    /// frames were last sent: committed only after them.
+    framed: Vec<(String, i32, i64)>,
+    /// When the first of those events was read.
+    opened: Option<tokio::time::Instant>,
 }
 
 impl Outbox {
+    fn new(partitions: i32) -> Outbox {
+        Outbox {
+            acks: Default::default(),
+            offsets: Default::default(),
+            frames: (0..partitions.max(1)).map(|_| FrameWriter::default()).collect(),
+            framed: Default::default(),
+            opened: None,
+        }
+    }
     fn len(&self) -> usize {
         self.acks.len()
     }
     fn is_empty(&self) -> bool {
         self.acks.is_empty() && self.offsets.is_empty()
+    }
+    fn has_frames(&self) -> bool {
+        self.opened.is_some()
+    }
+    /// Adds an event to its partition's frame.
+    fn frame(&mut self, partitions: i32, e: &Entry<'_>) {
+        let p = partition_for(e.key, partitions) as usize;
+        self.frames[p].push(e);
+    }
+    fn frames_full(&self, cfg: &RouterConfig) -> bool {
+        self.frames.iter().any(|f| f.len() >= cfg.frame_max_events.max(1) || f.bytes() >= cfg.frame_max_bytes)
+    }
+    fn frames_due(&self, cfg: &RouterConfig) -> bool {
+        self.opened.is_some_and(|o| o.elapsed() >= Duration::from_millis(cfg.frame_linger_ms))
+    }
+    /// Enqueues every open frame, with the router's watermarks as of now
+    /// (they apply after the frame's events), and releases the offsets of
+    /// the events read so far for committing once acknowledged.
+    async fn send_frames(&mut self, bus: &Bus, topic: &str, router: &mut Router, router_id: &str) -> anyhow::Result<u64> {
+        self.opened = None;
+        let mut sent = 0;
+        if self.frames.iter().any(|f| !f.is_empty()) {
+            let marks = router.watermarks(wall_ms());
+            let marks = (!marks.is_empty()).then(|| serde_json::to_string(&marks.into_iter().collect::<BTreeMap<_, _>>()).expect("a map of numbers"));
+            for p in 0..self.frames.len() {
+                if self.frames[p].is_empty() {
+                    continue;
+                }
+                let payload = self.frames[p].take();
+                let mut headers = vec![(FRAME_HEADER, FRAME_VERSION)];
+                if let Some(m) = &marks {
+                    headers.extend([("cepheid-watermarks", m.as_bytes()), ("cepheid-router", router_id.as_bytes())]);
+                }
+                self.push(bus, topic, Some(p as i32), None, &payload, &headers).await?;
+                sent += 1;
+            }
+        }
+        for (t, p, o) in self.framed.drain(..) {
+            self.offsets.insert((t, p), o);
+        }
+        Ok(sent)
     }
     #[allow(clippy::too_many_arguments)]
     async fn push(
@@ -597,8 +719,13 @@ impl Outbox {
         }
         Ok(())
     }
+    /// An event is routed: its offset is committed once its frame is sent and acknowledged.
     fn done(&mut self, topic: &str, partition: i32, next: i64) {
-        self.offsets.insert((topic.to_string(), partition), next);
+        match self.framed.iter_mut().find(|(t, p, _)| t == topic && *p == partition) {
+            Some(e) => e.2 = next,
+            None => self.framed.push((topic.to_string(), partition, next)),
+        }
+        self.opened.get_or_insert_with(tokio::time::Instant::now);
     }
     /// Waits for every acknowledgement. Cancel-safe: an acknowledgement
     /// leaves the outbox only once received.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use cepheid_bus::frame::{self, FRAME_HEADER};
 use cepheid_bus::{partition_for, Bus};
 use cepheid_engine::engine::EngineConfig;
 use cepheid_keygen_router::{run, Route, Routed, Router, RouterConfig};
@@ -96,7 +97,7 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
     for t in 0..200 {
         send(2_000 + t, 8, 2).await;
         let got = take(&mut keyed, &mut watermark_partitions, 1).await;
-        if got[0].0 == "userId,productId|8|2" {
+        if got.iter().any(|(k, _)| k == "userId,productId|8|2") {
             both = true;
             break;
         }
@@ -148,20 +149,27 @@ async fn take(keyed: &mut cepheid_bus::Consumer, wp: &mut std::collections::BTre
     let mut out = Vec::new();
     while out.len() < n {
         let m = tokio::time::timeout(Duration::from_secs(20), keyed.recv()).await.expect("keyed records").unwrap();
-        if m.key.is_none() {
-            // A watermark record (event records carry the router's watermark too).
-            assert!(m.header("cepheid-watermark").is_some(), "a keyed record without a key is a watermark");
+        if m.header(FRAME_HEADER).is_none() {
+            // A watermark record (frames of events carry the router's watermarks too).
+            assert!(m.key.is_none() && m.header("cepheid-watermark").is_some(), "a keyed record that is not a frame is a watermark");
             wp.insert(m.partition);
             continue;
         }
-        if let Some(w) = m.header("cepheid-watermark") {
-            // The router's watermark as of this record: never ahead of the event it comes with.
-            let num = |h: &[u8]| String::from_utf8_lossy(h).parse::<i64>().unwrap();
-            let t = num(m.header("cepheid-time").unwrap());
-            assert!(num(w) <= t, "watermark {} carried by an event of time {t}", num(w));
+        assert!(m.key.is_none(), "a frame's partition is its events' (they have their own keys)");
+        let entries: Vec<frame::Entry> = frame::entries(&m.payload).collect::<Result<_, _>>().expect("a readable frame");
+        assert!(!entries.is_empty());
+        if let Some(w) = m.header("cepheid-watermarks") {
+            // The router's watermark per source as of sending the frame (its events come before it).
+            let marks: std::collections::BTreeMap<String, i64> = serde_json::from_slice(w).unwrap();
+            assert!(marks.contains_key("clickstream"), "{marks:?}");
             assert!(m.header("cepheid-router").is_some());
         }
-        out.push((String::from_utf8(m.key.clone().unwrap()).unwrap(), m.partition));
+        for e in entries {
+            let key = String::from_utf8(e.key.to_vec()).unwrap();
+            assert_eq!(partition_for(e.key, 3), m.partition, "{key} framed for the wrong partition");
+            assert_eq!(e.source, "clickstream");
+            out.push((key, m.partition));
+        }
     }
     out
 }

@@ -36,6 +36,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cepheid_bus::frame::{self, FRAME_HEADER};
 use cepheid_bus::{Bus, Consumer, Message};
 use cepheid_engine::cell::{KeyCell, Released, RuleBook, SigRules};
 use cepheid_engine::engine::{EngineConfig, TimeOrdered};
@@ -402,6 +403,8 @@ struct Shard {
     /// What /metrics and /readyz serve.
     published: Arc<Mutex<Report>>,
     telemetry: Arc<Telemetry>,
+    /// Every source name seen, shared by the events that name it.
+    sources: Vec<Arc<str>>,
 }
 
 impl Shard {
@@ -448,7 +451,10 @@ impl Shard {
             timers: BTreeSet::new(),
             deleted: HashSet::new(),
             since_checkpoint: 0,
-            last_checkpoint: now,
+            // Partitions checkpoint at staggered times (by eighths of the interval):
+            // their snapshot encoding and Redis transactions do not all land at once
+            // (which held up matching and every other Redis client).
+            last_checkpoint: now.checked_sub(Duration::from_millis(self.cfg.checkpoint_interval_ms * (partition.rem_euclid(8) as u64) / 8)).unwrap_or(now),
             committing: false,
             last_release: now,
             change_seq: 0,
@@ -519,9 +525,44 @@ impl Shard {
         p.since_checkpoint += 1;
         p.changed = true;
         self.report.records += 1;
-        let source: Arc<str> = match m.header("cepheid-source") {
-            Some(s) => Arc::from(String::from_utf8_lossy(s).as_ref()),
-            None => Arc::from("default"),
+        let partition = m.partition;
+        if m.header(FRAME_HEADER).is_some() {
+            // Many events in one record; the router's watermarks apply after all of them.
+            for (i, e) in frame::entries(&m.payload).enumerate() {
+                let origin = || format!("{}/{}/{}#{i}", m.topic, m.partition, m.offset);
+                match e {
+                    Ok(e) => {
+                        let source = self.source(e.source.as_bytes());
+                        self.hold(partition, Some(e.key), Some(e.time), source, e.payload, e.trace.map(str::as_bytes), origin).await?;
+                    }
+                    Err(e) => {
+                        self.report.rejected += 1;
+                        let reason = format!("unreadable frame: {e}; the rest of the record is dropped");
+                        tracing::warn!("matcher-shard: {}: {reason}", origin());
+                        self.dead_letter(&m.payload, &reason, &origin()).await?;
+                    }
+                }
+            }
+            let marks = m.header("cepheid-watermarks").and_then(|h| {
+                let w = serde_json::from_slice::<std::collections::BTreeMap<String, i64>>(h);
+                if w.is_err() {
+                    tracing::warn!("matcher-shard: {}/{}/{}: unreadable watermarks", m.topic, m.partition, m.offset);
+                }
+                w.ok()
+            });
+            if let Some(marks) = marks {
+                let router = m.header("cepheid-router").unwrap_or_default();
+                for (source, w) in marks {
+                    let source = self.source(source.as_bytes());
+                    self.parts.get_mut(&partition).expect("acquired").mark(&source, router, w);
+                }
+                self.release_if_due(partition, false).await?;
+            }
+            return self.maybe_checkpoint(partition).await;
+        }
+        let source = match m.header("cepheid-source") {
+            Some(s) => self.source(s),
+            None => self.source(b"default"),
         };
         // A router's watermark: a record of its own (no key), or carried by an event record.
         let header = m.header("cepheid-watermark");
@@ -535,45 +576,83 @@ impl Shard {
         if m.key.is_none() && header.is_some() {
             self.report.watermarks += 1;
         } else {
-            self.report.events += 1;
-            let key = m.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned());
             let time = m.header("cepheid-time").and_then(|t| std::str::from_utf8(t).ok()).and_then(|t| t.parse::<i64>().ok());
-            let (Some(key), Some(t)) = (key, time) else {
-                self.report.rejected += 1;
-                self.dead_letter(&m, "keyed record without a key or a cepheid-time header").await?;
-                return Ok(());
-            };
-            if t < p.released {
-                self.report.late += 1;
-                let reason = format!("late at the shard: event time {t} is behind the partition's watermark {}", p.released);
-                if let Some(sp) = self.telemetry.continue_trace("shard.late", Kind::Consumer, m.header(TRACEPARENT)) {
-                    sp.error(reason.clone());
-                    tracing::info!(partition = m.partition, offset = m.offset, trace_id = sp.trace_id(), "matcher-shard: {reason}; dead-lettered");
-                }
-                self.dead_letter(&m, &reason).await?;
-                return Ok(());
-            }
-            p.arrival += 1;
-            let raw = String::from_utf8_lossy(&m.payload).into_owned();
-            let trace = m.header(TRACEPARENT).map(|t| String::from_utf8_lossy(t).into());
-            p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { source: source.clone(), key: Arc::from(key.as_str()), raw, trace } }));
+            let origin = || format!("{}/{}/{}", m.topic, m.partition, m.offset);
+            self.hold(partition, m.key.as_deref(), time, source.clone(), &m.payload, m.header(TRACEPARENT), origin).await?;
         }
         if let Some(w) = watermark {
             // After the event it came with: the router sent that event first (it is not behind w).
-            let p = self.parts.get_mut(&m.partition).expect("acquired");
+            let p = self.parts.get_mut(&partition).expect("acquired");
             p.mark(&source, m.header("cepheid-router").unwrap_or_default(), w);
-            let due = m.key.is_none() || p.last_release.elapsed() >= Duration::from_millis(self.cfg.release_interval_ms);
-            if let Some(allowed) = due.then(|| p.allowed()).flatten().filter(|a| *a > p.released) {
-                self.advance(m.partition, allowed).await?;
-            }
+            self.release_if_due(partition, m.key.is_none()).await?;
         }
-        self.maybe_checkpoint(m.partition).await
+        self.maybe_checkpoint(partition).await
     }
 
-    async fn dead_letter(&self, m: &Message, reason: &str) -> anyhow::Result<()> {
-        let origin = format!("{}/{}/{}", m.topic, m.partition, m.offset);
+    /// The shared name of a source (one allocation per source, not per event).
+    fn source(&mut self, name: &[u8]) -> Arc<str> {
+        if let Some(s) = self.sources.iter().find(|s| s.as_bytes() == name) {
+            return s.clone();
+        }
+        let s: Arc<str> = Arc::from(String::from_utf8_lossy(name).as_ref());
+        self.sources.push(s.clone());
+        s
+    }
+
+    /// One event: held for the watermark, or dead-lettered (late, no key or time).
+    #[allow(clippy::too_many_arguments)]
+    async fn hold(
+        &mut self,
+        partition: i32,
+        key: Option<&[u8]>,
+        time: Option<i64>,
+        source: Arc<str>,
+        payload: &[u8],
+        trace: Option<&[u8]>,
+        origin: impl Fn() -> String,
+    ) -> anyhow::Result<()> {
+        self.report.events += 1;
+        let (Some(key), Some(t)) = (key, time) else {
+            self.report.rejected += 1;
+            return self.dead_letter(payload, "keyed record without a key or a cepheid-time header", &origin()).await;
+        };
+        let p = self.parts.get_mut(&partition).expect("acquired");
+        if t < p.released {
+            self.report.late += 1;
+            let reason = format!("late at the shard: event time {t} is behind the partition's watermark {}", p.released);
+            if let Some(sp) = self.telemetry.continue_trace("shard.late", Kind::Consumer, trace) {
+                sp.error(reason.clone());
+                tracing::info!(origin = origin(), trace_id = sp.trace_id(), "matcher-shard: {reason}; dead-lettered");
+            }
+            return self.dead_letter(payload, &reason, &origin()).await;
+        }
+        p.arrival += 1;
+        let raw = String::from_utf8_lossy(payload).into_owned();
+        let trace = trace.map(|t| String::from_utf8_lossy(t).into());
+        let key: Arc<str> = match p.keys.get_key_value(String::from_utf8_lossy(key).as_ref()) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(String::from_utf8_lossy(key).as_ref()),
+        };
+        p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { source, key, raw, trace } }));
+        Ok(())
+    }
+
+    /// Releases what the routers' watermarks allow, if a release is due
+    /// (`now`, or `release_interval_ms` after the last one).
+    async fn release_if_due(&mut self, partition: i32, now: bool) -> anyhow::Result<()> {
+        let p = self.parts.get_mut(&partition).expect("acquired");
+        let due = now || p.last_release.elapsed() >= Duration::from_millis(self.cfg.release_interval_ms);
+        if let Some(allowed) = due.then(|| p.allowed()).flatten().filter(|a| *a > p.released) {
+            self.advance(partition, allowed).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends an event (or record) that cannot be used to the dead-letter topic,
+    /// with the reason and where it came from (`topic/partition/offset[#entry]`).
+    async fn dead_letter(&self, payload: &[u8], reason: &str, origin: &str) -> anyhow::Result<()> {
         self.bus
-            .send(&self.cfg.dead_letter_topic, None, None, &m.payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", origin.as_bytes())])
+            .send(&self.cfg.dead_letter_topic, None, None, payload, &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", origin.as_bytes())])
             .await?;
         Ok(())
     }
@@ -1081,6 +1160,7 @@ pub async fn run(
             rule_evals: HashMap::new(),
             published: shared.clone(),
             telemetry: deps.telemetry.clone(),
+            sources: Vec::new(),
         };
     let mut updates = deps.rules.watch("matcher-shard");
     // Every rule before the first record.
@@ -1091,7 +1171,8 @@ pub async fn run(
     let mut consumer = bus.subscribe(&cfg.group, &[&cfg.keyed_topic])?;
     let mut assigned: HashSet<i32> = HashSet::new();
     shard.report.ready = true;
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.checkpoint_interval_ms.clamp(10, 1_000)));
+    // Often enough for the staggered checkpoints (eighths of the interval) to keep their places.
+    let mut tick = tokio::time::interval(Duration::from_millis((cfg.checkpoint_interval_ms / 16).clamp(10, 1_000)));
     let mut release = tokio::time::interval(Duration::from_millis(cfg.release_interval_ms.max(1)));
     release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);

@@ -216,6 +216,9 @@ impl Cluster {
             listen: "127.0.0.1:0".into(),
             dead_letter_topic: dead_topic.clone(),
             idle_partition_ms: 5_000,
+            // Small frames: many of them, also sent in the middle of an ingest frame.
+            frame_max_events: 7,
+            ..Default::default()
         };
         let (b, s, t) = (bus.clone(), store.clone(), telemetry("cepheid-keygen-router"));
         let mut probes = vec![("ingest".to_string(), ingest_url.clone())];

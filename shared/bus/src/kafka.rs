@@ -75,12 +75,9 @@ pub struct KafkaBus {
 
 impl KafkaBus {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaBus, BusError> {
+        // Defaults that `[kafka.properties]` may override (e.g. "linger.ms").
         let producer: FutureProducer = cfg
-            .client()
-            .set("acks", "all")
-            .set("enable.idempotence", "false")
-            .set("message.timeout.ms", "60000")
-            .set("linger.ms", "5")
+            .client_with(&[("acks", "all"), ("enable.idempotence", "false"), ("message.timeout.ms", "60000"), ("linger.ms", "5")])
             .create()
             .map_err(classify)?;
         let admin = cfg.client().create().map_err(classify)?;

@@ -7,6 +7,7 @@
 //! are chosen by [`partition_for`] (jump consistent hashing), so raising the
 //! partition count moves few keys.
 
+pub mod frame;
 mod kafka;
 mod memory;
 

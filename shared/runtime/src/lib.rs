@@ -70,7 +70,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The configuration file named on the command line, if any.
+/// The configuration file named on the command line, else by `CEPHEID_CONFIG`, if any.
 pub fn config_arg() -> Option<std::path::PathBuf> {
-    std::env::args_os().nth(1).map(Into::into)
+    std::env::args_os().nth(1).or_else(|| std::env::var_os("CEPHEID_CONFIG").filter(|v| !v.is_empty())).map(Into::into)
 }
