@@ -116,7 +116,7 @@ fn router_expiry() -> u64 {
     30_000
 }
 fn release_ms() -> u64 {
-    50
+    10
 }
 fn listen() -> String {
     "0.0.0.0:9103".into()
