@@ -75,9 +75,11 @@ pub struct KafkaBus {
 
 impl KafkaBus {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaBus, BusError> {
-        // Defaults that `[kafka.properties]` may override (e.g. "linger.ms").
+        // Defaults that `[kafka.properties]` may override. Records already go in
+        // frames (many events each), so waiting 1 ms for more (librdkafka: 5) buys
+        // little batching and costs latency at every hop.
         let producer: FutureProducer = cfg
-            .client_with(&[("acks", "all"), ("enable.idempotence", "false"), ("message.timeout.ms", "60000"), ("linger.ms", "5")])
+            .client_with(&[("acks", "all"), ("enable.idempotence", "false"), ("message.timeout.ms", "60000"), ("linger.ms", "1")])
             .create()
             .map_err(classify)?;
         let admin = cfg.client().create().map_err(classify)?;
@@ -174,13 +176,13 @@ impl KafkaBus {
         let assignment = ctx.assignment.clone();
         let fresh = ctx.fresh.clone();
         let lag = ctx.lag.clone();
-        // A fetch waits at most 10 ms for data (librdkafka's default is 500 ms):
+        // A fetch waits at most 5 ms for data (librdkafka's default is 500 ms):
         // Kafka answers as soon as there is any, but other Kafka-protocol
         // brokers (tansu) wait the whole time, and every hop of the cluster
-        // would add it to the latency.
+        // would add it to the latency (see `loadtest --bin hop`).
         let consumer: StreamConsumer<GroupContext> = self
             .cfg
-            .client_with(&[("fetch.wait.max.ms", "10"), ("session.timeout.ms", "10000")])
+            .client_with(&[("fetch.wait.max.ms", "5"), ("session.timeout.ms", "10000")])
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
