@@ -337,14 +337,34 @@ fn backoff(inner: &Inner, attempt: u32) -> Duration {
     Duration::from_millis(exp + jitter)
 }
 
+/// Jobs a target's worker takes together: one Redis round trip asks which
+/// were delivered already, one marks the ones it delivered.
+const WORKER_BATCH: usize = 128;
+
 async fn worker(inner: Arc<Inner>, name: String, tc: TargetConfig, target: Target, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut limiter = Limiter::for_target(&tc);
     let delivered_ttl = inner.cfg.dedupe_ttl_ms;
-    while let Some(mut job) = rx.recv().await {
-        let key = format!("delivered:{name}:{}", job.match_id);
-        if inner.store.is_set(&key, &*inner.clock).await.unwrap_or(false) {
-            inner.metrics.lock().unwrap().entry(name.clone()).or_default().deduplicated += 1;
-        } else {
+    let mut batch: Vec<Job> = Vec::new();
+    while let Some(job) = rx.recv().await {
+        batch.push(job);
+        while batch.len() < WORKER_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let keys: Vec<String> = batch.iter().map(|j| format!("delivered:{name}:{}", j.match_id)).collect();
+        // Redis unreachable: deliver (at least once) rather than hold alerts back.
+        let already = inner.store.which_set(&keys, &*inner.clock).await.unwrap_or_else(|_| vec![false; keys.len()]);
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut delivered: Vec<String> = Vec::new();
+        let n = batch.len();
+        for ((mut job, key), done) in batch.drain(..).zip(&keys).zip(already) {
+            // Delivered before, or a second copy of a match delivered in this very batch.
+            if done || seen.contains(key.as_str()) {
+                inner.metrics.lock().unwrap().entry(name.clone()).or_default().deduplicated += 1;
+                continue;
+            }
             loop {
                 limiter.acquire(&*inner.clock, &*inner.sleeper).await;
                 let t0 = inner.clock.now();
@@ -373,7 +393,8 @@ async fn worker(inner: Arc<Inner>, name: String, tc: TargetConfig, target: Targe
                 };
                 match (r, retry_wait) {
                     (Ok(()), _) => {
-                        let _ = inner.store.set_once(&key, delivered_ttl, &*inner.clock).await;
+                        seen.insert(key.as_str());
+                        delivered.push(key.clone());
                         break;
                     }
                     (Err(_), Some(wait)) => {
@@ -387,7 +408,8 @@ async fn worker(inner: Arc<Inner>, name: String, tc: TargetConfig, target: Targe
                 }
             }
         }
-        if inner.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let _ = inner.store.set_all(&delivered, delivered_ttl, &*inner.clock).await;
+        if inner.pending.fetch_sub(n, Ordering::SeqCst) == n {
             inner.idle.notify_waiters();
         }
     }

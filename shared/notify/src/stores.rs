@@ -77,6 +77,50 @@ impl Store {
         }
     }
 
+    /// Which of `keys` are set, in one round trip.
+    pub async fn which_set(&self, keys: &[String], clock: &dyn Clock) -> Result<Vec<bool>, NotifyError> {
+        match self {
+            Store::Memory(m) => {
+                let now = clock.now();
+                let set = m.keys.lock().unwrap();
+                Ok(keys.iter().map(|k| set.get(k).is_some_and(|exp| *exp > now)).collect())
+            }
+            Store::Redis { con, prefix } => {
+                let mut pipe = redis::pipe();
+                for k in keys {
+                    pipe.cmd("EXISTS").arg(format!("{prefix}:notify:{k}"));
+                }
+                let n: Vec<i64> = pipe.query_async(&mut con.clone()).await?;
+                Ok(n.into_iter().map(|n| n > 0).collect())
+            }
+        }
+    }
+
+    /// Sets every key of `keys` for `ttl_ms`, in one round trip.
+    pub async fn set_all(&self, keys: &[String], ttl_ms: u64, clock: &dyn Clock) -> Result<(), NotifyError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Memory(m) => {
+                let exp = clock.now() + ttl_ms as i64;
+                let mut set = m.keys.lock().unwrap();
+                for k in keys {
+                    set.insert(k.clone(), exp);
+                }
+                Ok(())
+            }
+            Store::Redis { con, prefix } => {
+                let mut pipe = redis::pipe();
+                for k in keys {
+                    pipe.cmd("SET").arg(format!("{prefix}:notify:{k}")).arg(1).arg("PX").arg(ttl_ms.max(1)).ignore();
+                }
+                let () = pipe.query_async(&mut con.clone()).await?;
+                Ok(())
+            }
+        }
+    }
+
     /// Holds an item until `due` (ms).
     pub async fn delay(&self, due: i64, item: String) -> Result<(), NotifyError> {
         match self {

@@ -217,6 +217,12 @@ async fn dedupe_by_match_id_and_by_window() {
     n.idle().await;
     assert_eq!(m.lock().unwrap().got.len(), 1);
     assert_eq!(n.metrics()["bot"].deduplicated, 1);
+    // Two copies queued together (the worker takes them in one batch): one request.
+    n.submit(&record("twice", "u1", "p1"), "r", &plain).await.unwrap();
+    n.submit(&record("twice", "u1", "p1"), "r", &plain).await.unwrap();
+    n.idle().await;
+    assert_eq!(m.lock().unwrap().got.len(), 2);
+    assert_eq!(n.metrics()["bot"].deduplicated, 2);
     // One alert per rule and key within the window.
     let windowed = ActionSpec { dedupe: Some(3_600_000), ..plain };
     assert_eq!(n.submit(&record("w1", "u2", "p1"), "r", &windowed).await.unwrap(), Submitted::Queued(1));
@@ -225,7 +231,7 @@ async fn dedupe_by_match_id_and_by_window() {
     clock.advance(3_600_000);
     assert_eq!(n.submit(&record("w4", "u2", "p3"), "r", &windowed).await.unwrap(), Submitted::Queued(1));
     n.idle().await;
-    assert_eq!(m.lock().unwrap().got.len(), 4);
+    assert_eq!(m.lock().unwrap().got.len(), 5);
 }
 
 #[tokio::test]
