@@ -8,7 +8,9 @@
 //!   line and the reason (the good ones are kept), `503` when the bus failed.
 //! - Raw topics (e.g. `click_stream1`): records are checked the same way and
 //!   forwarded; bad ones go to the dead-letter topic with the reason in the
-//!   `cepheid-reason` header. Offsets are committed after forwarding.
+//!   `cepheid-reason` header. Forwards are pipelined (up to 10 000 awaiting
+//!   the broker's acknowledgement); a record's offset is committed once it and
+//!   the records before it are acknowledged.
 //! - `GET /healthz` (alive), `GET /readyz` (the events topic is reachable).
 //!
 //! Events are written as received (trimmed), to the partition of the schema's
@@ -223,10 +225,6 @@ impl Ctx {
         self.cfg.schemas.get(source).or(if self.cfg.accept_unknown_sources { Some(&self.cfg.default_schema) } else { None })
     }
 
-    async fn forward(&self, source: &str, schema: &Schema, text: &str, event: &Value, trace: Option<&Traced>) -> Result<(), cepheid_bus::BusError> {
-        self.enqueue(source, schema, text, event, trace).await?.await.map(|_| ())
-    }
-
     /// Hands the event to the bus now (events enqueued one after another keep
     /// their order); the returned future is its acknowledgement.
     /// A traced event carries its trace onwards in the `traceparent` header.
@@ -430,13 +428,42 @@ pub async fn run(
     Ok(())
 }
 
+/// Raw records forwarded (or dead-lettered) and not yet acknowledged, at most.
+const RAW_IN_FLIGHT: usize = 10_000;
+
+/// A raw record handed to the bus: its acknowledgement, and where to commit after it.
+struct Forwarded {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    ack: cepheid_bus::Delivery,
+}
+
 async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
     let topics: Vec<&str> = ctx.cfg.raw_topics.keys().map(String::as_str).collect();
     let mut consumer = ctx.bus.subscribe(&ctx.cfg.group, &topics)?;
+    // Forwards are handed to the bus one after another (their order kept) and
+    // acknowledged in the background; a record's offset is committed once it
+    // and everything before it are acknowledged.
+    let mut in_flight: std::collections::VecDeque<Forwarded> = std::collections::VecDeque::new();
     loop {
         let m = tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            m = consumer.recv() => m,
+            biased;
+            _ = stop.changed() => break,
+            // Acknowledgements first: they free room and move the commits on.
+            r = async { (&mut in_flight.front_mut().expect("non-empty").ack).await }, if !in_flight.is_empty() => {
+                // This one and every one after it that is acknowledged already: one commit per partition.
+                let mut commits = Vec::new();
+                acknowledged(in_flight.pop_front().expect("non-empty"), r, &mut commits);
+                while let Some(r) = in_flight.front_mut().and_then(|f| futures_util::FutureExt::now_or_never(&mut f.ack)) {
+                    acknowledged(in_flight.pop_front().expect("non-empty"), r, &mut commits);
+                }
+                for (topic, partition, next) in commits {
+                    consumer.commit(&topic, partition, next)?;
+                }
+                continue;
+            }
+            m = consumer.recv(), if in_flight.len() < RAW_IN_FLIGHT => m,
         };
         let m = match m {
             Ok(m) => m,
@@ -454,39 +481,67 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
             (_, Err(e)) => Err(format!("not JSON: {e}")),
             (Some(schema), Ok(v)) => check(schema, &v).map(|_| (schema, v)),
         };
-        let sent = match verdict {
+        let ack = match verdict {
             Ok((schema, v)) => {
                 // A raw record that carries a trace continues it; others may start one.
                 let trace = ctx
                     .telemetry
                     .continue_trace("ingest.accept", Kind::Consumer, m.header(TRACEPARENT))
                     .or_else(|| ctx.telemetry.start_trace("ingest.accept", Kind::Consumer));
-                let r = ctx.forward(&source, schema, &text, &v, trace.as_ref()).await;
-                if r.is_ok() {
-                    Metrics::add(&ctx.metrics.accepted, 1);
-                }
-                r
+                ctx.enqueue(&source, schema, &text, &v, trace.as_ref()).await.map(|d| -> cepheid_bus::Delivery {
+                    let ctx = ctx.clone();
+                    Box::pin(async move {
+                        let r = d.await;
+                        if r.is_ok() {
+                            Metrics::add(&ctx.metrics.accepted, 1);
+                        }
+                        drop(trace);
+                        r
+                    })
+                })
             }
             Err(reason) => {
                 Metrics::add(&ctx.metrics.rejected, 1);
                 Metrics::add(&ctx.metrics.dead_lettered, 1);
-                ctx
-                .bus
-                .send(
-                    &ctx.cfg.dead_letter_topic,
-                    None,
-                    None,
-                    &m.payload,
-                    &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
-                )
-                .await
-                .map(|_| ())
+                ctx.bus
+                    .enqueue(
+                        &ctx.cfg.dead_letter_topic,
+                        None,
+                        None,
+                        &m.payload,
+                        &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
+                    )
+                    .await
             }
         };
-        match sent {
-            Ok(()) => consumer.commit(&m.topic, m.partition, m.offset + 1)?,
-            // Not committed: the record is read again after a restart.
-            Err(e) => tracing::warn!("ingest: forwarding {}/{}/{}: {e}", m.topic, m.partition, m.offset),
-        }
+        let ack = match ack {
+            Ok(a) => a,
+            // The producer's queue is full or the broker refused it: as a failed acknowledgement.
+            Err(e) => Box::pin(async move { Err(e) }),
+        };
+        in_flight.push_back(Forwarded { topic: m.topic.clone(), partition: m.partition, offset: m.offset, ack });
+    }
+    // Stopping: what was handed over is awaited and committed.
+    let mut commits = Vec::new();
+    while let Some(mut f) = in_flight.pop_front() {
+        let r = (&mut f.ack).await;
+        acknowledged(f, r, &mut commits);
+    }
+    for (topic, partition, next) in commits {
+        consumer.commit(&topic, partition, next)?;
+    }
+    Ok(())
+}
+
+/// A forwarded raw record was acknowledged: its partition's commit moves
+/// after it. Not acknowledged: said, and not committed here (unless a later
+/// record's commit passes it, it is read again after a restart).
+fn acknowledged(f: Forwarded, r: Result<(i32, i64), cepheid_bus::BusError>, commits: &mut Vec<(String, i32, i64)>) {
+    match r {
+        Ok(_) => match commits.iter_mut().find(|(t, p, _)| *t == f.topic && *p == f.partition) {
+            Some(c) => c.2 = f.offset + 1,
+            None => commits.push((f.topic, f.partition, f.offset + 1)),
+        },
+        Err(e) => tracing::warn!("ingest: forwarding {}/{}/{}: {e}", f.topic, f.partition, f.offset),
     }
 }
