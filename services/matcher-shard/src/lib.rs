@@ -528,7 +528,9 @@ impl Shard {
         let partition = m.partition;
         if m.header(FRAME_HEADER).is_some() {
             // Many events in one record; the router's watermarks apply after all of them.
-            for (i, e) in frame::entries(&m.payload).enumerate() {
+            let mut entries = frame::entries(&m.payload);
+            let mut i = 0;
+            while let Some(e) = entries.next() {
                 let origin = || format!("{}/{}/{}#{i}", m.topic, m.partition, m.offset);
                 match e {
                     Ok(e) => {
@@ -536,12 +538,14 @@ impl Shard {
                         self.hold(partition, Some(e.key), Some(e.time), source, e.payload, e.trace.map(str::as_bytes), origin).await?;
                     }
                     Err(e) => {
+                        // The dead letter carries the damaged rest of the frame, not the good entries before it.
                         self.report.rejected += 1;
                         let reason = format!("unreadable frame: {e}; the rest of the record is dropped");
                         tracing::warn!("matcher-shard: {}: {reason}", origin());
-                        self.dead_letter(&m.payload, &reason, &origin()).await?;
+                        self.dead_letter(entries.rest(), &reason, &origin()).await?;
                     }
                 }
+                i += 1;
             }
             let marks = m.header("cepheid-watermarks").and_then(|h| {
                 let w = serde_json::from_slice::<std::collections::BTreeMap<String, i64>>(h);

@@ -105,6 +105,8 @@ async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
     let cut = recv(&mut dead, "dead letter").await;
     assert!(header(&cut, "cepheid-reason").contains("unreadable frame: entry 2: cut short"), "{}", header(&cut, "cepheid-reason"));
     assert_eq!(header(&cut, "cepheid-origin"), format!("{}/0/1#2", cfg.keyed_topic));
+    let rest = String::from_utf8_lossy(&cut.payload);
+    assert!(rest.contains("userId|5") && !rest.contains("userId|4"), "the damaged rest of the frame, not the good entries before it: {rest}");
 
     stop.send(()).unwrap();
     let report = shard.await.unwrap().unwrap();

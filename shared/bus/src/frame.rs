@@ -103,19 +103,28 @@ pub enum FrameError {
 
 /// The entries of a frame's payload, in order.
 pub fn entries(payload: &[u8]) -> Entries<'_> {
-    Entries { buf: payload, at: if payload.starts_with(&MAGIC) { 2 } else { 0 }, entry: 0, failed: !payload.starts_with(&MAGIC), first: true }
+    Entries { buf: payload, at: if payload.starts_with(&MAGIC) { 2 } else { 0 }, start: 0, entry: 0, failed: !payload.starts_with(&MAGIC), first: true }
 }
 
 /// Iterator over a frame's entries; after an error it ends.
 pub struct Entries<'a> {
     buf: &'a [u8],
     at: usize,
+    /// Where the entry read last began.
+    start: usize,
     entry: usize,
     failed: bool,
     first: bool,
 }
 
 impl<'a> Entries<'a> {
+    /// The payload from the entry read last on (after an error: the damaged
+    /// rest, which is what a dead letter should carry, not the good entries
+    /// before it).
+    pub fn rest(&self) -> &'a [u8] {
+        &self.buf[self.start.min(self.buf.len())..]
+    }
+
     fn varint(&mut self) -> Option<u64> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
@@ -163,6 +172,7 @@ impl<'a> Iterator for Entries<'a> {
         if self.at >= self.buf.len() {
             return None;
         }
+        self.start = self.at;
         let r = self.entry();
         self.entry += 1;
         if r.is_err() {
@@ -206,6 +216,10 @@ mod tests {
         assert_eq!(cut.len(), 2);
         assert!(cut[0].is_ok());
         assert!(matches!(cut[1], Err(FrameError::Truncated { entry: 1, .. })), "{cut:?}");
+        let mut it = entries(&buf[..buf.len() - 1]);
+        assert!(it.next().unwrap().is_ok());
+        assert!(it.next().unwrap().is_err());
+        assert_eq!(it.rest(), &buf[2 + 1 + 2 + 1 + 1 + 1 + 1 + 1 + 3..buf.len() - 1], "the damaged entry on, not the good one before it");
         let wrong: Vec<_> = entries(b"{\"json\":1}").collect();
         assert!(matches!(&wrong[..], [Err(FrameError::Format(_))]), "{wrong:?}");
     }
