@@ -3,7 +3,9 @@
 //! Per assigned partition it keeps a reorder buffer released by the
 //! partition's watermark (per source, the minimum over the routers that sent
 //! one), and one `ractor` actor per key holding that key's automata for the
-//! rules of the record's key signature ([`cepheid_engine::cell::KeyCell`]).
+//! rules of the event's key signature ([`cepheid_engine::cell::KeyCell`]).
+//! Events arrive in frames (many per record, [`cepheid_bus::frame`]) or one
+//! per record; a frame's watermarks apply after its events.
 //! When the watermark advances, the released events are handed to their
 //! keys' actors in `(time, arrival)` order together with the watermark, so
 //! every key sees exactly what it sees in `cepheid run`; deadlines due at the
@@ -79,7 +81,7 @@ pub struct ShardConfig {
     #[serde(default = "router_expiry")]
     pub router_expiry_ms: u64,
     /// Events are released to their keys at most this often (ms) as the
-    /// watermark carried by event records moves (a watermark record releases
+    /// watermark carried by frames of events moves (a watermark record releases
     /// at once): the keys' work and the match records of this long go together.
     #[serde(default = "release_ms")]
     pub release_interval_ms: u64,
