@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -192,6 +193,8 @@ pub struct Metrics {
     rejected: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
     raw_records: std::sync::atomic::AtomicU64,
+    /// Raw records sent again after the bus refused them.
+    raw_retries: std::sync::atomic::AtomicU64,
     dead_lettered: std::sync::atomic::AtomicU64,
     /// Events handed to the bus whose acknowledgement is awaited (their request is not answered yet).
     awaiting_ack: std::sync::atomic::AtomicU64,
@@ -211,6 +214,7 @@ impl Metrics {
             ("cepheid_ingest_events_rejected_total", "counter", "Events refused (not JSON, schema), over HTTP or from raw topics.", get(&self.rejected)),
             ("cepheid_ingest_events_failed_total", "counter", "Events the bus did not acknowledge (answered 503: retry).", get(&self.failed)),
             ("cepheid_ingest_raw_records_total", "counter", "Records read from raw Kafka topics.", get(&self.raw_records)),
+            ("cepheid_ingest_raw_retries_total", "counter", "Raw records sent again after the bus refused them.", get(&self.raw_retries)),
             ("cepheid_ingest_dead_lettered_total", "counter", "Raw records sent to the dead-letter topic.", get(&self.dead_lettered)),
             ("cepheid_ingest_events_awaiting_ack", "gauge", "Posted events handed to the bus and not yet acknowledged.", get(&self.awaiting_ack)),
         ] {
@@ -431,12 +435,19 @@ pub async fn run(
 /// Raw records forwarded (or dead-lettered) and not yet acknowledged, at most.
 const RAW_IN_FLIGHT: usize = 10_000;
 
-/// A raw record handed to the bus: its acknowledgement, and where to commit after it.
+/// A raw record handed to the bus: the record (kept to send it again should
+/// the bus refuse it) and its acknowledgement.
 struct Forwarded {
-    topic: String,
-    partition: i32,
-    offset: i64,
+    msg: cepheid_bus::Message,
     ack: cepheid_bus::Delivery,
+    /// Failed sends of it so far.
+    failures: u32,
+}
+
+/// How long to wait before sending a refused raw record again: 100 ms,
+/// doubling with each failure, at most 5 s.
+fn retry_wait(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6).saturating_sub(1)).min(5_000))
 }
 
 async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -444,7 +455,9 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
     let mut consumer = ctx.bus.subscribe(&ctx.cfg.group, &topics)?;
     // Forwards are handed to the bus one after another (their order kept) and
     // acknowledged in the background; a record's offset is committed once it
-    // and everything before it are acknowledged.
+    // and everything before it are acknowledged. A forward the bus refuses is
+    // sent again (with backoff) before anything after it is committed: a
+    // record is never committed past unforwarded, however long the bus refuses.
     let mut in_flight: std::collections::VecDeque<Forwarded> = std::collections::VecDeque::new();
     loop {
         let m = tokio::select! {
@@ -452,11 +465,35 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
             _ = stop.changed() => break,
             // Acknowledgements first: they free room and move the commits on.
             r = async { (&mut in_flight.front_mut().expect("non-empty").ack).await }, if !in_flight.is_empty() => {
+                if let Err(e) = r {
+                    let f = in_flight.front_mut().expect("non-empty");
+                    f.failures += 1;
+                    Metrics::add(&ctx.metrics.raw_retries, 1);
+                    let wait = retry_wait(f.failures);
+                    tracing::warn!(
+                        "ingest: forwarding raw record {}/{}/{} failed ({e}); sending it again in {wait:?} (nothing after it is committed until it is forwarded)",
+                        f.msg.topic, f.msg.partition, f.msg.offset
+                    );
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    f.ack = forward(&ctx, &f.msg, false).await;
+                    continue;
+                }
                 // This one and every one after it that is acknowledged already: one commit per partition.
                 let mut commits = Vec::new();
-                acknowledged(in_flight.pop_front().expect("non-empty"), r, &mut commits);
-                while let Some(r) = in_flight.front_mut().and_then(|f| futures_util::FutureExt::now_or_never(&mut f.ack)) {
-                    acknowledged(in_flight.pop_front().expect("non-empty"), r, &mut commits);
+                acknowledged(&in_flight.pop_front().expect("non-empty").msg, &mut commits);
+                while let Some(f) = in_flight.front_mut() {
+                    match futures_util::FutureExt::now_or_never(&mut f.ack) {
+                        None => break,
+                        Some(Ok(_)) => acknowledged(&in_flight.pop_front().expect("non-empty").msg, &mut commits),
+                        Some(Err(e)) => {
+                            // Kept for the branch above (a finished future is not polled again).
+                            f.ack = Box::pin(async move { Err(e) });
+                            break;
+                        }
+                    }
                 }
                 for (topic, partition, next) in commits {
                     consumer.commit(&topic, partition, next)?;
@@ -474,58 +511,26 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
             Err(e) => return Err(e.into()),
         };
         Metrics::add(&ctx.metrics.raw_records, 1);
-        let source = ctx.cfg.raw_topics.get(&m.topic).cloned().unwrap_or_default();
-        let text = String::from_utf8_lossy(&m.payload).trim().to_string();
-        let verdict = match (ctx.schema(&source), serde_json::from_str::<Value>(&text)) {
-            (None, _) => Err(format!("no schema for source `{source}`")),
-            (_, Err(e)) => Err(format!("not JSON: {e}")),
-            (Some(schema), Ok(v)) => check(schema, &v).map(|_| (schema, v)),
-        };
-        let ack = match verdict {
-            Ok((schema, v)) => {
-                // A raw record that carries a trace continues it; others may start one.
-                let trace = ctx
-                    .telemetry
-                    .continue_trace("ingest.accept", Kind::Consumer, m.header(TRACEPARENT))
-                    .or_else(|| ctx.telemetry.start_trace("ingest.accept", Kind::Consumer));
-                ctx.enqueue(&source, schema, &text, &v, trace.as_ref()).await.map(|d| -> cepheid_bus::Delivery {
-                    let ctx = ctx.clone();
-                    Box::pin(async move {
-                        let r = d.await;
-                        if r.is_ok() {
-                            Metrics::add(&ctx.metrics.accepted, 1);
-                        }
-                        drop(trace);
-                        r
-                    })
-                })
-            }
-            Err(reason) => {
-                Metrics::add(&ctx.metrics.rejected, 1);
-                Metrics::add(&ctx.metrics.dead_lettered, 1);
-                ctx.bus
-                    .enqueue(
-                        &ctx.cfg.dead_letter_topic,
-                        None,
-                        None,
-                        &m.payload,
-                        &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
-                    )
-                    .await
-            }
-        };
-        let ack = match ack {
-            Ok(a) => a,
-            // The producer's queue is full or the broker refused it: as a failed acknowledgement.
-            Err(e) => Box::pin(async move { Err(e) }),
-        };
-        in_flight.push_back(Forwarded { topic: m.topic.clone(), partition: m.partition, offset: m.offset, ack });
+        let ack = forward(&ctx, &m, true).await;
+        in_flight.push_back(Forwarded { msg: m, ack, failures: 0 });
     }
-    // Stopping: what was handed over is awaited and committed.
+    // Stopping: what was handed over is awaited and committed up to the first
+    // record of each partition that was not forwarded (it is read again after
+    // a restart, and so is everything after it).
     let mut commits = Vec::new();
+    let mut stuck: Vec<(String, i32)> = Vec::new();
     while let Some(mut f) = in_flight.pop_front() {
-        let r = (&mut f.ack).await;
-        acknowledged(f, r, &mut commits);
+        let at = (f.msg.topic.clone(), f.msg.partition);
+        if stuck.contains(&at) {
+            continue;
+        }
+        match (&mut f.ack).await {
+            Ok(_) => acknowledged(&f.msg, &mut commits),
+            Err(e) => {
+                tracing::warn!("ingest: stopping: raw record {}/{}/{} not forwarded ({e}); it is read again after a restart", f.msg.topic, f.msg.partition, f.msg.offset);
+                stuck.push(at);
+            }
+        }
     }
     for (topic, partition, next) in commits {
         consumer.commit(&topic, partition, next)?;
@@ -533,15 +538,64 @@ async fn consume_raw(ctx: Arc<Ctx>, mut stop: tokio::sync::watch::Receiver<bool>
     Ok(())
 }
 
-/// A forwarded raw record was acknowledged: its partition's commit moves
-/// after it. Not acknowledged: said, and not committed here (unless a later
-/// record's commit passes it, it is read again after a restart).
-fn acknowledged(f: Forwarded, r: Result<(i32, i64), cepheid_bus::BusError>, commits: &mut Vec<(String, i32, i64)>) {
-    match r {
-        Ok(_) => match commits.iter_mut().find(|(t, p, _)| *t == f.topic && *p == f.partition) {
-            Some(c) => c.2 = f.offset + 1,
-            None => commits.push((f.topic, f.partition, f.offset + 1)),
-        },
-        Err(e) => tracing::warn!("ingest: forwarding {}/{}/{}: {e}", f.topic, f.partition, f.offset),
+/// Hands raw record `m` to the bus: as an event of its topic's source when it
+/// passes the source's schema, else to the dead-letter topic with the reason.
+/// `first`: its first send (counted in the metrics; a send again is not).
+/// A send the bus refuses at once comes back as a failed acknowledgement.
+async fn forward(ctx: &Arc<Ctx>, m: &cepheid_bus::Message, first: bool) -> cepheid_bus::Delivery {
+    let source = ctx.cfg.raw_topics.get(&m.topic).cloned().unwrap_or_default();
+    let text = String::from_utf8_lossy(&m.payload).trim().to_string();
+    let verdict = match (ctx.schema(&source), serde_json::from_str::<Value>(&text)) {
+        (None, _) => Err(format!("no schema for source `{source}`")),
+        (_, Err(e)) => Err(format!("not JSON: {e}")),
+        (Some(schema), Ok(v)) => check(schema, &v).map(|_| (schema, v)),
+    };
+    let ack = match verdict {
+        Ok((schema, v)) => {
+            // A raw record that carries a trace continues it; others may start one.
+            let trace = ctx
+                .telemetry
+                .continue_trace("ingest.accept", Kind::Consumer, m.header(TRACEPARENT))
+                .or_else(|| ctx.telemetry.start_trace("ingest.accept", Kind::Consumer));
+            ctx.enqueue(&source, schema, &text, &v, trace.as_ref()).await.map(|d| -> cepheid_bus::Delivery {
+                let ctx = ctx.clone();
+                Box::pin(async move {
+                    let r = d.await;
+                    if r.is_ok() {
+                        Metrics::add(&ctx.metrics.accepted, 1);
+                    }
+                    drop(trace);
+                    r
+                })
+            })
+        }
+        Err(reason) => {
+            if first {
+                Metrics::add(&ctx.metrics.rejected, 1);
+                Metrics::add(&ctx.metrics.dead_lettered, 1);
+            }
+            ctx.bus
+                .enqueue(
+                    &ctx.cfg.dead_letter_topic,
+                    None,
+                    None,
+                    &m.payload,
+                    &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
+                )
+                .await
+        }
+    };
+    match ack {
+        Ok(a) => a,
+        // The producer's queue is full or the broker refused it: as a failed acknowledgement.
+        Err(e) => Box::pin(async move { Err(e) }),
+    }
+}
+
+/// A forwarded raw record was acknowledged: its partition's commit moves after it.
+fn acknowledged(m: &cepheid_bus::Message, commits: &mut Vec<(String, i32, i64)>) {
+    match commits.iter_mut().find(|(t, p, _)| *t == m.topic && *p == m.partition) {
+        Some(c) => c.2 = m.offset + 1,
+        None => commits.push((m.topic.clone(), m.partition, m.offset + 1)),
     }
 }

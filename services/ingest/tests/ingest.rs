@@ -130,3 +130,56 @@ async fn on_kafka() {
     let bus = Bus::kafka(&cepheid_bus::KafkaConfig { bootstrap, properties: vec![] }).unwrap();
     scenario(bus, &format!("kafka-{}", std::process::id())).await;
 }
+
+/// The broker refuses the first forwards of raw records (librdkafka's mock
+/// cluster answers produce requests with a non-retriable error: a fault the
+/// real broker here cannot be made to have): ingest sends each refused record
+/// again and commits nothing past it meanwhile, so every raw record reaches
+/// the events topic — none is lost behind a later record's commit.
+#[tokio::test]
+async fn refused_forwards_are_sent_again() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).unwrap();
+    let tag = "refused";
+    let cfg = config(tag);
+    let raw = format!("click_stream1-{tag}");
+    // The mock broker cannot create topics through the admin API: provisioned beforehand.
+    mock.create_topic(&raw, 1, 1).unwrap();
+    mock.create_topic(&cfg.events_topic, 2, 1).unwrap();
+    mock.create_topic(&cfg.dead_letter_topic, 1, 1).unwrap();
+    let bus = Bus::kafka(&cepheid_bus::KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
+    let n = 30;
+    for i in 0..n {
+        let line = format!(r#"{{"eventTime": {i}, "eventType": "view", "userId": {}}}"#, i % 7);
+        bus.send(&raw, None, None, line.as_bytes(), &[]).await.unwrap();
+    }
+    // Every record is in the raw topic; the next produce requests (ingest's) are refused.
+    mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 3]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run(cfg.clone(), bus.clone(), Default::default(), listener, async move {
+        let _ = stopped.await;
+    }));
+    let mut events = bus.subscribe(&format!("reader-{tag}"), &[cfg.events_topic.as_str()]).unwrap();
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(60), events.recv()).await.expect("every raw record forwarded").unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        got.push(v["eventTime"].as_i64().unwrap());
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got, (0..n as i64).collect::<Vec<_>>(), "a raw record is missing from the events topic");
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    let retries: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cepheid_ingest_raw_retries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the retries metric");
+    assert!(retries >= 1.0, "no forward was refused: the test did not exercise the retry ({metrics})");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    drop(mock);
+}
