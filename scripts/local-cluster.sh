@@ -7,6 +7,7 @@
 #   scripts/local-cluster.sh start    # builds, starts everything, prints the ingest URL
 #   scripts/local-cluster.sh status   # the probes of every service
 #   scripts/local-cluster.sh stop     # stops everything (alerts and logs stay)
+#   CEPHEID_BIN_DIR=DIR scripts/local-cluster.sh start   # the binaries in DIR, not built
 #
 # Each start uses a Redis prefix of its own (.local-cluster/prefix): the broker
 # keeps nothing between starts, so neither may the checkpoints.
@@ -16,7 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=.local-cluster
-bin=target/release
+# CEPHEID_BIN_DIR: run the binaries in that directory as they are (nothing
+# is built), e.g. to compare two builds on one machine.
+bin=${CEPHEID_BIN_DIR:-target/release}
 export CEPHEID__KAFKA__BOOTSTRAP=${CEPHEID__KAFKA__BOOTSTRAP:-127.0.0.1:9092}
 
 wait_port() { # host:port, what
@@ -46,7 +49,9 @@ start_svc() { # name, command...
 start() {
   if [ -e "$dir/broker.pid" ]; then echo "already started (scripts/local-cluster.sh stop first)"; exit 1; fi
   mkdir -p "$dir/broker"
-  cargo build --release --bin cepheid --bin cepheid-ingest --bin cepheid-keygen-router --bin cepheid-matcher-shard --bin cepheid-notifier
+  if [ -z "${CEPHEID_BIN_DIR:-}" ]; then
+    cargo build --release --bin cepheid --bin cepheid-ingest --bin cepheid-keygen-router --bin cepheid-matcher-shard --bin cepheid-notifier
+  fi
   if ! command -v tansu >/dev/null 2>&1; then
     echo "installing tansu (a Kafka-protocol broker; 15-40 minutes the first time)"
     cargo install tansu --locked --features dynostore

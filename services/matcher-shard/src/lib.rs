@@ -34,6 +34,8 @@ pub mod checkpoint;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -272,10 +274,10 @@ struct Partition {
     released: i64,
     arrival: u64,
     pending: BinaryHeap<Reverse<Pending>>,
-    keys: HashMap<Arc<str>, KeySlot>,
+    keys: FxHashMap<Arc<str>, KeySlot>,
     timers: BTreeSet<(i64, Arc<str>)>,
     /// Keys whose stored state must be deleted at the next checkpoint.
-    deleted: HashSet<Arc<str>>,
+    deleted: FxHashSet<Arc<str>>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
     /// A checkpoint of this partition is being written.
@@ -449,9 +451,9 @@ impl Shard {
                     })
                 })
                 .collect(),
-            keys: HashMap::new(),
+            keys: FxHashMap::default(),
             timers: BTreeSet::new(),
-            deleted: HashSet::new(),
+            deleted: FxHashSet::default(),
             since_checkpoint: 0,
             // Partitions checkpoint at staggered times (by eighths of the interval):
             // their snapshot encoding and Redis transactions do not all land at once
@@ -669,26 +671,27 @@ impl Shard {
         let p = self.parts.get_mut(&partition).expect("held");
         // Group released events by key, keeping (time, arrival) order within each key.
         let mut order: Vec<Arc<str>> = Vec::new();
-        let mut batches: HashMap<Arc<str>, Vec<Released>> = HashMap::new();
+        let mut batches: FxHashMap<Arc<str>, Vec<Released>> = FxHashMap::default();
         // Per key, the trace of its last traced event (its matches continue that trace).
-        let mut traces: HashMap<Arc<str>, Box<str>> = HashMap::new();
+        let mut traces: FxHashMap<Arc<str>, Box<str>> = FxHashMap::default();
         while p.pending.peek().is_some_and(|Reverse(top)| top.t < w) {
             let Reverse(rec) = p.pending.pop().expect("peeked");
-            let ev = match self.book.decode(&rec.source, &rec.raw, rec.t) {
+            let Pending { t, item: Held { source, key, raw, trace }, .. } = rec;
+            let ev = match self.book.decode_owned(&source, raw, t) {
                 Ok(e) => e,
                 Err(e) => {
                     self.report.rejected += 1;
-                    tracing::warn!("matcher-shard: partition {partition} key {}: event dropped: {e}", rec.key);
+                    tracing::warn!("matcher-shard: partition {partition} key {key}: event dropped: {e}");
                     continue;
                 }
             };
-            let list = batches.entry(rec.key.clone()).or_insert_with(|| {
-                order.push(rec.key.clone());
+            let list = batches.entry(key.clone()).or_insert_with(|| {
+                order.push(key.clone());
                 Vec::new()
             });
-            list.push(Released { source: rec.source.to_string(), event: ev });
-            if let Some(t) = rec.item.trace {
-                traces.insert(rec.item.key, t);
+            list.push(Released { source, event: ev });
+            if let Some(t) = trace {
+                traces.insert(key, t);
             }
         }
         let due: Vec<Arc<str>> = p.timers.iter().take_while(|(d, _)| *d <= w).map(|(_, k)| k.clone()).collect();
@@ -708,6 +711,8 @@ impl Shard {
         // a key without state steps here, and gets an actor only if it keeps some.
         let mut calls = Vec::with_capacity(order.len());
         let mut results: Vec<(Arc<str>, Arc<SigRules>, Result<StepReply, String>)> = Vec::new();
+        // Keys that start keeping state here: their actors are started together below.
+        let mut born: Vec<(Arc<str>, KeyCell)> = Vec::new();
         for key in order {
             let events = batches.remove(&key).unwrap_or_default();
             let sig = key.split('|').next().unwrap_or_default();
@@ -721,7 +726,7 @@ impl Shard {
                 let out = cell.step(&rules, &events, Some(w), now);
                 let partials = cell.partial_count();
                 if !out.idle {
-                    self.spawn_actor(partition, &key, cell).await?;
+                    born.push((key.clone(), cell));
                 }
                 results.push((key, rules, Ok(StepReply { out, partials })));
                 continue;
@@ -737,6 +742,14 @@ impl Shard {
                 };
                 (key, book, r)
             });
+        }
+        if !born.is_empty() {
+            let (keys, cells): (Vec<_>, Vec<_>) = born.into_iter().unzip();
+            let started = futures_util::future::join_all(cells.into_iter().map(|c| Actor::spawn(None, KeyActor, c))).await;
+            for (key, a) in keys.iter().zip(started) {
+                let (actor, _) = a.map_err(|e| anyhow::anyhow!("starting the actor of key {key}: {e}"))?;
+                self.register_actor(partition, key, actor);
+            }
         }
         results.extend(futures_util::future::join_all(calls).await);
         let mut sends = Vec::new();
@@ -876,6 +889,12 @@ impl Shard {
 
     async fn spawn_actor(&mut self, partition: i32, key: &Arc<str>, cell: KeyCell) -> anyhow::Result<ActorRef<KeyMsg>> {
         let (actor, _) = Actor::spawn(None, KeyActor, cell).await.map_err(|e| anyhow::anyhow!("starting the actor of key {key}: {e}"))?;
+        self.register_actor(partition, key, actor.clone());
+        Ok(actor)
+    }
+
+    /// Records the running actor of a key (its slot made if new).
+    fn register_actor(&mut self, partition: i32, key: &Arc<str>, actor: ActorRef<KeyMsg>) {
         let p = self.parts.get_mut(&partition).expect("held");
         // A key dropped since the last checkpoint and started again: its old state in
         // Redis is overwritten by the next checkpoint, or deleted if it is dropped again.
@@ -890,8 +909,7 @@ impl Shard {
             last_used: Instant::now(),
             partials: 0,
         });
-        slot.actor = Some(actor.clone());
-        Ok(actor)
+        slot.actor = Some(actor);
     }
 
     async fn maybe_checkpoint(&mut self, partition: i32) -> anyhow::Result<()> {

@@ -164,6 +164,12 @@ impl RuleBook {
         EventDecoder::new(&self.registry, tf).decode_with_time(text, time)
     }
 
+    /// [`RuleBook::decode`] of text the event may keep (no copy).
+    pub fn decode_owned(&self, source: &str, text: String, time: i64) -> Result<Event, cepheid_types::DecodeError> {
+        let tf = self.time_fields.iter().find(|(n, _)| n == source).map_or(self.default_time, |x| x.1);
+        EventDecoder::new(&self.registry, tf).decode_owned_with_time(text, time)
+    }
+
     pub fn engine_config(&self) -> &EngineConfig {
         &self.engine
     }
@@ -241,7 +247,7 @@ fn note_eval(evals: &mut Vec<RuleEvals>, slot: usize, started: Option<std::time:
 
 /// A released event: its source and its decoded form.
 pub struct Released {
-    pub source: String,
+    pub source: Arc<str>,
     pub event: Event,
 }
 
@@ -362,7 +368,7 @@ impl KeyCell {
             }
             for &slot in &cand {
                 let Some(rule) = rules.slots[slot].as_ref() else { continue };
-                if rule.rule.spec.source.as_deref().is_some_and(|s| s != re.source) {
+                if rule.rule.spec.source.as_deref().is_some_and(|s| s != &*re.source) {
                     continue;
                 }
                 if let Some(f) = &rule.rule.filter {

@@ -103,6 +103,20 @@ impl<'r> EventDecoder<'r> {
         Ok(Event::new(time, slots, text.trim()))
     }
 
+    /// [`EventDecoder::decode_with_time`] of a line it may keep as the event's text (no copy).
+    pub fn decode_owned_with_time(&self, mut text: String, time: Millis) -> Result<Event, DecodeError> {
+        let mut slots = vec![Value::Null; self.registry.len()];
+        let mut de = serde_json::Deserializer::from_str(&text);
+        ObjectSeed { registry: self.registry, prefix: String::new(), slots: &mut slots }
+            .deserialize(&mut de)
+            .map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let trimmed = text.trim();
+        if trimmed.len() != text.len() {
+            text = trimmed.to_string();
+        }
+        Ok(Event::new(time, slots, text.into_boxed_str()))
+    }
+
     /// Decodes a line it may keep as the event's text (no copy).
     pub fn decode_owned(&self, mut text: String) -> Result<Event, DecodeError> {
         let trimmed = text.trim();
@@ -154,7 +168,7 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut path = self.prefix;
         let base = path.len();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
             let full: &str = if base == 0 {
                 &key
             } else {
@@ -178,6 +192,33 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// An object key, borrowed from the text when it has no escapes (serde's own
+/// `Cow<str>` always copies: one allocation per field of every event).
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeySeed {
+    type Value = std::borrow::Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v))
     }
 }
 
@@ -264,5 +305,10 @@ mod tests {
         assert!(matches!(dec.decode("{}"), Err(DecodeError::MissingTime(_))));
         assert!(matches!(dec.decode("nope"), Err(DecodeError::NotJson(_))));
         assert!(matches!(dec.decode(r#"{"eventTime":"x"}"#), Err(DecodeError::BadTime { .. })));
+        // A key with an escape is read (owned) like any other.
+        let e = dec.decode(r#"{"event\u0054ime": 7, "pr\u0069ce": 2}"#).unwrap();
+        assert_eq!((e.time(), e.get(p)), (7, &Value::Int(2)));
+        let e = dec.decode_owned_with_time(" {\"price\": 3} ".to_string(), 9).unwrap();
+        assert_eq!((e.time(), e.get(p), e.raw()), (9, &Value::Int(3), r#"{"price": 3}"#));
     }
 }
