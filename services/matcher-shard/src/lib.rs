@@ -51,7 +51,7 @@ use ractor::{Actor, ActorRef};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use actor::{KeyActor, KeyMsg, StepReply};
+use actor::{KeyActor, KeyMsg, Outbox, StepReply};
 use checkpoint::{Checkpoints, Done, Job, Meta, PendingRecord, RouterMark};
 
 /// The `[shard]` configuration section.
@@ -709,7 +709,8 @@ impl Shard {
         }
         // Keys with state step in their actors (restored first when passivated);
         // a key without state steps here, and gets an actor only if it keeps some.
-        let mut calls = Vec::with_capacity(order.len());
+        let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<actor::Answer>();
+        let mut asked = 0usize;
         let mut results: Vec<(Arc<str>, Arc<SigRules>, Result<StepReply, String>)> = Vec::new();
         // Keys that start keeping state here: their actors are started together below.
         let mut born: Vec<(Arc<str>, KeyCell)> = Vec::new();
@@ -732,17 +733,12 @@ impl Shard {
                 continue;
             }
             let actor = self.actor_for(partition, &key, &rules).await?;
-            calls.push(async move {
-                let book = rules.clone();
-                let r = actor.call(|reply| KeyMsg::Step { rules, events, watermark: Some(w), now, reply }, None).await;
-                let r = match r {
-                    Ok(ractor::rpc::CallResult::Success(x)) => Ok(x),
-                    Ok(_) => Err("no reply".to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                (key, book, r)
-            });
+            let reply = Outbox::new(asked, key, rules.clone(), answers.clone());
+            asked += 1;
+            // Not sent: the message, and with it the outbox, is dropped, which answers.
+            let _ = actor.send_message(KeyMsg::Step { rules, events, watermark: Some(w), now, reply });
         }
+        drop(answers);
         if !born.is_empty() {
             let (keys, cells): (Vec<_>, Vec<_>) = born.into_iter().unzip();
             let started = futures_util::future::join_all(cells.into_iter().map(|c| Actor::spawn(None, KeyActor, c))).await;
@@ -751,7 +747,16 @@ impl Shard {
                 self.register_actor(partition, key, actor);
             }
         }
-        results.extend(futures_util::future::join_all(calls).await);
+        // Every step answers once (handled, or dropped unhandled); kept in release order.
+        let mut replies: Vec<actor::Answer> = Vec::with_capacity(asked);
+        while replies.len() < asked {
+            match answered.recv().await {
+                Some(a) => replies.push(a),
+                None => break,
+            }
+        }
+        replies.sort_unstable_by_key(|a| a.0);
+        results.extend(replies.into_iter().map(|(_, k, rules, r)| (k, rules, r)));
         let mut sends = Vec::new();
         let p = self.parts.get_mut(&partition).expect("held");
         for (key, book, r) in results {
