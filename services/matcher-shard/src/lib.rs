@@ -1252,8 +1252,14 @@ pub async fn run(
         Ok(())
     }
     .await;
-    // Graceful or not, try to leave every partition checkpointed — unless a
-    // match was not delivered: no checkpoint may then go past it.
+    // A clean stop leaves every partition checkpointed. A stop on an error
+    // does not: the keys may have stepped past output that was never handed
+    // to the bus (a match record refused, a step whose answer was lost), and
+    // a checkpoint would carry their state past it. Its successor replays
+    // from the last checkpoint instead, and the notifier drops the repeats.
+    if let Err(e) = &result {
+        shard.fatal.get_or_insert_with(|| e.to_string());
+    }
     let ids: Vec<i32> = shard.parts.keys().copied().collect();
     for id in ids {
         if shard.fatal.is_some() {

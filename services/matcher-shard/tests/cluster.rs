@@ -137,6 +137,8 @@ struct Cluster {
     probes: Vec<(String, String)>,
     services: Vec<Svc>,
     shards: Vec<Svc>,
+    /// Why shards stopped on an error (one line each).
+    shard_errors: Arc<std::sync::Mutex<Vec<String>>>,
 
     keyed_topic: String,
     matches_topic: String,
@@ -275,6 +277,7 @@ impl Cluster {
             probes,
             services,
             shards: Vec::new(),
+            shard_errors: Arc::default(),
 
             keyed_topic,
             matches_topic,
@@ -305,9 +308,14 @@ impl Cluster {
     }
 
     async fn add_shard(&mut self) {
+        self.add_shard_on(self.bus.clone()).await
+    }
+
+    /// A shard with a bus client of its own (other client settings).
+    async fn add_shard_on(&mut self, bus: Bus) {
         let cfg = self.shard_config();
         let deps = cepheid_matcher_shard::Deps {
-            bus: self.bus.clone(),
+            bus,
             rules: self.store.clone(),
             redis_url: self.redis.clone(),
             prefix: self.prefix.clone(),
@@ -316,12 +324,16 @@ impl Cluster {
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.probes.push((format!("matcher-shard-{}", self.shards.len() + 1), format!("http://{}", l.local_addr().unwrap())));
+        let errors = self.shard_errors.clone();
         self.shards.push(spawn(move |stop| async move {
-            cepheid_matcher_shard::run(cfg, engine(), deps, Some(l), async move {
+            let r = cepheid_matcher_shard::run(cfg, engine(), deps, Some(l), async move {
                 let _ = stop.await;
             })
-            .await
-            .unwrap();
+            .await;
+            if let Err(e) = r {
+                eprintln!("matcher-shard stopped: {e:#}");
+                errors.lock().unwrap().push(format!("{e:#}"));
+            }
         }));
     }
 
@@ -482,6 +494,40 @@ async fn shard_killed_and_restarted_loses_and_repeats_nothing() {
     c.post(&lines[half..half + 2000]).await;
     c.add_shard().await;
     c.post(&lines[half + 2000..]).await;
+    c.until_delivered(want.len()).await;
+    let got = c.finish().await;
+    assert_same(&got, &want);
+}
+
+/// The broker refuses a shard's match records (its producer may send no
+/// record over 1 000 bytes, librdkafka's smallest `message.max.bytes`; the
+/// sample's matches are larger): the shard stops with the error and does not
+/// checkpoint on its way out (its keys stepped past a match that is not in
+/// the matches topic); a shard started in its place replays from the last
+/// checkpoint, and every alert is delivered, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_match_records_are_not_checkpointed_past() {
+    let Ok(bootstrap) = std::env::var("CEPHEID_KAFKA_BOOTSTRAP") else {
+        eprintln!("CEPHEID_KAFKA_BOOTSTRAP is not set; run through .ci/run (which starts a broker) to include Kafka");
+        return;
+    };
+    let bus = |properties: Vec<(String, String)>| Bus::kafka(&cepheid_bus::KafkaConfig { bootstrap: bootstrap.clone(), properties }).unwrap();
+    let lines = input();
+    let want = embedded_alerts(&lines);
+    let mut c = Cluster::start(bus(vec![]), "refused-matches", 0).await;
+    c.add_shard_on(bus(vec![("message.max.bytes".into(), "1000".into())])).await;
+    let half = lines.len() / 2;
+    c.post(&lines[..half]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !c.shards[0].handle.is_finished() {
+        assert!(tokio::time::Instant::now() < deadline, "the shard went on although its match records were refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let errors = c.shard_errors.lock().unwrap().clone();
+    assert!(errors.iter().any(|e| e.contains("too large") || e.contains("MessageSizeTooLarge") || e.contains("size")), "{errors:?}");
+    c.shards.remove(0).stop().await;
+    c.add_shard().await;
+    c.post(&lines[half..]).await;
     c.until_delivered(want.len()).await;
     let got = c.finish().await;
     assert_same(&got, &want);
