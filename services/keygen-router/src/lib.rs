@@ -507,7 +507,7 @@ pub async fn run(
                 }
                 router.heard_from(m.partition, wall_ms());
                 let input = Input { topic: &m.topic, partition: m.partition, offset: m.offset };
-                let mut ctx = RouteCtx { router: &mut router, out: &mut out, report: &mut report, bus: &bus, cfg: &cfg, telemetry: &telemetry, partitions, router_id: &router_id };
+                let mut ctx = RouteCtx { router: &mut router, out: &mut out, report: &mut report, bus: &bus, cfg: &cfg, telemetry: &telemetry, partitions, router_id: &router_id, key: String::new() };
                 if m.header(FRAME_HEADER).is_some() {
                     // Ingest's frame: the events of one post bound for this partition.
                     for e in frame::entries(&m.payload) {
@@ -569,6 +569,8 @@ struct RouteCtx<'a> {
     telemetry: &'a Telemetry,
     partitions: i32,
     router_id: &'a str,
+    /// The keyed record key being written (`signature|key`), reused.
+    key: String,
 }
 
 impl RouteCtx<'_> {
@@ -597,13 +599,17 @@ impl RouteCtx<'_> {
                 if let Some(t) = &trace {
                     t.attribute("cepheid.keyed_records", routes.len() as i64);
                 }
+                let mut full = false;
                 for r in routes {
-                    let key = format!("{}|{}", r.signature, r.key);
-                    let e = Entry { key: key.as_bytes(), time, source, trace: traceparent.as_deref(), payload };
-                    self.out.frame(self.partitions, &e);
+                    self.key.clear();
+                    self.key.push_str(&r.signature);
+                    self.key.push('|');
+                    self.key.push_str(&r.key);
+                    let e = Entry { key: self.key.as_bytes(), time, source, trace: traceparent.as_deref(), payload };
+                    full |= self.out.frame(self.partitions, &e, self.cfg);
                     self.report.routed += 1;
                 }
-                if self.out.frames_full(self.cfg) {
+                if full {
                     self.report.frames += self.out.send_frames(self.bus, &self.cfg.keyed_topic, self.router, self.router_id).await?;
                 }
             }
@@ -660,13 +666,11 @@ impl Outbox {
     fn has_frames(&self) -> bool {
         self.opened.is_some()
     }
-    /// Adds an event to its partition's frame.
-    fn frame(&mut self, partitions: i32, e: &Entry<'_>) {
-        let p = partition_for(e.key, partitions) as usize;
-        self.frames[p].push(e);
-    }
-    fn frames_full(&self, cfg: &RouterConfig) -> bool {
-        self.frames.iter().any(|f| f.len() >= cfg.frame_max_events.max(1) || f.bytes() >= cfg.frame_max_bytes)
+    /// Adds an event to its partition's frame; true when that frame is full.
+    fn frame(&mut self, partitions: i32, e: &Entry<'_>, cfg: &RouterConfig) -> bool {
+        let f = &mut self.frames[partition_for(e.key, partitions) as usize];
+        f.push(e);
+        f.len() >= cfg.frame_max_events.max(1) || f.bytes() >= cfg.frame_max_bytes
     }
     fn frames_due(&self, cfg: &RouterConfig) -> bool {
         self.opened.is_some_and(|o| o.elapsed() >= Duration::from_millis(cfg.frame_linger_ms))

@@ -34,8 +34,6 @@ pub mod checkpoint;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
-
-use rustc_hash::{FxHashMap, FxHashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,6 +46,7 @@ use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_types::Clock;
 use ractor::{Actor, ActorRef};
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Deserialize;
 use tokio::time::Instant;
 

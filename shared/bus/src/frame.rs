@@ -68,10 +68,11 @@ impl FrameWriter {
         self.buf.len()
     }
 
-    /// The payload; the writer is empty again.
+    /// The payload; the writer is empty again (with room for a frame as big).
     pub fn take(&mut self) -> Vec<u8> {
         self.count = 0;
-        std::mem::take(&mut self.buf)
+        let room = self.buf.len();
+        std::mem::replace(&mut self.buf, Vec::with_capacity(room))
     }
 }
 
