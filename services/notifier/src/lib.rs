@@ -209,10 +209,8 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                             Some(spec) => match &spec.action {
                                 Some(action) if !action.targets.is_empty() => {
                                     // Concurrently: a slow enrichment source must not hold up
-                                    // the next matches. Commits wait for it (`idle`).
-                                    for t in &action.targets {
-                                        n.resolve(t)?;
-                                    }
+                                    // the next matches. Commits wait for it (`idle`). A target
+                                    // this notifier lacks is dead-lettered by `submit`.
                                     let (n2, name, action) = (n.clone(), spec.name.clone(), action.clone());
                                     let sleeper = deps.sleeper.clone();
                                     let span = deps.telemetry.continue_trace("notifier.deliver", Kind::Consumer, m.header(TRACEPARENT));
@@ -238,6 +236,8 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                                                         sp.error(e.to_string());
                                                     }
                                                     tracing::error!(match_id = %r.match_id, trace_id, "notifier: match not delivered: {e}");
+                                                    // Its offset will be committed: keep the match.
+                                                    n2.dead_letter_match(&r, "*", &format!("rule `{}`: {e}", r.rule_id));
                                                     break;
                                                 }
                                                 Ok(_) => break,
@@ -250,7 +250,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                             },
                             None => {
                                 report.skipped += 1;
-                                tracing::warn!("notifier: rule `{}` version {} is not in the rule store; match {} not delivered", r.rule_id, r.rule_version, r.match_id);
+                                n.dead_letter_match(&r, "*", &format!("rule `{}` version {} is not in the rule store (deleted?)", r.rule_id, r.rule_version));
                             }
                         }
                     }

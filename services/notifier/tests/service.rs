@@ -155,3 +155,73 @@ async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str)
 
     cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
 }
+
+/// A rule naming a target this notifier does not have used to stop the
+/// service with an error, and a restart stopped again on the same record: the
+/// matches partition was stuck. Now the alert goes to the rule's other
+/// targets, the dead-letter file keeps it for the missing one (with the rule
+/// and the target named), and the records after it are delivered.
+#[tokio::test]
+async fn a_target_the_notifier_lacks_is_dead_lettered_and_the_rest_delivered() {
+    let rx = Arc::new(Rx::default());
+    let app = axum::Router::new().route("/hook", post(receive)).with_state(rx.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let prefix = format!("cepheid-test:notifier-svc-missing:{}", std::process::id());
+    let topic = format!("cepheid-test-matches-missing-{}", std::process::id());
+    let rules = RedisRuleStore::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    rules
+        .apply(
+            &parse_rule_json(
+                r#"{"id":"order_unpaid","version":1,"key_by":"orderId",
+                    "pattern":[{"name":"created","where":"eventType = 'order_created'"},{"name":"paid","where":"eventType = 'order_paid'","negate":true}],
+                    "within":"15m","action":{"targets":["webhook:crm","webhook:risk_desk"]}}"#,
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("cepheid-notifier-svc-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dead = dir.join("dead.jsonl");
+    let _ = std::fs::remove_file(&dead);
+    let mut ncfg = NotifierConfig::default();
+    ncfg.targets.insert("crm".into(), TargetConfig::Webhook { url: format!("http://{addr}/hook"), secret: None, headers: Default::default(), timeout_ms: 5_000, per_second: None });
+    ncfg.dead_letter = Some(dead.clone());
+    let scfg = ServiceConfig { matches_topic: topic.clone(), group: format!("{topic}-g"), matches_partitions: 1, delay_poll_ms: 50, ..Default::default() };
+    let bus = Bus::memory();
+    let deps = Deps {
+        bus: bus.clone(),
+        rules: rules.clone(),
+        store: Store::redis("redis://127.0.0.1:6379", &prefix).await.unwrap(),
+        clock: Arc::new(cepheid_types::SystemClock),
+        sleeper: Arc::new(TokioSleeper),
+        http: None,
+        telemetry: Arc::default(),
+    };
+    let (stop, rx_stop) = oneshot::channel::<()>();
+    let handle = tokio::spawn(run(scfg, ncfg, deps, async move {
+        let _ = rx_stop.await;
+    }));
+    while bus.partitions(&topic).await.is_err() {
+        tokio::task::yield_now().await;
+    }
+    bus.send(&topic, Some(0), Some(b"o1"), &record("m1", "o1"), &[]).await.unwrap();
+    bus.send(&topic, Some(0), Some(b"o2"), &record("m2", "o2"), &[]).await.unwrap();
+    until_received(&rx, 2).await;
+    stop.send(()).unwrap();
+    let report = handle.await.unwrap().expect("the notifier keeps running");
+    assert_eq!((report.records, report.submitted), (2, 2));
+    let lines: Vec<Value> = std::fs::read_to_string(&dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, id) in lines.iter().zip(["m1", "m2"]) {
+        assert_eq!(line["target"], "webhook:risk_desk");
+        assert_eq!(line["match"]["match_id"], id);
+        assert_eq!(line["retryable"], false);
+        let error = line["error"].as_str().unwrap();
+        assert!(error.contains("order_unpaid") && error.contains("webhook:risk_desk"), "{error}");
+    }
+    cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
+}

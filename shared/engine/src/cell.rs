@@ -435,13 +435,14 @@ impl KeyCell {
     /// Emits the outputs of running rule `i`, updates its deadline, drops it when idle.
     fn settle(&mut self, i: usize, now: i64, records: &mut Vec<MatchRecord>) {
         let r = &mut self.running[i];
-        let key = self.key.clone().unwrap_or_default();
+        let empty = KeyVals::default();
+        let key = self.key.as_ref().unwrap_or(&empty);
         for o in self.out.drain(..) {
             let (events, kind) = match o {
                 NfaOutput::Match { events, .. } => (events, MatchKind::Match),
                 NfaOutput::Timeout { events, .. } => (events, MatchKind::Timeout),
             };
-            records.push(build_record(&r.rule.rule, &r.rule.nfa, &r.rule.key_names, &key, kind, events, now));
+            records.push(build_record(&r.rule.rule, &r.rule.nfa, &r.rule.key_names, key, kind, events, now));
         }
         if r.nfa.is_idle() {
             self.running.remove(i);

@@ -172,8 +172,22 @@ impl Notifier {
     }
 
     /// Takes a match and its rule's action.
+    ///
+    /// A target the rule names but this notifier does not have (or has as
+    /// another kind) cannot take the alert now or later: the alert is written
+    /// to the dead-letter output for that target, with the reason, and goes
+    /// to the rule's other targets. One bad rule never stops the notifier.
     pub async fn submit(&self, record: &MatchRecord, rule_name: &str, action: &ActionSpec) -> Result<Submitted, NotifyError> {
-        let targets: Vec<String> = action.targets.iter().map(|t| self.resolve(t)).collect::<Result<_, _>>()?;
+        let mut targets: Vec<String> = Vec::with_capacity(action.targets.len());
+        for t in &action.targets {
+            match self.resolve(t) {
+                Ok(name) => targets.push(name),
+                Err(e) => self.dead_letter_match(record, t, &format!("rule `{}`: {e}", record.rule_id)),
+            }
+        }
+        if targets.is_empty() {
+            return Ok(Submitted::Queued(0));
+        }
         if let Some(window) = action.dedupe {
             let key = format!("dedupe:{}:{}", record.rule_id, serde_json::to_string(&record.key).unwrap_or_default());
             if !self.inner.store.set_once(&key, window as u64, &*self.inner.clock).await? {
@@ -198,6 +212,18 @@ impl Notifier {
         }
         self.deliver(record, rule_name, &targets, action.template.as_deref(), &action.enrich).await;
         Ok(Submitted::Queued(targets.len()))
+    }
+
+    /// Writes a match that no delivery was attempted for to the dead-letter
+    /// output (no attempts; not retryable), counted under `target` — what the
+    /// alert was meant for (a rule's target name, or `*` for all of them).
+    pub fn dead_letter_match(&self, record: &MatchRecord, target: &str, error: &str) {
+        tracing::warn!(match_id = %record.match_id, rule_id = %record.rule_id, target, "notifier: match dead-lettered: {error}");
+        let record_json: serde_json::Value = serde_json::from_str(&record.to_json_line()).unwrap_or_default();
+        let line = serde_json::json!({
+            "target": target, "attempts": 0, "error": error, "retryable": false, "message": null, "match": record_json,
+        });
+        write_dead_letter(&self.inner, target, line);
     }
 
     /// Delivers delayed alerts that are due (call periodically). Returns how many.
@@ -416,12 +442,16 @@ async fn worker(inner: Arc<Inner>, name: String, tc: TargetConfig, target: Targe
 }
 
 fn dead_letter(inner: &Inner, target: &str, job: &Job, e: &SendError) {
-    inner.metrics.lock().unwrap().entry(target.to_string()).or_default().dead_lettered += 1;
     let line = serde_json::json!({
         "target": target, "attempts": job.attempt + 1, "error": e.message, "retryable": e.retryable,
         "message": &*job.message, "match": &*job.record,
-    })
-    .to_string();
+    });
+    write_dead_letter(inner, target, line);
+}
+
+fn write_dead_letter(inner: &Inner, target: &str, line: serde_json::Value) {
+    inner.metrics.lock().unwrap().entry(target.to_string()).or_default().dead_lettered += 1;
+    let line = line.to_string();
     let mut d = inner.dead.lock().unwrap();
     match d.as_mut() {
         Some(w) => {
