@@ -37,6 +37,27 @@ fn record(match_id: &str, order: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A local webhook receiver: what it got, and its address.
+async fn webhook_receiver() -> (Arc<Rx>, std::net::SocketAddr) {
+    let rx = Arc::new(Rx::default());
+    let app = axum::Router::new().route("/hook", post(receive)).with_state(rx.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (rx, addr)
+}
+
+/// The order-unpaid rule with the given targets, in the rule store under `prefix`.
+async fn store_rule(prefix: &str, targets: &str) -> RedisRuleStore {
+    let rules = RedisRuleStore::connect("redis://127.0.0.1:6379", prefix).await.unwrap();
+    let text = r#"{"id":"order_unpaid","version":1,"key_by":"orderId",
+        "pattern":[{"name":"created","where":"eventType = 'order_created'"},{"name":"paid","where":"eventType = 'order_paid'","negate":true}],
+        "within":"15m","action":{"targets":TARGETS}}"#
+        .replace("TARGETS", targets);
+    rules.apply(&parse_rule_json(&text).unwrap()).await.unwrap();
+    rules
+}
+
 async fn until_received(rx: &Rx, n: usize) {
     loop {
         let arrived = rx.arrived.notified();
@@ -63,26 +84,11 @@ async fn on_kafka() {
 }
 
 async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str) {
-    let rx = Arc::new(Rx::default());
-    let app = axum::Router::new().route("/hook", post(receive)).with_state(rx.clone());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let (rx, addr) = webhook_receiver().await;
 
     let prefix = format!("cepheid-test:notifier-svc-{tag}:{}", std::process::id());
     let topic = format!("cepheid-test-matches-{tag}-{}", std::process::id());
-    let rules = RedisRuleStore::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
-    rules
-        .apply(
-            &parse_rule_json(
-                r#"{"id":"order_unpaid","version":1,"key_by":"orderId",
-                    "pattern":[{"name":"created","where":"eventType = 'order_created'"},{"name":"paid","where":"eventType = 'order_paid'","negate":true}],
-                    "within":"15m","action":{"targets":["webhook:crm","file:ops"],"template":"order {{ key.orderId }} unpaid"}}"#,
-            )
-            .unwrap(),
-        )
-        .await
-        .ok();
+    let rules = store_rule(&prefix, r#"["webhook:crm","file:ops"],"template":"order {{ key.orderId }} unpaid""#).await;
     let dir = std::env::temp_dir().join(format!("cepheid-notifier-svc-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("ops.jsonl");
@@ -163,26 +169,11 @@ async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str)
 /// and the target named), and the records after it are delivered.
 #[tokio::test]
 async fn a_target_the_notifier_lacks_is_dead_lettered_and_the_rest_delivered() {
-    let rx = Arc::new(Rx::default());
-    let app = axum::Router::new().route("/hook", post(receive)).with_state(rx.clone());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let (rx, addr) = webhook_receiver().await;
 
     let prefix = format!("cepheid-test:notifier-svc-missing:{}", std::process::id());
     let topic = format!("cepheid-test-matches-missing-{}", std::process::id());
-    let rules = RedisRuleStore::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
-    rules
-        .apply(
-            &parse_rule_json(
-                r#"{"id":"order_unpaid","version":1,"key_by":"orderId",
-                    "pattern":[{"name":"created","where":"eventType = 'order_created'"},{"name":"paid","where":"eventType = 'order_paid'","negate":true}],
-                    "within":"15m","action":{"targets":["webhook:crm","webhook:risk_desk"]}}"#,
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    let rules = store_rule(&prefix, r#"["webhook:crm","webhook:risk_desk"]"#).await;
     let dir = std::env::temp_dir().join(format!("cepheid-notifier-svc-missing-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let dead = dir.join("dead.jsonl");
