@@ -89,6 +89,11 @@ pub struct ShardConfig {
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     #[serde(default = "listen")]
     pub listen: String,
+    /// Threads of the shard process's runtime (the binary's; `run` uses the
+    /// runtime it is called on): 1 runs the partition loop and every key's
+    /// actor on one thread, 0 one per core, n that many.
+    #[serde(default = "threads")]
+    pub threads: usize,
 }
 
 fn keyed_topic() -> String {
@@ -120,6 +125,9 @@ fn router_expiry() -> u64 {
 }
 fn release_ms() -> u64 {
     10
+}
+fn threads() -> usize {
+    1
 }
 fn listen() -> String {
     "0.0.0.0:9103".into()

@@ -20,9 +20,19 @@ struct Settings {
     telemetry: cepheid_telemetry::TelemetrySettings,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cfg: Settings = load(config_arg().as_deref())?;
+    let rt = match cfg.shard.threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
+    // On a worker (not the main thread), so that the loop and the actors it
+    // wakes share the runtime's threads.
+    rt.block_on(async move { tokio::spawn(serve(cfg)).await? })
+}
+
+async fn serve(cfg: Settings) -> anyhow::Result<()> {
     let telemetry = cepheid_telemetry::init("cepheid-matcher-shard", &cfg.telemetry)?;
     let bus = cfg.kafka.bus()?;
     let rules = cepheid_state::rules::RedisRuleStore::connect(&cfg.redis.url, &cfg.redis.prefix).await?;

@@ -304,6 +304,8 @@ impl Cluster {
             router_expiry_ms: 60_000,
             release_interval_ms: 20,
             listen: "127.0.0.1:0".into(),
+            // The binary's runtime; here shards run on the test's.
+            threads: 1,
         }
     }
 
