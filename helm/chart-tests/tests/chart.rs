@@ -21,7 +21,11 @@ fn venv() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chart-venv");
     let py = dir.join("bin/python");
     let ready = dir.join(".ready");
-    if !ready.exists() {
+    // The marker holds the directory the tools were installed in: their
+    // scripts name their interpreter by absolute path, so a target
+    // directory that moved needs them installed again.
+    if std::fs::read_to_string(&ready).ok().as_deref() != Some(dir.to_string_lossy().as_ref()) {
+        let _ = std::fs::remove_dir_all(&dir);
         let ok = Command::new("python3").args(["-m", "venv"]).arg(&dir).status().expect("python3 runs");
         assert!(ok.success(), "python3 -m venv failed");
         let ok = Command::new(&py)
@@ -29,7 +33,7 @@ fn venv() -> PathBuf {
             .status()
             .expect("pip runs");
         assert!(ok.success(), "installing helm-python-sdk and kubernetes-validate from PyPI failed");
-        std::fs::write(&ready, "").unwrap();
+        std::fs::write(&ready, dir.to_string_lossy().as_bytes()).unwrap();
     }
     dir
 }
