@@ -2,6 +2,7 @@
 //! the embedded defaults), `test` (rule test cases), `validate` (rule files).
 //! Everything is a library function so tests call it in-process.
 
+pub mod inputs;
 pub mod rulescmd;
 pub mod rulesdir;
 pub mod run;

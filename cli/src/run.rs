@@ -3,7 +3,7 @@
 //! write match records, late and rejected events, progress and a summary.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -21,7 +21,9 @@ pub struct RunArgs {
     /// Directory of rule files (.json, .yaml); watched for changes while running.
     #[arg(long)]
     pub rules: PathBuf,
-    /// JSON-lines event files, read in order; `-` reads standard input.
+    /// JSON-lines event files; `-` reads standard input; `SOURCE=FILE` reads
+    /// another source's events (e.g. `orders=orders.jsonl`). One source's files
+    /// are read in order; different sources are merged by event time.
     #[arg(long, num_args = 1.., required = true)]
     pub events: Vec<String>,
     /// Where match records go (JSON lines); standard output by default.
@@ -36,7 +38,7 @@ pub struct RunArgs {
     /// Configuration file layered over the defaults (see config/default.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Source name of the events read [default: from config, `clickstream`].
+    /// Source name of the events of files given without one [default: from config, `clickstream`].
     #[arg(long)]
     pub source: Option<String>,
     /// Event time field of that source [default: from config, `eventTime`].
@@ -247,20 +249,23 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One input line (`file` and `lineno` name it in rejections).
+    /// One input line of the pipeline's source (`file` and `lineno` name it in rejections).
     pub fn line(&mut self, file: &str, lineno: u64, text: &str) -> anyhow::Result<()> {
+        let source = self.source.clone();
+        self.line_of(&source, file, lineno, text)
+    }
+
+    /// One input line of `source`.
+    pub fn line_of(&mut self, source: &str, file: &str, lineno: u64, text: &str) -> anyhow::Result<()> {
         let text = text.trim();
         if text.is_empty() {
             return Ok(());
         }
         self.lines += 1;
-        match self.engine.decode(&self.source, text) {
-            Ok(ev) => {
-                let src = self.source.clone();
-                self.engine.push(&src, ev, &mut self.outputs);
-            }
+        match self.engine.decode(source, text) {
+            Ok(ev) => self.engine.push(source, ev, &mut self.outputs),
             Err(e) => {
-                let rec = serde_json::json!({"reason": e.to_string(), "source": self.source, "file": file, "line": lineno, "text": text});
+                let rec = serde_json::json!({"reason": e.to_string(), "source": source, "file": file, "line": lineno, "text": text});
                 self.rejected.write_line(&rec.to_string())?;
             }
         }
@@ -370,7 +375,7 @@ impl Pipeline {
 }
 
 enum Msg {
-    Lines(Arc<str>, u64, Vec<String>),
+    Lines(Vec<crate::inputs::Line>),
     Failed(String),
     Done,
 }
@@ -405,9 +410,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         args.rejected.clone().unwrap_or_else(|| "rejected.jsonl".into()),
         Box::new(std::io::stderr()),
     )?;
-    for e in &args.events {
-        anyhow::ensure!(e == "-" || Path::new(e).is_file(), "events file {e} does not exist");
-    }
+    let inputs: Vec<crate::inputs::Input> = args.events.iter().map(|e| crate::inputs::parse(e, &source)).collect::<anyhow::Result<_>>()?;
+    let time_fields: std::collections::HashMap<Arc<str>, String> = inputs
+        .iter()
+        .map(|i| {
+            let sc = settings.engine.sources.get(i.source.as_ref()).unwrap_or(&settings.engine.default_source);
+            (i.source.clone(), sc.time_field.clone())
+        })
+        .collect();
     if args.notify {
         p.notify = Some(NotifyStage::start(settings.notifier.clone(), settings.kafka.as_ref())?);
     }
@@ -415,46 +425,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Inputs are read on their own thread so that rule changes and
     // processing-time deadlines are applied while input blocks (stdin).
     let (tx, rx) = mpsc::sync_channel::<Msg>(64);
-    let inputs = args.events.clone();
+    let from_stdin = inputs.iter().any(|i| i.name == "-");
     std::thread::spawn(move || {
-        for name in inputs {
-            let reader: Box<dyn BufRead> = if name == "-" {
-                Box::new(BufReader::new(std::io::stdin()))
-            } else {
-                match File::open(&name) {
-                    Ok(f) => Box::new(BufReader::with_capacity(1 << 20, f)),
-                    Err(e) => {
-                        let _ = tx.send(Msg::Failed(format!("cannot open {name}: {e}")));
-                        return;
-                    }
-                }
-            };
-            let label: Arc<str> = Arc::from(if name == "-" { "<stdin>" } else { name.as_str() });
-            let mut batch = Vec::with_capacity(1024);
-            let mut first_line = 1u64;
-            let mut n = 0u64;
-            let is_stdin = name == "-";
-            for line in reader.lines() {
-                n += 1;
-                match line {
-                    Ok(l) => batch.push(l),
-                    Err(e) => {
-                        let _ = tx.send(Msg::Failed(format!("reading {name} line {n}: {e}")));
-                        return;
-                    }
-                }
-                // From a terminal or pipe, hand lines over at once; from files, in batches.
-                if batch.len() >= 1024 || is_stdin {
-                    let b = std::mem::replace(&mut batch, Vec::with_capacity(1024));
-                    if tx.send(Msg::Lines(label.clone(), first_line, b)).is_err() {
-                        return;
-                    }
-                    first_line = n + 1;
+        let mut batch = Vec::with_capacity(1024);
+        for line in crate::inputs::Lines::new(&inputs, |s| time_fields.get(s).cloned().unwrap_or_default()) {
+            match line {
+                Ok(l) => batch.push(l),
+                Err(e) => {
+                    let _ = tx.send(Msg::Failed(format!("{e:#}")));
+                    return;
                 }
             }
-            if !batch.is_empty() && tx.send(Msg::Lines(label.clone(), first_line, batch)).is_err() {
-                return;
+            // From a terminal or pipe, hand lines over at once; from files, in batches.
+            if batch.len() >= 1024 || from_stdin {
+                if tx.send(Msg::Lines(std::mem::replace(&mut batch, Vec::with_capacity(1024)))).is_err() {
+                    return;
+                }
             }
+        }
+        if !batch.is_empty() && tx.send(Msg::Lines(batch)).is_err() {
+            return;
         }
         let _ = tx.send(Msg::Done);
     });
@@ -465,11 +455,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (mut last_poll, mut last_progress) = (Instant::now(), Instant::now());
     loop {
         match rx.recv_timeout(poll) {
-            Ok(Msg::Lines(file, first, lines)) => {
-                for (i, l) in lines.iter().enumerate() {
-                    p.line(&file, first + i as u64, l)?;
+            Ok(Msg::Lines(lines)) => {
+                for l in &lines {
+                    p.line_of(&l.source, &l.file, l.lineno, &l.text)?;
                 }
-                if args.events.iter().any(|e| e == "-") {
+                if from_stdin {
                     p.flush()?;
                 }
             }
