@@ -186,6 +186,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The pipeline's settings, source, rules and clock, and where each of its outputs goes.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: &Settings,
         source: &str,
@@ -437,10 +439,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             // From a terminal or pipe, hand lines over at once; from files, in batches.
-            if batch.len() >= 1024 || from_stdin {
-                if tx.send(Msg::Lines(std::mem::replace(&mut batch, Vec::with_capacity(1024)))).is_err() {
-                    return;
-                }
+            if (batch.len() >= 1024 || from_stdin) && tx.send(Msg::Lines(std::mem::replace(&mut batch, Vec::with_capacity(1024)))).is_err() {
+                return;
             }
         }
         if !batch.is_empty() && tx.send(Msg::Lines(batch)).is_err() {

@@ -718,7 +718,9 @@ impl Shard {
         // a key without state steps here, and gets an actor only if it keeps some.
         let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel::<actor::Answer>();
         let mut asked = 0usize;
-        let mut results: Vec<(Arc<str>, Arc<SigRules>, Result<StepReply, String>)> = Vec::new();
+        // Per key: its rules and its step's reply (or why there is none).
+        type KeyResult = (Arc<str>, Arc<SigRules>, Result<StepReply, String>);
+        let mut results: Vec<KeyResult> = Vec::new();
         // Keys that start keeping state here: their actors are started together below.
         let mut born: Vec<(Arc<str>, KeyCell)> = Vec::new();
         for key in order {

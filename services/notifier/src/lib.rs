@@ -79,7 +79,9 @@ impl Default for ServiceConfig {
 /// Prometheus text of the notifier's delivery counters.
 pub fn prometheus(m: &cepheid_notify::Metrics) -> String {
     let mut out = String::new();
-    let series: [(&str, &str, &str, fn(&cepheid_notify::TargetMetrics) -> u64); 8] = [
+    /// Name, type, help, and the counter's value of a target.
+    type Series = (&'static str, &'static str, &'static str, fn(&cepheid_notify::TargetMetrics) -> u64);
+    let series: [Series; 8] = [
         ("cepheid_notifier_sent_total", "counter", "Alerts delivered, per target.", |t| t.sent),
         ("cepheid_notifier_retried_total", "counter", "Attempts that failed and were retried, per target.", |t| t.retried),
         ("cepheid_notifier_failed_total", "counter", "Alerts that failed for good (then dead-lettered), per target.", |t| t.failed),

@@ -76,8 +76,10 @@ pub fn gate_for(filter: Option<&Expr>, nfa: &Nfa) -> Gate {
     }
     // Take edges reachable from the start state through PROCEED, with the
     // conditions along the way (a PROCEED condition is required too).
-    let mut takes: Vec<Vec<(FieldId, Vec<Value>)>> = Vec::new();
-    let mut stack: Vec<(u32, Vec<(FieldId, Vec<Value>)>)> = vec![(nfa.start, Vec::new())];
+    // A path's conditions: per field, the values it must equal one of.
+    type Conds = Vec<(FieldId, Vec<Value>)>;
+    let mut takes: Vec<Conds> = Vec::new();
+    let mut stack: Vec<(u32, Conds)> = vec![(nfa.start, Vec::new())];
     let mut guard = 0;
     while let Some((s, path)) = stack.pop() {
         guard += 1;

@@ -133,8 +133,7 @@ impl TestCase {
             }
         };
         if let Some(spec) = spec {
-            let mut cfg = EngineConfig::default();
-            cfg.default_source = SourceConfig { time_field: "event_time".into(), out_of_orderness_ms: 0 };
+            let cfg = EngineConfig { default_source: SourceConfig { time_field: "event_time".into(), out_of_orderness_ms: 0 }, ..EngineConfig::default() };
             let mut engine = Engine::new(cfg, Arc::new(ManualClock::new(0)));
             match engine.upsert_rule(&spec) {
                 Err(e) => self.check_error(Err(e.to_string()), &mut failures),

@@ -10,7 +10,7 @@ use cepheid_engine::testcase::{collect_case_files, TestCase};
 fn run_dir(dir: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests").join(dir);
     let root = root.canonicalize().unwrap_or(root);
-    let files = collect_case_files(&[root.clone()]).expect("case directory");
+    let files = collect_case_files(std::slice::from_ref(&root)).expect("case directory");
     assert!(!files.is_empty(), "no cases in {}", root.display());
     let mut failed = Vec::new();
     for f in &files {

@@ -155,10 +155,12 @@ pub fn compile(spec: &RuleSpec, registry: &mut FieldRegistry) -> Result<Compiled
     };
 
     let filter = cond(&spec.filter, None, "filter", false, registry, &mut aggs, &mut diags);
+    /// Compiles one condition (text, stage, what it is, whether a take's) into an expression.
+    type CondFn<'a> = dyn FnMut(&Option<String>, Option<&str>, &str, bool, &mut FieldRegistry, &mut Vec<AggSpec>, &mut Vec<Diagnostic>) -> Option<Arc<Expr>> + 'a;
     fn stages(
         list: &[StageSpec],
         leaf_ix: &HashMap<String, u16>,
-        cond: &mut dyn FnMut(&Option<String>, Option<&str>, &str, bool, &mut FieldRegistry, &mut Vec<AggSpec>, &mut Vec<Diagnostic>) -> Option<Arc<Expr>>,
+        cond: &mut CondFn<'_>,
         registry: &mut FieldRegistry,
         aggs: &mut Vec<AggSpec>,
         diags: &mut Vec<Diagnostic>,
@@ -204,7 +206,6 @@ pub fn compile(spec: &RuleSpec, registry: &mut FieldRegistry) -> Result<Compiled
             .collect()
     }
     let pattern = stages(&spec.pattern, &leaf_ix, &mut cond, registry, &mut aggs, &mut diags);
-    drop(cond);
 
     let mut key_by = Vec::new();
     for k in &spec.key_by {

@@ -508,7 +508,7 @@ impl Compiler<'_, '_> {
         match e {
             A::Nested(inner) => self.expr(inner),
             A::Value(v) => self.literal(v),
-            A::Identifier(id) => self.name(&[id.clone()], e),
+            A::Identifier(id) => self.name(std::slice::from_ref(id), e),
             A::CompoundIdentifier(ids) => self.name(ids, e),
             A::UnaryOp { op, expr } => match op {
                 UnaryOperator::Not => Expr::Not(Box::new(self.expr(expr))),
