@@ -47,6 +47,11 @@ struct Args {
     /// Target events/s (0: as fast as ingest acknowledges).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Posts in flight at once. With 1 each post waits for the previous one's
+    /// acknowledgement; paced runs with small batches (many posts a second, as
+    /// many clients send) need more.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// The cluster's out-of-orderness bound (the default source's), ms.
@@ -142,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
     let path = a.alerts.clone();
     let watcher = tokio::spawn(async move {
         use std::io::{Read, Seek, SeekFrom};
-        let mut stamped: Vec<(i64, Instant, i64)> = Vec::new();
+        let mut stamped: Vec<(i64, Instant, i64, String)> = Vec::new();
         let mut offset = seen0;
         let mut partial = String::new();
         loop {
@@ -156,7 +161,12 @@ async fn main() -> anyhow::Result<()> {
                     for l in partial[..complete].lines() {
                         if let Ok(v) = serde_json::from_str::<serde_json::Value>(l) {
                             if v["match"]["kind"] == "match" {
-                                stamped.push((v["match"]["last_event_time"].as_i64().unwrap_or(0), now, v["match"]["detected_at"].as_i64().unwrap_or(0)));
+                                stamped.push((
+                                    v["match"]["last_event_time"].as_i64().unwrap_or(0),
+                                    now,
+                                    v["match"]["detected_at"].as_i64().unwrap_or(0),
+                                    v["match"]["rule_id"].as_str().unwrap_or_default().to_string(),
+                                ));
                             }
                         }
                     }
@@ -180,24 +190,46 @@ async fn main() -> anyhow::Result<()> {
     let mut acked: BTreeMap<i64, Instant> = BTreeMap::new(); // event time → ack of its batch
     let mut frontier: Vec<(i64, Instant)> = Vec::new(); // highest event time posted so far, at each ack
     let mut accepted = 0u64;
+    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
+    let mut posts = Vec::new();
     for (i, chunk) in lines.chunks(a.batch).enumerate() {
         if a.rate > 0.0 {
             let due = start + Duration::from_secs_f64((i * a.batch) as f64 / a.rate);
             tokio::time::sleep_until(due.into()).await;
         }
-        let r = http.post(format!("{}/v1/events?source=clickstream", a.ingest)).body(chunk.join("\n")).send().await?;
-        let status = r.status();
-        let text = r.text().await?;
+        let permit = inflight.clone().acquire_owned().await?;
+        let (http, url, body) = (http.clone(), format!("{}/v1/events?source=clickstream", a.ingest), chunk.join("\n"));
+        posts.push(tokio::spawn(async move {
+            let r = http.post(url).body(body).send().await?;
+            let status = r.status();
+            let text = r.text().await?;
+            let now = Instant::now();
+            drop(permit);
+            anyhow::Ok((status, text, now))
+        }));
+    }
+    let mut batch_acks: Vec<(i64, Instant)> = Vec::new(); // per batch: its highest event time, its ack
+    for (i, post) in posts.into_iter().enumerate() {
+        let (status, text, now) = post.await??;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("ingest answered batch {i} with {status}: {e}: {}", &text[..text.len().min(300)]))?;
         anyhow::ensure!(status.as_u16() == 202 || status.as_u16() == 400, "ingest answered batch {i} with {status}: {}", &text[..text.len().min(300)]);
         accepted += v["accepted"].as_u64().unwrap_or(0);
-        let now = Instant::now();
-        for t in times[i * a.batch..(i * a.batch + chunk.len())].iter().flatten() {
+        let chunk_times = &times[i * a.batch..((i + 1) * a.batch).min(times.len())];
+        for t in chunk_times.iter().flatten() {
             acked.entry(*t).or_insert(now);
-            if frontier.last().is_none_or(|(m, _)| t > m) {
-                frontier.push((*t, now));
-            }
+        }
+        batch_acks.push((chunk_times.iter().flatten().copied().max().unwrap_or(i64::MIN), now));
+    }
+    // The frontier: each new highest event time, with the earliest ack of a
+    // batch that holds it or a later one (posts in flight together may be
+    // acknowledged out of order).
+    let mut earliest = None::<Instant>;
+    let mut suffix_min: Vec<Instant> = batch_acks.iter().rev().map(|(_, at)| *earliest.insert(earliest.map_or(*at, |e: Instant| e.min(*at)))).collect();
+    suffix_min.reverse();
+    for ((m, _), at) in batch_acks.iter().zip(suffix_min) {
+        if frontier.last().is_none_or(|(x, _)| m > x) {
+            frontier.push((*m, at));
         }
     }
     let posted = start.elapsed();
@@ -220,23 +252,38 @@ async fn main() -> anyhow::Result<()> {
     let stamped = watcher.await?;
     let mut lat: Vec<f64> = stamped
         .iter()
-        .filter_map(|(t, seen, _)| acked.get(t).map(|ack| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3))
+        .filter_map(|(t, seen, _, _)| acked.get(t).map(|ack| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3))
         .collect();
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
     // Beyond the lateness: from the first ack that took the event time past last_event_time + bound.
-    let mut beyond: Vec<f64> = stamped
-        .iter()
-        .filter(|(t, _, _)| acked.contains_key(t)) // matches of this run's events, as above
-        .filter_map(|(t, seen, _)| {
-            let i = frontier.partition_point(|(m, _)| *m <= t + a.lateness_ms);
-            frontier.get(i).map(|(_, ack)| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3)
+    let beyond_of = |(t, seen, _, _): &(i64, Instant, i64, String)| -> Option<f64> {
+        if !acked.contains_key(t) {
+            return None; // matches of this run's events, as above
+        }
+        let i = frontier.partition_point(|(m, _)| *m <= t + a.lateness_ms);
+        frontier.get(i).map(|(_, ack)| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3)
+    };
+    let mut beyond: Vec<f64> = stamped.iter().filter_map(beyond_of).collect();
+    beyond.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    // The same per rule: rules whose matches are decided only by a later event
+    // or a window's end wait for event time beyond their last event.
+    let mut by_rule: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for s in &stamped {
+        if let Some(x) = beyond_of(s) {
+            by_rule.entry(s.3.as_str()).or_default().push(x);
+        }
+    }
+    let beyond_by_rule: BTreeMap<&str, serde_json::Value> = by_rule
+        .into_iter()
+        .map(|(r, mut v)| {
+            v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+            (r, serde_json::json!({"n": v.len(), "p50": pct(&v, 0.5), "p95": pct(&v, 0.95), "p99": pct(&v, 0.99)}))
         })
         .collect();
-    beyond.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let mut after_shard: Vec<f64> = stamped
         .iter()
-        .filter(|(t, _, d)| acked.contains_key(t) && *d > 0)
-        .map(|(_, seen, d)| start_wall_ms + seen.saturating_duration_since(start).as_secs_f64() * 1e3 - *d as f64)
+        .filter(|(t, _, d, _)| acked.contains_key(t) && *d > 0)
+        .map(|(_, seen, d, _)| start_wall_ms + seen.saturating_duration_since(start).as_secs_f64() * 1e3 - *d as f64)
         .collect();
     after_shard.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let mut rss = BTreeMap::new();
@@ -263,6 +310,7 @@ async fn main() -> anyhow::Result<()> {
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
         "beyond_lateness_measured": beyond.len(),
         "beyond_lateness_ms": {"p50": pct(&beyond, 0.5), "p95": pct(&beyond, 0.95), "p99": pct(&beyond, 0.99)},
+        "beyond_lateness_by_rule_ms": beyond_by_rule,
         "after_shard_ms": {"p50": pct(&after_shard, 0.5), "p95": pct(&after_shard, 0.95), "p99": pct(&after_shard, 0.99)},
         "rss_mib": rss,
         "cpu_seconds": cpu,
