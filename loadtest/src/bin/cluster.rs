@@ -57,6 +57,9 @@ struct Args {
     /// The cluster's out-of-orderness bound (the default source's), ms.
     #[arg(long, default_value_t = 2_000)]
     lateness_ms: i64,
+    /// The rules the cluster runs (to tell which matches end in an absence).
+    #[arg(long, default_value = "rules/examples")]
+    rules: PathBuf,
     /// Also append a JSON line with the results to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -110,6 +113,41 @@ fn cpu_seconds(pids: &std::path::Path) -> BTreeMap<String, f64> {
     out
 }
 
+/// Rules whose pattern ends in an absence, with how their matches are
+/// decided: not by their last event but when event time passes the end of
+/// the absence (the last stage's own window after the event before it, or
+/// the rule's window after its first event).
+#[derive(Clone, Copy)]
+enum AbsenceEnd {
+    AfterLast(i64),
+    AfterFirst(i64),
+}
+
+fn absence_rules(dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, AbsenceEnd>> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(out) };
+    for e in entries {
+        let p = e?.path();
+        let fmt = match p.extension().and_then(|x| x.to_str()) {
+            Some("json") => cepheid_rules::RuleFormat::Json,
+            Some("yaml" | "yml") => cepheid_rules::RuleFormat::Yaml,
+            _ => continue,
+        };
+        let spec = cepheid_rules::parse_rule_str(&std::fs::read_to_string(&p)?, fmt).map_err(|d| anyhow::anyhow!("{}: {d}", p.display()))?;
+        if let Some(last) = spec.pattern.last().filter(|s| s.negate) {
+            let end = match (last.within, spec.within) {
+                (Some(w), _) => Some(AbsenceEnd::AfterLast(w)),
+                (None, Some(w)) => Some(AbsenceEnd::AfterFirst(w)),
+                (None, None) => None,
+            };
+            if let Some(end) = end {
+                out.insert(spec.id.clone(), end);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -120,6 +158,7 @@ fn pct(v: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let absences = absence_rules(&a.rules)?;
     let shards: Vec<String> = a.shards.split(',').map(str::to_string).collect();
     // Event time starts now (or after the previous run's events: the cluster's
     // watermark only goes forward) and advances with the target rate, so that
@@ -147,7 +186,8 @@ async fn main() -> anyhow::Result<()> {
     let path = a.alerts.clone();
     let watcher = tokio::spawn(async move {
         use std::io::{Read, Seek, SeekFrom};
-        let mut stamped: Vec<(i64, Instant, i64, String)> = Vec::new();
+        // (last event time, when seen, detected_at, rule, first event time)
+        let mut stamped: Vec<(i64, Instant, i64, String, i64)> = Vec::new();
         let mut offset = seen0;
         let mut partial = String::new();
         loop {
@@ -166,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
                                     now,
                                     v["match"]["detected_at"].as_i64().unwrap_or(0),
                                     v["match"]["rule_id"].as_str().unwrap_or_default().to_string(),
+                                    v["match"]["first_event_time"].as_i64().unwrap_or(0),
                                 ));
                             }
                         }
@@ -252,15 +293,22 @@ async fn main() -> anyhow::Result<()> {
     let stamped = watcher.await?;
     let mut lat: Vec<f64> = stamped
         .iter()
-        .filter_map(|(t, seen, _, _)| acked.get(t).map(|ack| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3))
+        .filter_map(|(t, seen, _, _, _)| acked.get(t).map(|ack| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3))
         .collect();
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    // Beyond the lateness: from the first ack that took the event time past last_event_time + bound.
-    let beyond_of = |(t, seen, _, _): &(i64, Instant, i64, String)| -> Option<f64> {
+    // Beyond the lateness: from the first ack that took the event time past the
+    // point that decides the match (its last event, or the end of its absence) + bound.
+    let beyond_of = |(t, seen, _, rule, first): &(i64, Instant, i64, String, i64)| -> Option<f64> {
         if !acked.contains_key(t) {
             return None; // matches of this run's events, as above
         }
-        let i = frontier.partition_point(|(m, _)| *m <= t + a.lateness_ms);
+        // Where event time decides the match: its last event, or the end of its absence.
+        let decided = match absences.get(rule) {
+            Some(AbsenceEnd::AfterLast(w)) => t + w,
+            Some(AbsenceEnd::AfterFirst(w)) => first + w,
+            None => *t,
+        };
+        let i = frontier.partition_point(|(m, _)| *m <= decided + a.lateness_ms);
         frontier.get(i).map(|(_, ack)| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3)
     };
     let mut beyond: Vec<f64> = stamped.iter().filter_map(beyond_of).collect();
@@ -282,8 +330,8 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let mut after_shard: Vec<f64> = stamped
         .iter()
-        .filter(|(t, _, d, _)| acked.contains_key(t) && *d > 0)
-        .map(|(_, seen, d, _)| start_wall_ms + seen.saturating_duration_since(start).as_secs_f64() * 1e3 - *d as f64)
+        .filter(|(t, _, d, _, _)| acked.contains_key(t) && *d > 0)
+        .map(|(_, seen, d, _, _)| start_wall_ms + seen.saturating_duration_since(start).as_secs_f64() * 1e3 - *d as f64)
         .collect();
     after_shard.sort_by(|x, y| x.partial_cmp(y).unwrap());
     let mut rss = BTreeMap::new();
