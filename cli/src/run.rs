@@ -96,12 +96,13 @@ impl NotifyStage {
         if action.targets.is_empty() {
             return;
         }
+        // A target that is not configured gets the alert in the dead letter
+        // (the notifier does that); said here once per rule and target.
         for t in &action.targets {
             if let Err(e) = self.notifier.resolve(t) {
                 if self.refused.insert(format!("{}/{t}", spec.id)) {
-                    let _ = writeln!(log, "rule `{}`: alerts not delivered to `{t}`: {e}", spec.id);
+                    let _ = writeln!(log, "rule `{}`: alerts not delivered to `{t}` (dead-lettered): {e}", spec.id);
                 }
-                return;
             }
         }
         let (n, r, name) = (self.notifier.clone(), r.clone(), spec.name.clone());

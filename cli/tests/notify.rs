@@ -19,12 +19,15 @@ fn alerts_reach_a_file_target() {
             {"name":"created","where":"eventType = 'order_created'"},
             {"name":"paid","where":"eventType = 'order_paid'","negate":true}],
           "within":"15m",
-          "action":{"targets":["file:ops"],"template":"order {{ key.orderId }} not paid ({{ created[0].amount }} yuan)"}}"#,
+          "action":{"targets":["file:ops","webhook:missing"],"template":"order {{ key.orderId }} not paid ({{ created[0].amount }} yuan)"}}"#,
     )
     .unwrap();
     let mut settings = Settings::load(None).unwrap();
     let delivered = tmp.path().join("delivered.jsonl");
     settings.notifier.targets.insert("ops".into(), TargetConfig::File { path: delivered.clone() });
+    // `webhook:missing` is not configured: its alerts go to the dead letter, the file still gets them.
+    let dead = tmp.path().join("dead.jsonl");
+    settings.notifier.dead_letter = Some(dead.clone());
     let mut p = Pipeline::new(
         &settings,
         "orders",
@@ -46,6 +49,10 @@ fn alerts_reach_a_file_target() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["message"], "order o1 not paid (99 yuan)");
     assert_eq!(lines[0]["match"]["rule_id"], "order_unpaid");
+    let dead: Vec<serde_json::Value> = std::fs::read_to_string(dead).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["target"], "webhook:missing");
+    assert_eq!(dead[0]["match"]["match_id"], lines[0]["match"]["match_id"]);
 }
 
 #[test]

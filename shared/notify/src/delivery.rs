@@ -104,6 +104,8 @@ struct Inner {
     pending: AtomicUsize,
     idle: Notify,
     rng: Mutex<u64>,
+    /// (rule, target) pairs whose dead-lettered alerts were logged once already.
+    told: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// The notifier. Cheap to clone.
@@ -138,6 +140,7 @@ impl Notifier {
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
             rng: Mutex::new(deps.seed | 1),
+            told: Mutex::default(),
         });
         let mut targets: Vec<(String, TargetConfig)> = inner.cfg.targets.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if !inner.cfg.targets.contains_key("log") {
@@ -218,7 +221,11 @@ impl Notifier {
     /// output (no attempts; not retryable), counted under `target` — what the
     /// alert was meant for (a rule's target name, or `*` for all of them).
     pub fn dead_letter_match(&self, record: &MatchRecord, target: &str, error: &str) {
-        tracing::warn!(match_id = %record.match_id, rule_id = %record.rule_id, target, "notifier: match dead-lettered: {error}");
+        // Logged once per rule and target (a misconfigured rule would repeat it
+        // for every match); the dead-letter output and its counter get each one.
+        if self.inner.told.lock().unwrap().insert((record.rule_id.clone(), target.to_string())) {
+            tracing::warn!(match_id = %record.match_id, rule_id = %record.rule_id, target, "notifier: match dead-lettered (said once per rule and target): {error}");
+        }
         let record_json: serde_json::Value = serde_json::from_str(&record.to_json_line()).unwrap_or_default();
         let line = serde_json::json!({
             "target": target, "attempts": 0, "error": error, "retryable": false, "message": null, "match": record_json,
