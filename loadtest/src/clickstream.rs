@@ -24,6 +24,13 @@ pub struct Params {
     pub malformed: usize,
     /// A flash sale: one product bought by many users within minutes.
     pub flash_sale: bool,
+    /// Event time during which sessions already run before `start_ms` (their
+    /// earlier events are not produced), and the stream ends at the last
+    /// session's start: then events arrive at `rate` per second of event time
+    /// from first to last, as from a site that was busy before and stays busy
+    /// (0: every session starts at or after `start_ms`, and the stream thins
+    /// out at its end as the last sessions finish).
+    pub warm_ms: i64,
 }
 
 impl Default for Params {
@@ -39,6 +46,7 @@ impl Default for Params {
             late: 0.0,
             malformed: 0,
             flash_sale: true,
+            warm_ms: 0,
         }
     }
 }
@@ -170,7 +178,11 @@ pub fn generate(p: &Params) -> Vec<String> {
 
     let mut evs: Vec<Ev> = Vec::with_capacity(p.events + 256);
     let mut seq = 0u64;
+    let visible_from = if p.warm_ms > 0 { p.start_ms } else { i64::MIN };
     let mut push = |evs: &mut Vec<Ev>, t: i64, kind: Kind, product: usize, user: u64, session: u64| {
+        if t < visible_from {
+            return;
+        }
         seq += 1;
         evs.push(Ev { t, deliver: t, seq, kind, product, user, session });
     };
@@ -178,8 +190,10 @@ pub fn generate(p: &Params) -> Vec<String> {
     let buyer = |u: u64| (u.wrapping_mul(0x9E37_79B9) >> 7) % 10 >= 3;
 
     let mean_gap = 1000.0 / p.rate.max(1e-6) * 9.0;
-    let mut t = p.start_ms;
-    while evs.len() < p.events {
+    let mut t = p.start_ms - p.warm_ms.max(0);
+    // Warm: sessions start until `span` of event time is covered (the events
+    // in it come to about `events`); otherwise until there are `events`.
+    while if p.warm_ms > 0 { t < p.start_ms + span } else { evs.len() < p.events } {
         t += rng.exp(mean_gap) as i64;
         let user = 10_000 + user_zipf.sample(&mut rng) as u64;
         let session = rng.next_u64();
@@ -224,6 +238,11 @@ pub fn generate(p: &Params) -> Vec<String> {
                 }
             }
         }
+    }
+
+    if p.warm_ms > 0 {
+        // Past the last session's start the stream would thin out.
+        evs.retain(|e| e.t <= t);
     }
 
     if p.flash_sale && !by_cat[PHONE].is_empty() {
@@ -284,6 +303,30 @@ pub fn generate(p: &Params) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_warm_stream_keeps_its_rate_to_the_end() {
+        let rate = 200.0;
+        let times = |warm_ms: i64| -> Vec<i64> {
+            let p = Params { events: 20_000, rate, warm_ms, flash_sale: false, reorder: 0.0, ..Params::default() };
+            let mut t: Vec<i64> = generate(&p).iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eventTime"].as_i64().unwrap()).collect();
+            t.sort_unstable();
+            t
+        };
+        // Events per second of event time over the last tenth of the stream, against the rate.
+        let tail_rate = |t: &[i64]| {
+            let from = t[t.len() * 9 / 10];
+            let n = t.len() - t.len() * 9 / 10;
+            n as f64 / ((t[t.len() - 1] - from) as f64 / 1000.0)
+        };
+        let cold = times(0);
+        let warm = times(1_800_000);
+        assert!(tail_rate(&cold) < rate / 5.0, "a cold stream thins out at its end: {}", tail_rate(&cold));
+        let r = tail_rate(&warm);
+        assert!(r > rate * 0.5 && r < rate * 2.0, "a warm stream keeps about its rate: {r}");
+        assert!(warm[0] >= Params::default().start_ms);
+        assert!(warm.len() > 10_000 && warm.len() < 40_000, "about `events`: {}", warm.len());
+    }
 
     #[test]
     fn deterministic_and_sized() {

@@ -47,6 +47,13 @@ struct Args {
     /// Target events/s (0: as fast as ingest acknowledges).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Seconds of event time during which the generator's sessions already
+    /// run before the first event posted (0: none): then event time advances
+    /// at the paced rate from the first event to the last, as on a site that
+    /// was busy before the measurement began, instead of thinning out as the
+    /// run's sessions finish.
+    #[arg(long, default_value_t = 0)]
+    warm_s: i64,
     /// Posts in flight at once. With 1 each post waits for the previous one's
     /// acknowledgement; paced runs with small batches (many posts a second, as
     /// many clients send) need more.
@@ -60,6 +67,10 @@ struct Args {
     /// The rules the cluster runs (to tell which matches end in an absence).
     #[arg(long, default_value = "rules/examples")]
     rules: PathBuf,
+    /// Write each measured alert (ms since the first post when it was seen,
+    /// its beyond-lateness latency, its rule) to this file, as JSON lines.
+    #[arg(long)]
+    dump: Option<PathBuf>,
     /// Also append a JSON line with the results to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -168,7 +179,16 @@ async fn main() -> anyhow::Result<()> {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
     let start_ms = now_ms.max(std::fs::read_to_string(&next_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0));
     let event_rate = if a.rate > 0.0 { a.rate } else { 1000.0 };
-    let lines = generate(&Params { events: a.events, users: a.users, products: a.products, seed: a.seed, rate: event_rate, start_ms, ..Params::default() });
+    let lines = generate(&Params {
+        events: a.events,
+        users: a.users,
+        products: a.products,
+        seed: a.seed,
+        rate: event_rate,
+        start_ms,
+        warm_ms: a.warm_s * 1000,
+        ..Params::default()
+    });
     let last_ms = lines.iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["eventTime"].as_i64()).max().unwrap_or(start_ms);
     std::fs::write(&next_file, (last_ms + 10_000).to_string())?;
     let http = reqwest::Client::new();
@@ -311,6 +331,15 @@ async fn main() -> anyhow::Result<()> {
         let i = frontier.partition_point(|(m, _)| *m <= decided + a.lateness_ms);
         frontier.get(i).map(|(_, ack)| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3)
     };
+    if let Some(path) = &a.dump {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for st in &stamped {
+            if let Some(x) = beyond_of(st) {
+                writeln!(f, "{}", serde_json::json!({"seen_ms": st.1.saturating_duration_since(start).as_secs_f64() * 1e3, "beyond_ms": x, "rule": st.3}))?;
+            }
+        }
+    }
     let mut beyond: Vec<f64> = stamped.iter().filter_map(beyond_of).collect();
     beyond.sort_by(|x, y| x.partial_cmp(y).unwrap());
     // The same per rule: rules whose matches are decided only by a later event
