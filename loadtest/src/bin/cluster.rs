@@ -54,6 +54,11 @@ struct Args {
     /// run's sessions finish.
     #[arg(long, default_value_t = 0)]
     warm_s: i64,
+    /// The end of a run, in ms of event time before the last event posted:
+    /// matches decided there wait for what moves the watermark once the input
+    /// stops, so `beyond_lateness_steady_ms` leaves them out.
+    #[arg(long, default_value_t = 1_000)]
+    cooldown_ms: i64,
     /// Posts in flight at once. With 1 each post waits for the previous one's
     /// acknowledgement; paced runs with small batches (many posts a second, as
     /// many clients send) need more.
@@ -318,16 +323,20 @@ async fn main() -> anyhow::Result<()> {
     lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
     // Beyond the lateness: from the first ack that took the event time past the
     // point that decides the match (its last event, or the end of its absence) + bound.
-    let beyond_of = |(t, seen, _, rule, first): &(i64, Instant, i64, String, i64)| -> Option<f64> {
-        if !acked.contains_key(t) {
-            return None; // matches of this run's events, as above
-        }
-        // Where event time decides the match: its last event, or the end of its absence.
-        let decided = match absences.get(rule) {
+    // Where event time decides a match: its last event, or the end of its absence.
+    let decided_of = |(t, _, _, rule, first): &(i64, Instant, i64, String, i64)| -> i64 {
+        match absences.get(rule) {
             Some(AbsenceEnd::AfterLast(w)) => t + w,
             Some(AbsenceEnd::AfterFirst(w)) => first + w,
             None => *t,
-        };
+        }
+    };
+    let beyond_of = |st: &(i64, Instant, i64, String, i64)| -> Option<f64> {
+        let (t, seen) = (&st.0, &st.1);
+        if !acked.contains_key(t) {
+            return None; // matches of this run's events, as above
+        }
+        let decided = decided_of(st);
         let i = frontier.partition_point(|(m, _)| *m <= decided + a.lateness_ms);
         frontier.get(i).map(|(_, ack)| seen.saturating_duration_since(*ack).as_secs_f64() * 1e3)
     };
@@ -341,6 +350,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let mut beyond: Vec<f64> = stamped.iter().filter_map(beyond_of).collect();
+    // The same without the matches decided in the last `cooldown_ms` of event time.
+    let end = frontier.last().map_or(i64::MAX, |(m, _)| *m);
+    let mut steady: Vec<f64> = stamped
+        .iter()
+        .filter(|st| decided_of(st) + a.lateness_ms < end - a.cooldown_ms)
+        .filter_map(beyond_of)
+        .collect();
+    steady.sort_by(|x, y| x.partial_cmp(y).unwrap());
     beyond.sort_by(|x, y| x.partial_cmp(y).unwrap());
     // The same per rule: rules whose matches are decided only by a later event
     // or a window's end wait for event time beyond their last event.
@@ -387,6 +404,8 @@ async fn main() -> anyhow::Result<()> {
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
         "beyond_lateness_measured": beyond.len(),
         "beyond_lateness_ms": {"p50": pct(&beyond, 0.5), "p95": pct(&beyond, 0.95), "p99": pct(&beyond, 0.99)},
+        "beyond_lateness_steady_measured": steady.len(),
+        "beyond_lateness_steady_ms": {"p50": pct(&steady, 0.5), "p95": pct(&steady, 0.95), "p99": pct(&steady, 0.99)},
         "beyond_lateness_by_rule_ms": beyond_by_rule,
         "after_shard_ms": {"p50": pct(&after_shard, 0.5), "p95": pct(&after_shard, 0.95), "p99": pct(&after_shard, 0.99)},
         "rss_mib": rss,
