@@ -254,8 +254,10 @@ impl Pipeline {
 
     /// One input line of the pipeline's source (`file` and `lineno` name it in rejections).
     pub fn line(&mut self, file: &str, lineno: u64, text: &str) -> anyhow::Result<()> {
-        let source = self.source.clone();
-        self.line_of(&source, file, lineno, text)
+        let source = std::mem::take(&mut self.source);
+        let r = self.line_of(&source, file, lineno, text);
+        self.source = source;
+        r
     }
 
     /// One input line of `source`.

@@ -47,6 +47,11 @@ async fn webhook_receiver() -> (Arc<Rx>, std::net::SocketAddr) {
     (rx, addr)
 }
 
+/// The `crm` webhook target: the local receiver.
+fn crm(addr: std::net::SocketAddr) -> TargetConfig {
+    TargetConfig::Webhook { url: format!("http://{addr}/hook"), secret: None, headers: Default::default(), timeout_ms: 5_000, per_second: None }
+}
+
 /// The order-unpaid rule with the given targets, in the rule store under `prefix`.
 async fn store_rule(prefix: &str, targets: &str) -> RedisRuleStore {
     let rules = RedisRuleStore::connect("redis://127.0.0.1:6379", prefix).await.unwrap();
@@ -94,7 +99,7 @@ async fn delivers_each_match_once_and_resumes_after_commits(bus: Bus, tag: &str)
     let file = dir.join("ops.jsonl");
     let _ = std::fs::remove_file(&file);
     let mut ncfg = NotifierConfig::default();
-    ncfg.targets.insert("crm".into(), TargetConfig::Webhook { url: format!("http://{addr}/hook"), secret: None, headers: Default::default(), timeout_ms: 5_000, per_second: None });
+    ncfg.targets.insert("crm".into(), crm(addr));
     ncfg.targets.insert("ops".into(), TargetConfig::File { path: file.clone() });
     let scfg = ServiceConfig { matches_topic: topic.clone(), group: format!("{topic}-g"), matches_partitions: 2, delay_poll_ms: 50, ..Default::default() };
 
@@ -179,7 +184,7 @@ async fn a_target_the_notifier_lacks_is_dead_lettered_and_the_rest_delivered() {
     let dead = dir.join("dead.jsonl");
     let _ = std::fs::remove_file(&dead);
     let mut ncfg = NotifierConfig::default();
-    ncfg.targets.insert("crm".into(), TargetConfig::Webhook { url: format!("http://{addr}/hook"), secret: None, headers: Default::default(), timeout_ms: 5_000, per_second: None });
+    ncfg.targets.insert("crm".into(), crm(addr));
     ncfg.dead_letter = Some(dead.clone());
     let scfg = ServiceConfig { matches_topic: topic.clone(), group: format!("{topic}-g"), matches_partitions: 1, delay_poll_ms: 50, ..Default::default() };
     let bus = Bus::memory();
