@@ -240,11 +240,6 @@ pub fn generate(p: &Params) -> Vec<String> {
         }
     }
 
-    if p.warm_ms > 0 {
-        // Past the last session's start the stream would thin out.
-        evs.retain(|e| e.t <= t);
-    }
-
     if p.flash_sale && !by_cat[PHONE].is_empty() {
         let star = by_cat[PHONE][0];
         let at = p.start_ms + span * 2 / 5;
@@ -255,6 +250,14 @@ pub fn generate(p: &Params) -> Vec<String> {
             push(&mut evs, tv, Kind::View, star, user, session);
             push(&mut evs, tv + 20_000 + rng.below(60_000) as i64, Kind::Purchase, star, user, session);
         }
+    }
+
+    if p.warm_ms > 0 {
+        // Past the last session's start the stream would thin out; and the
+        // flash sale's later views and purchases (minutes after it starts)
+        // would be the input's last events, event time jumping minutes ahead
+        // at its very end, which a site that stays busy never sees.
+        evs.retain(|e| e.t <= t);
     }
 
     for e in &mut evs {
@@ -326,6 +329,17 @@ mod tests {
         assert!(r > rate * 0.5 && r < rate * 2.0, "a warm stream keeps about its rate: {r}");
         assert!(warm[0] >= Params::default().start_ms);
         assert!(warm.len() > 10_000 && warm.len() < 40_000, "about `events`: {}", warm.len());
+    }
+
+    #[test]
+    fn a_warm_stream_with_a_flash_sale_does_not_jump_ahead_at_its_end() {
+        let rate = 200.0;
+        let p = Params { events: 20_000, rate, warm_ms: 1_800_000, flash_sale: true, reorder: 0.0, ..Params::default() };
+        let mut t: Vec<i64> = generate(&p).iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eventTime"].as_i64().unwrap()).collect();
+        t.sort_unstable();
+        // The last hundred events span about half a second at this rate, not the sale's minutes.
+        let last = (t[t.len() - 1] - t[t.len() - 100]) as f64 / 1000.0;
+        assert!(last < 5.0, "the last 100 events span {last} s of event time");
     }
 
     #[test]

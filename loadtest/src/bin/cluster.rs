@@ -73,7 +73,8 @@ struct Args {
     #[arg(long, default_value = "rules/examples")]
     rules: PathBuf,
     /// Write each measured alert (ms since the first post when it was seen,
-    /// its beyond-lateness latency, its rule) to this file, as JSON lines.
+    /// its beyond-lateness latency, its rule, when the shard decided it in ms
+    /// since the first post, the event time that decides it) to this file, as JSON lines.
     #[arg(long)]
     dump: Option<PathBuf>,
     /// Also append a JSON line with the results to this file.
@@ -345,7 +346,10 @@ async fn main() -> anyhow::Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
         for st in &stamped {
             if let Some(x) = beyond_of(st) {
-                writeln!(f, "{}", serde_json::json!({"seen_ms": st.1.saturating_duration_since(start).as_secs_f64() * 1e3, "beyond_ms": x, "rule": st.3}))?;
+                let seen_ms = st.1.saturating_duration_since(start).as_secs_f64() * 1e3;
+                // When the shard decided it, on the same scale (wall clocks of one machine).
+                let detected_ms = (st.2 > 0).then(|| st.2 as f64 - start_wall_ms);
+                writeln!(f, "{}", serde_json::json!({"seen_ms": seen_ms, "beyond_ms": x, "rule": st.3, "detected_ms": detected_ms, "decided_event_ms": decided_of(st)}))?;
             }
         }
     }
