@@ -17,7 +17,10 @@
 //! `partition_key` field (jump hash; partition 0 without one). A post's events
 //! bound for one partition travel as one record, a frame
 //! ([`cepheid_bus::frame`], header `cepheid-frame`; each event with its
-//! partition key, time, source and traceparent); a forwarded raw record is
+//! partition key, time, source and traceparent) and with the post's event-time
+//! frontier (header `cepheid-frontier`, see [`FRONTIER_HEADER`]: so the
+//! router's watermark follows the post as a whole, not each partition's share
+//! of it, which may stop short of the post's newest event); a forwarded raw record is
 //! one record, keyed by the partition key, with the source in the
 //! `cepheid-source` header. The router reads both.
 
@@ -31,7 +34,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cepheid_bus::frame::{Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION};
+use cepheid_bus::frame::{Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION, FRONTIER_HEADER};
 use cepheid_bus::{partition_for, Bus};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use serde::Deserialize;
@@ -258,6 +261,9 @@ struct Framing {
     writer: FrameWriter,
     lines: Vec<usize>,
     traces: Vec<Traced>,
+    /// The newest event time of the post up to this frame's last event (see
+    /// [`FRONTIER_HEADER`]).
+    frontier: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -312,6 +318,8 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
     };
     let mut frames: BTreeMap<i32, Framing> = BTreeMap::new();
     let mut sealed: Vec<(i32, Framing)> = Vec::new();
+    // The newest event time so far in the post's order.
+    let mut newest: Option<i64> = None;
     for (line, text, v) in &good {
         // A sampled event starts a trace; its span ends with the bus's acknowledgement.
         let trace = ctx.telemetry.start_trace("ingest.accept", Kind::Server);
@@ -324,6 +332,8 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
         let f = frames.entry(p).or_default();
         let traceparent = trace.as_ref().map(Traced::traceparent);
         let time = v.get(&schema.time_field).and_then(Value::as_i64).unwrap_or_default();
+        newest = Some(newest.map_or(time, |n| n.max(time)));
+        f.frontier = newest;
         f.writer.push(&Entry { key: key.as_deref().unwrap_or_default().as_bytes(), time, source: &source, trace: traceparent.as_deref(), payload: text.as_bytes() });
         f.lines.push(*line);
         f.traces.extend(trace);
@@ -331,11 +341,19 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
             sealed.push((p, std::mem::take(f)));
         }
     }
-    sealed.extend(frames);
+    // A partition's last frame of the post: nothing of the post comes after
+    // it there, so it carries the whole post's newest time.
+    sealed.extend(frames.into_iter().map(|(p, mut f)| {
+        f.frontier = newest;
+        (p, f)
+    }));
     let mut acks = Vec::with_capacity(sealed.len());
     for (p, f) in sealed {
-        let Framing { mut writer, lines, traces } = f;
-        let sent = ctx.bus.enqueue(&ctx.cfg.events_topic, Some(p), None, &writer.take(), &[(FRAME_HEADER, FRAME_VERSION)]).await;
+        let Framing { mut writer, lines, traces, frontier } = f;
+        let frontier = frontier.map(|t| serde_json::to_vec(&json!({ &source: t })).expect("a JSON object"));
+        let mut headers: Vec<(&str, &[u8])> = vec![(FRAME_HEADER, FRAME_VERSION)];
+        headers.extend(frontier.as_deref().map(|f| (FRONTIER_HEADER, f)));
+        let sent = ctx.bus.enqueue(&ctx.cfg.events_topic, Some(p), None, &writer.take(), &headers).await;
         acks.push(async move {
             let r = match sent {
                 Ok(d) => d.await.map(|_| ()),

@@ -88,7 +88,13 @@ async fn scenario(bus: Bus, tag: &str) {
         let m = tokio::time::timeout(std::time::Duration::from_secs(20), events.recv()).await.expect("events").unwrap();
         let partitions = bus.partitions(&cfg.events_topic).await.unwrap();
         if m.header(FRAME_HEADER).is_some() {
-            // Posted events: a frame per partition, each event with its partition key and time.
+            // Posted events: a frame per partition, each event with its partition key and time,
+            // the frame with its post's newest event time (the first post's is 2 s, whichever
+            // partition that event went to; the second post's 5).
+            let frontier: std::collections::BTreeMap<String, i64> = serde_json::from_slice(m.header(frame::FRONTIER_HEADER).expect("a frontier")).unwrap();
+            let times: Vec<i64> = frame::entries(&m.payload).map(|e| e.unwrap().time).collect();
+            let post_newest = if times.contains(&5) { 5 } else { 2 };
+            assert_eq!(frontier, [("clickstream".to_string(), post_newest)].into(), "frame of {times:?}");
             for e in frame::entries(&m.payload) {
                 let e = e.expect("a readable frame");
                 assert_eq!(e.source, "clickstream");

@@ -22,6 +22,14 @@
 //! `cepheid-router` — so quiet partitions move too. A shard takes the
 //! minimum over routers.
 //!
+//! A source's watermark is the minimum over the router's input partitions of
+//! each one's newest event time, less the source's out-of-orderness bound.
+//! An ingest frame's `cepheid-frontier` header (the newest time of the post it
+//! came from) counts as its partition's newest time too: a post is spread
+//! over the partitions by key, and otherwise a partition whose share of the
+//! post stops short of the post's newest event would hold the watermark back
+//! until the next post.
+//!
 //! Rules come from the Redis rule store: a full resync at start and whenever
 //! the change feed ends (pub/sub drops messages while disconnected), live
 //! updates in between.
@@ -30,7 +38,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
-use cepheid_bus::frame::{self, Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION};
+use cepheid_bus::frame::{self, Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION, FRONTIER_HEADER};
 use cepheid_bus::{partition_for, Bus};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_engine::engine::EngineConfig;
@@ -47,6 +55,10 @@ use serde::Deserialize;
 pub struct RouterConfig {
     #[serde(default = "events_topic")]
     pub events_topic: String,
+    /// Partitions of the events topic when the router is the first to create
+    /// it (ingest's `events_partitions`; the same default).
+    #[serde(default = "partitions")]
+    pub events_partitions: i32,
     #[serde(default = "keyed_topic")]
     pub keyed_topic: String,
     #[serde(default = "partitions")]
@@ -328,6 +340,17 @@ impl Router {
         Ok(Routed::Routes { time: t, routes })
     }
 
+    /// Raises input partition `partition`'s newest time of `source` to at
+    /// least `t` without an event: ingest's frontier for a post (see
+    /// [`cepheid_bus::frame::FRONTIER_HEADER`]).
+    pub fn frontier(&mut self, source: &str, partition: i32, t: i64) {
+        self.source(source);
+        if let Some(e) = self.sources.get_mut(source) {
+            let max = e.2.entry(partition).or_insert(t);
+            *max = (*max).max(t);
+        }
+    }
+
     /// Current watermark of every source seen: the minimum over its input
     /// partitions of (newest time − bound).
     /// The watermark to send per source: the minimum over the input partitions
@@ -449,7 +472,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Report> {
     bus.create_topic(&cfg.keyed_topic, cfg.keyed_partitions).await?;
-    bus.create_topic(&cfg.events_topic, cfg.keyed_partitions).await?;
+    bus.create_topic(&cfg.events_topic, cfg.events_partitions).await?;
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let partitions = bus.partitions(&cfg.keyed_topic).await?;
     let router_id = cfg.router_id.clone().unwrap_or_else(default_router_id);
@@ -517,6 +540,16 @@ pub async fn run(
                                 ctx.report.rejected += 1;
                                 tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "router: unreadable frame: {e}; the rest of the record is dropped");
                             }
+                        }
+                    }
+                    if let Some(h) = m.header(FRONTIER_HEADER) {
+                        match serde_json::from_slice::<BTreeMap<String, i64>>(h) {
+                            Ok(f) => {
+                                for (source, t) in f {
+                                    router.frontier(&source, m.partition, t);
+                                }
+                            }
+                            Err(e) => tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "router: unreadable {FRONTIER_HEADER} header: {e}"),
                         }
                     }
                 } else {
@@ -645,6 +678,8 @@ struct Outbox {
     framed: Vec<(String, i32, i64)>,
     /// When the first of those events was read.
     opened: Option<tokio::time::Instant>,
+    /// Per keyed partition, the watermarks last sent to it with frames.
+    told: Vec<Vec<(String, i64)>>,
 }
 
 impl Outbox {
@@ -655,6 +690,7 @@ impl Outbox {
             frames: (0..partitions.max(1)).map(|_| FrameWriter::default()).collect(),
             framed: Default::default(),
             opened: None,
+            told: vec![Vec::new(); partitions.max(1) as usize],
         }
     }
     fn len(&self) -> usize {
@@ -677,25 +713,35 @@ impl Outbox {
     }
     /// Enqueues every open frame, with the router's watermarks as of now
     /// (they apply after the frame's events), and releases the offsets of
-    /// the events read so far for committing once acknowledged.
+    /// the events read so far for committing once acknowledged. A keyed
+    /// partition without a frame gets a watermark record when the watermark
+    /// moved since it was last told: a match there that waits for the
+    /// watermark must not wait for the next event bound for it (or the
+    /// `watermark_interval_ms` tick).
     async fn send_frames(&mut self, bus: &Bus, topic: &str, router: &mut Router, router_id: &str) -> anyhow::Result<u64> {
         self.opened = None;
         let mut sent = 0;
-        if self.frames.iter().any(|f| !f.is_empty()) {
-            let marks = router.watermarks(wall_ms());
-            let marks = (!marks.is_empty()).then(|| serde_json::to_string(&marks.into_iter().collect::<BTreeMap<_, _>>()).expect("a map of numbers"));
-            for p in 0..self.frames.len() {
-                if self.frames[p].is_empty() {
-                    continue;
+        let marks = router.watermarks(wall_ms());
+        let text = (!marks.is_empty()).then(|| serde_json::to_string(&marks.iter().cloned().collect::<BTreeMap<_, _>>()).expect("a map of numbers"));
+        for p in 0..self.frames.len() {
+            if self.frames[p].is_empty() {
+                if self.told[p] != marks {
+                    for (source, w) in &marks {
+                        let w = w.to_string();
+                        self.push(bus, topic, Some(p as i32), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
+                    }
+                    self.told[p].clone_from(&marks);
                 }
-                let payload = self.frames[p].take();
-                let mut headers = vec![(FRAME_HEADER, FRAME_VERSION)];
-                if let Some(m) = &marks {
-                    headers.extend([("cepheid-watermarks", m.as_bytes()), ("cepheid-router", router_id.as_bytes())]);
-                }
-                self.push(bus, topic, Some(p as i32), None, &payload, &headers).await?;
-                sent += 1;
+                continue;
             }
+            let payload = self.frames[p].take();
+            let mut headers = vec![(FRAME_HEADER, FRAME_VERSION)];
+            if let Some(m) = &text {
+                headers.extend([("cepheid-watermarks", m.as_bytes()), ("cepheid-router", router_id.as_bytes())]);
+            }
+            self.push(bus, topic, Some(p as i32), None, &payload, &headers).await?;
+            self.told[p].clone_from(&marks);
+            sent += 1;
         }
         for (t, p, o) in self.framed.drain(..) {
             self.offsets.insert((t, p), o);

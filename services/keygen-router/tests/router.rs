@@ -202,3 +202,72 @@ fn watermark_waits_for_every_assigned_partition_or_its_idleness() {
     let w = r.watermarks(9_500);
     assert_eq!(w, vec![("clickstream".to_string(), 18_000)], "partition 2's own progress (17 s) is below what was sent");
 }
+
+/// Ingest's frontier (the newest event time of a post) counts as the newest
+/// time of the partition its frame came on: a partition whose share of the
+/// post stops short of the post's newest event does not hold the watermark
+/// back to its own events; what comes after the post is judged by it.
+#[test]
+fn a_posts_frontier_moves_the_partitions_its_frames_came_on() {
+    let mut r = Router::new(EngineConfig::default());
+    r.upsert(&rule("by_user", 1, r#""key_by":"userId","pattern":[{"name":"a"}]"#)).unwrap();
+    r.keep_partitions(&[0, 1], 0);
+    r.heard_from(0, 10);
+    r.heard_from(1, 10);
+    assert!(r.route_from("clickstream", 0, r#"{"eventTime":50000,"userId":1}"#).is_ok());
+    assert!(r.route_from("clickstream", 1, r#"{"eventTime":20000,"userId":2}"#).is_ok());
+    assert_eq!(r.watermarks(20), vec![("clickstream".to_string(), 18_000)], "partition 1's own events stop at 20 s");
+    // Both frames carried the post's frontier, 50 s.
+    r.frontier("clickstream", 0, 50_000);
+    r.frontier("clickstream", 1, 50_000);
+    assert_eq!(r.watermarks(30), vec![("clickstream".to_string(), 48_000)]);
+    assert_eq!(r.route_from("clickstream", 1, r#"{"eventTime":47999,"userId":2}"#).unwrap(), Routed::Late { time: 47999, watermark: 48000 });
+    assert!(matches!(r.route_from("clickstream", 1, r#"{"eventTime":48000,"userId":2}"#).unwrap(), Routed::Routes { .. }));
+    // A frontier never takes a partition back.
+    r.frontier("clickstream", 0, 1_000);
+    assert_eq!(r.watermarks(40), vec![("clickstream".to_string(), 48_000)]);
+}
+
+/// When the watermark moves, every keyed partition hears of it at once: those
+/// that got a frame in it, the others by a watermark record — not at the next
+/// `watermark_interval_ms` tick, nor with the next event bound for them.
+#[tokio::test]
+async fn a_moved_watermark_reaches_every_keyed_partition_at_once() {
+    let prefix = format!("cepheid-test:router-frontier:{}", std::process::id());
+    let store = RedisRuleStore::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    store.apply(&rule("a", 1, r#""key_by":"userId","pattern":[{"name":"x"}]"#)).await.unwrap();
+    let bus = Bus::memory();
+    let cfg = RouterConfig { keyed_partitions: 3, watermark_interval_ms: 3_600_000, ..Default::default() };
+    bus.create_topic(&cfg.events_topic, 1).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(run(cfg.clone(), EngineConfig::default(), bus.clone(), store.clone(), Default::default(), None, async move {
+        let _ = stopped.await;
+    }));
+    let mut keyed = loop {
+        if let Ok(c) = bus.subscribe("reader", &[cfg.keyed_topic.as_str()]) {
+            break c;
+        }
+        tokio::task::yield_now().await;
+    };
+    // A post as ingest writes it: one event of user 7 at 10 s on this
+    // partition, the post's newest event (30 s) on another.
+    let mut w = frame::FrameWriter::default();
+    let payload = br#"{"eventTime":10000,"userId":7}"#;
+    w.push(&frame::Entry { key: b"7", time: 10_000, source: "clickstream", trace: None, payload });
+    let frontier = br#"{"clickstream":30000}"#;
+    bus.send(&cfg.events_topic, Some(0), None, &w.take(), &[(FRAME_HEADER, frame::FRAME_VERSION), (frame::FRONTIER_HEADER, frontier)]).await.unwrap();
+    let mut told: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    while told.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(20), keyed.recv()).await.expect("every keyed partition hears of the watermark").unwrap();
+        let w: i64 = match (m.header("cepheid-watermarks"), m.header("cepheid-watermark")) {
+            (Some(marks), _) => serde_json::from_slice::<std::collections::BTreeMap<String, i64>>(marks).unwrap()["clickstream"],
+            (None, Some(w)) => String::from_utf8_lossy(w).parse().unwrap(),
+            (None, None) => continue,
+        };
+        told.insert(m.partition, w);
+    }
+    assert_eq!(told.values().copied().collect::<Vec<_>>(), vec![28_000; 3], "the post's frontier less the 2 s bound, on every partition: {told:?}");
+    stop.send(()).unwrap();
+    handle.await.unwrap().unwrap();
+    cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
+}

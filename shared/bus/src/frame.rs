@@ -18,6 +18,15 @@
 pub const FRAME_HEADER: &str = "cepheid-frame";
 /// The value of [`FRAME_HEADER`] for this format.
 pub const FRAME_VERSION: &[u8] = b"1";
+/// Header of an ingest frame: per source, the newest event time of the post
+/// it came from, up to its last entry (a JSON object, e.g.
+/// `{"clickstream":1700000000000}`). Ingest writes a post to several
+/// partitions at once; its newest event need not be in every one. Under the
+/// source's bounded out-of-orderness (what the engine's watermark assumes of
+/// a source as a whole), what ingest accepts after the post is at most the
+/// bound behind this time, so the router counts it as this partition's
+/// newest time too. It applies after the frame's entries.
+pub const FRONTIER_HEADER: &str = "cepheid-frontier";
 
 const MAGIC: [u8; 2] = [0xCF, 0x01];
 
