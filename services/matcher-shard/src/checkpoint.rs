@@ -11,10 +11,10 @@
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
 //!
 //! Checkpoints are written by a task of their own ([`Checkpoints::start_writer`]),
-//! one after the other in the order taken: a partition's loop only asks its
-//! dirty keys' actors for their snapshots (the requests queue in the actors'
-//! mailboxes before any later step, so every snapshot is as of the same
-//! point) and reads on; the writer waits for the snapshots and for the
+//! one after the other in the order taken: a partition's loop notes its dirty
+//! keys and reads on while their actors are asked for snapshots a few at a
+//! time (a key's request is in its mailbox before any later step of it, so
+//! every snapshot is as of the same point); the writer waits for the snapshots and for the
 //! acknowledgements of the match records sent before that point, then writes.
 //! A partition has at most one checkpoint in flight.
 //!

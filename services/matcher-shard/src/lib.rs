@@ -15,9 +15,10 @@
 //! Every `checkpoint_interval_ms` or `checkpoint_records` records the dirty
 //! key states, the timer index changes and the partition's next offset and
 //! reorder buffer are written to Redis in one `MULTI`/`EXEC`, fenced by the
-//! partition's ownership epoch ([`checkpoint`]). The partition's loop only
-//! asks the dirty keys' actors for their snapshots and reads on; a writer task
-//! collects them and stores the checkpoint. Once stored, the offset is committed
+//! partition's ownership epoch ([`checkpoint`]). The partition's loop notes
+//! the dirty keys and reads on; a task asks their actors for snapshots a few
+//! at a time (a key about to step is asked first, so every snapshot is as of
+//! the checkpoint), and a writer task collects them and stores the checkpoint. Once stored, the offset is committed
 //! to the group and keys idle for `passivate_after_ms` are passivated (their
 //! state is in Redis; the actor stops). A shard that takes a partition — at
 //! start, after a crash of another, in a rebalance — restores from the
@@ -81,11 +82,17 @@ pub struct ShardConfig {
     /// A router not heard from for this long no longer holds the watermark back.
     #[serde(default = "router_expiry")]
     pub router_expiry_ms: u64,
-    /// Events are released to their keys at most this often (ms) as the
-    /// watermark carried by frames of events moves (a watermark record releases
-    /// at once): the keys' work and the match records of this long go together.
+    /// While records keep coming, events are released to their keys at most
+    /// this often (ms) as the watermark carried by frames of events moves: the
+    /// keys' work and the match records of this long go together. When no
+    /// record is waiting (and on a watermark record) they are released at once.
     #[serde(default = "release_ms")]
     pub release_interval_ms: u64,
+    /// A checkpoint asks its keys' actors for their snapshots this many at a
+    /// time, letting the partition loop run in between (larger: the
+    /// checkpoint is written sooner; smaller: matches wait less behind it).
+    #[serde(default = "snapshot_batch")]
+    pub snapshot_batch: usize,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     #[serde(default = "listen")]
     pub listen: String,
@@ -125,6 +132,9 @@ fn router_expiry() -> u64 {
 }
 fn release_ms() -> u64 {
     10
+}
+fn snapshot_batch() -> usize {
+    32
 }
 fn threads() -> usize {
     1
@@ -295,6 +305,37 @@ struct Partition {
     change_seq: u64,
     /// Changed since the last checkpoint (records read or state changed).
     changed: bool,
+    /// The keys of the checkpoint in flight whose snapshots are still to be
+    /// asked for (see [`Unasked`]).
+    unasked: Option<Unasked>,
+}
+
+/// A checkpoint's snapshot requests not sent yet, per key: its actor and
+/// where the snapshot goes. A task sends them a few at a time, letting the
+/// partition loop (and the actors it steps) run in between: asked all at
+/// once, thousands of actors encode before anything else runs on the shard's
+/// thread, and every match waiting on it waits as long. A key about to step
+/// is asked first (so that its snapshot is as of the checkpoint).
+type Unasked = Arc<Mutex<FxHashMap<Arc<str>, (ActorRef<KeyMsg>, tokio::sync::oneshot::Sender<Vec<u8>>)>>>;
+
+/// Sends a checkpoint's snapshot requests, `batch` at a time.
+async fn ask_snapshots(unasked: Unasked, batch: usize) {
+    loop {
+        let chunk: Vec<(Arc<str>, (ActorRef<KeyMsg>, tokio::sync::oneshot::Sender<Vec<u8>>))> = {
+            let mut u = unasked.lock().expect("unpoisoned");
+            let keys: Vec<Arc<str>> = u.keys().take(batch.max(1)).cloned().collect();
+            keys.into_iter().filter_map(|k| u.remove(&k).map(|v| (k, v))).collect()
+        };
+        if chunk.is_empty() {
+            return;
+        }
+        for (_, (actor, tx)) in chunk {
+            // An actor gone drops `tx`: the writer reports the checkpoint incomplete.
+            let _ = actor.send_message(KeyMsg::Snapshot(tx.into()));
+        }
+        // Behind the actors just asked (and whatever else is ready to run).
+        tokio::task::yield_now().await;
+    }
 }
 
 impl Partition {
@@ -416,6 +457,8 @@ struct Shard {
     telemetry: Arc<Telemetry>,
     /// Every source name seen, shared by the events that name it.
     sources: Vec<Arc<str>>,
+    /// A watermark moved and its release waits (see `release_interval_ms`).
+    release_wanted: bool,
 }
 
 impl Shard {
@@ -470,6 +513,7 @@ impl Shard {
             last_release: now,
             change_seq: 0,
             changed: false,
+            unasked: None,
         };
         for (k, d) in a.keys {
             let k: Arc<str> = Arc::from(k.as_str());
@@ -657,8 +701,10 @@ impl Shard {
     async fn release_if_due(&mut self, partition: i32, now: bool) -> anyhow::Result<()> {
         let p = self.parts.get_mut(&partition).expect("acquired");
         let due = now || p.last_release.elapsed() >= Duration::from_millis(self.cfg.release_interval_ms);
-        if let Some(allowed) = due.then(|| p.allowed()).flatten().filter(|a| *a > p.released) {
-            self.advance(partition, allowed).await?;
+        match p.allowed().filter(|a| *a > p.released) {
+            Some(allowed) if due => self.advance(partition, allowed).await?,
+            Some(_) => self.release_wanted = true,
+            None => {}
         }
         Ok(())
     }
@@ -742,6 +788,12 @@ impl Shard {
                 continue;
             }
             let actor = self.actor_for(partition, &key, &rules).await?;
+            // Its snapshot for the checkpoint in flight, if not asked yet, goes before the step.
+            if let Some(u) = &self.parts[&partition].unasked {
+                if let Some((a, tx)) = u.lock().expect("unpoisoned").remove(&key) {
+                    let _ = a.send_message(KeyMsg::Snapshot(tx.into()));
+                }
+            }
             let reply = Outbox::new(asked, key, rules.clone(), answers.clone());
             asked += 1;
             // Not sent: the message, and with it the outbox, is dropped, which answers.
@@ -845,6 +897,7 @@ impl Shard {
 
     /// Releases what the watermark allows on partitions that held back (see `release_interval_ms`).
     async fn release_due(&mut self) -> anyhow::Result<()> {
+        self.release_wanted = false;
         let due: Vec<(i32, i64)> = self.parts.iter().filter_map(|(id, p)| p.allowed().filter(|a| *a > p.released).map(|a| (*id, a))).collect();
         for (id, a) in due {
             self.advance(id, a).await?;
@@ -957,17 +1010,24 @@ impl Shard {
         let mut states = Vec::new();
         let mut keys = Vec::new();
         let mut gone = Vec::new();
+        let mut unasked = FxHashMap::default();
         for (k, slot) in p.keys.iter_mut().filter(|(_, s)| s.dirty) {
             let Some(a) = &slot.actor else { continue };
-            let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
-            if a.send_message(KeyMsg::Snapshot(tx.into())).is_err() {
+            if a.get_status() == ractor::ActorStatus::Stopped {
                 gone.push(k.clone());
                 continue;
             }
+            let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+            unasked.insert(k.clone(), (a.clone(), tx));
             // Redis holds (or, once written, will hold) state of this key: dropping it must delete that.
             slot.stored = true;
             states.push((k.to_string(), Box::pin(async move { rx.await.ok() }) as checkpoint::Snapshot, slot.deadline));
             keys.push((k.clone(), slot.changes));
+        }
+        if !unasked.is_empty() {
+            let unasked: Unasked = Arc::new(Mutex::new(unasked));
+            p.unasked = Some(unasked.clone());
+            tokio::spawn(ask_snapshots(unasked, self.cfg.snapshot_batch));
         }
         for k in gone {
             tracing::warn!("matcher-shard: partition {partition} key {k}: its actor is gone; the key's state is dropped");
@@ -1007,6 +1067,7 @@ impl Shard {
         let partition = t.partition;
         let Some(p) = self.parts.get_mut(&partition).filter(|p| p.epoch == t.epoch) else { return Ok(()) };
         p.committing = false;
+        p.unasked = None;
         match result {
             Ok(()) => {}
             Err(checkpoint::CheckpointError::Fenced(what, mine, now)) => {
@@ -1199,6 +1260,7 @@ pub async fn run(
             published: shared.clone(),
             telemetry: deps.telemetry.clone(),
             sources: Vec::new(),
+            release_wanted: false,
         };
     let mut updates = deps.rules.watch("matcher-shard");
     // Every rule before the first record.
@@ -1221,6 +1283,8 @@ pub async fn run(
                 anyhow::bail!("{e}");
             }
             tokio::select! {
+                // In this order: records before the release below, which waits for them.
+                biased;
                 _ = &mut shutdown => break,
                 u = updates.recv() => match u {
                     Some(u) => shard.follow(u?),
@@ -1256,6 +1320,8 @@ pub async fn run(
                         shard.record(m, &mut consumer).await?;
                     }
                 }
+                // No record is waiting: what the watermark allows goes now.
+                _ = std::future::ready(()), if shard.release_wanted => shard.release_due().await?,
             }
         }
         Ok(())

@@ -303,6 +303,9 @@ impl Cluster {
             passivate_after_ms: 0,
             router_expiry_ms: 60_000,
             release_interval_ms: 20,
+            // One snapshot request at a time: keys step while their checkpoint
+            // is still asking (each must be asked before it steps).
+            snapshot_batch: 1,
             listen: "127.0.0.1:0".into(),
             // The binary's runtime; here shards run on the test's.
             threads: 1,

@@ -1,7 +1,8 @@
 //! A matcher shard alone, reading frames of events written by hand: the events
 //! of a frame are matched, the watermarks it carries apply after them, and an
 //! event it cannot use (late at the shard, or a damaged rest of a frame) goes
-//! to the dead-letter topic naming the frame entry it came from.
+//! to the dead-letter topic naming the frame entry it came from. A frame's
+//! watermark releases at once when no other record is waiting.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +39,8 @@ async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
         matches_partitions: 1,
         dead_letter_topic: format!("dead-{tag}"),
         group: format!("shard-{tag}"),
-        release_interval_ms: 0,
+        // Never by the interval: a frame's watermark releases as soon as no record is waiting.
+        release_interval_ms: 3_600_000,
         ..Default::default()
     };
     let deps = cepheid_matcher_shard::Deps {

@@ -176,13 +176,16 @@ impl KafkaBus {
         let assignment = ctx.assignment.clone();
         let fresh = ctx.fresh.clone();
         let lag = ctx.lag.clone();
-        // A fetch waits at most 5 ms for data (librdkafka's default is 500 ms):
+        // A fetch waits at most 2 ms for data (librdkafka's default is 500 ms):
         // Kafka answers as soon as there is any, but other Kafka-protocol
-        // brokers (tansu) wait the whole time, and every hop of the cluster
-        // would add it to the latency (see `loadtest --bin hop`).
+        // brokers (tansu 0.6) wait the whole time, data or not, and every hop
+        // of the cluster adds it to the latency (see `loadtest --bin hop`).
+        // Measured on tansu (BENCHMARKS.md): 5 -> 2 ms took the median
+        // event-to-alert latency from 33 to 25 ms for 10 % more broker CPU;
+        // 1 ms gained nothing more and cost 35 %.
         let consumer: StreamConsumer<GroupContext> = self
             .cfg
-            .client_with(&[("fetch.wait.max.ms", "5"), ("session.timeout.ms", "10000")])
+            .client_with(&[("fetch.wait.max.ms", "2"), ("session.timeout.ms", "10000")])
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
