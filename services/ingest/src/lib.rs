@@ -79,6 +79,17 @@ pub struct Schema {
     /// Field whose value keys the record on the events topic.
     #[serde(default)]
     pub partition_key: Option<String>,
+    /// An event whose time is further ahead of ingest's clock than this (ms)
+    /// is refused (0: no limit). A post's newest event time moves the
+    /// source's watermark for every partition (see the router), so one event
+    /// from a client with a broken clock, or in microseconds, would make
+    /// everything after it late.
+    #[serde(default = "max_ahead_ms")]
+    pub max_ahead_ms: u64,
+}
+
+fn max_ahead_ms() -> u64 {
+    24 * 3_600_000
 }
 
 fn time_field() -> String {
@@ -87,7 +98,7 @@ fn time_field() -> String {
 
 impl Default for Schema {
     fn default() -> Self {
-        Schema { time_field: time_field(), required: BTreeMap::new(), partition_key: None }
+        Schema { time_field: time_field(), required: BTreeMap::new(), partition_key: None, max_ahead_ms: max_ahead_ms() }
     }
 }
 
@@ -151,16 +162,26 @@ impl Default for IngestConfig {
 }
 
 /// Why an event is refused.
-pub fn check(schema: &Schema, event: &Value) -> Result<(), String> {
+pub fn check(schema: &Schema, event: &Value, now_ms: i64) -> Result<(), String> {
     let Some(obj) = event.as_object() else {
         return Err(format!("not a JSON object: {}", short(event)));
     };
     match obj.get(&schema.time_field) {
         None | Some(Value::Null) => return Err(format!("missing time field `{}`", schema.time_field)),
-        Some(v) if !(v.is_i64() || v.is_u64()) => {
+        Some(v) if !v.is_i64() => {
             return Err(format!("time field `{}` must be epoch milliseconds (an integer), got {}", schema.time_field, short(v)))
         }
-        _ => {}
+        Some(v) => {
+            let t = v.as_i64().unwrap_or_default();
+            if schema.max_ahead_ms > 0 && t.saturating_sub(now_ms) > schema.max_ahead_ms as i64 {
+                return Err(format!(
+                    "time field `{}` is {t}, {} s ahead of ingest's clock ({now_ms}); at most max_ahead_ms = {} is accepted",
+                    schema.time_field,
+                    (t - now_ms) / 1000,
+                    schema.max_ahead_ms
+                ));
+            }
+        }
     }
     for (f, t) in &schema.required {
         let v = f.split('.').try_fold(event, |v, part| v.get(part));
@@ -297,7 +318,7 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
     for (line, text) in items {
         match serde_json::from_str::<Value>(&text) {
             Err(e) => rejected.push(json!({"line": line, "reason": format!("not JSON: {e}")})),
-            Ok(v) => match check(schema, &v) {
+            Ok(v) => match check(schema, &v, now_ms()) {
                 Ok(()) => good.push((line, text, v)),
                 Err(reason) => rejected.push(json!({"line": line, "reason": reason})),
             },
@@ -566,7 +587,7 @@ async fn forward(ctx: &Arc<Ctx>, m: &cepheid_bus::Message, first: bool) -> cephe
     let verdict = match (ctx.schema(&source), serde_json::from_str::<Value>(&text)) {
         (None, _) => Err(format!("no schema for source `{source}`")),
         (_, Err(e)) => Err(format!("not JSON: {e}")),
-        (Some(schema), Ok(v)) => check(schema, &v).map(|_| (schema, v)),
+        (Some(schema), Ok(v)) => check(schema, &v, now_ms()).map(|_| (schema, v)),
     };
     let ack = match verdict {
         Ok((schema, v)) => {
@@ -616,4 +637,9 @@ fn acknowledged(m: &cepheid_bus::Message, commits: &mut Vec<(String, i32, i64)>)
         Some(c) => c.2 = m.offset + 1,
         None => commits.push((m.topic.clone(), m.partition, m.offset + 1)),
     }
+}
+
+/// Ingest's wall clock, ms since the epoch (only to refuse events far ahead of it).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

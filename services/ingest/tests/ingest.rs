@@ -52,6 +52,8 @@ async fn scenario(bus: Bus, tag: &str) {
         "not json",
         r#"{"eventTime": "yesterday", "eventType": "view", "userId": 7}"#,
         r#"{"eventTime": 4, "eventType": "view", "userId": "seven"}"#,
+        // Microseconds, not milliseconds: decades ahead of the clock.
+        r#"{"eventTime": 1700000000000000, "eventType": "view", "userId": 7}"#,
     ]
     .join("\n");
     let r = http.post(format!("{url}/v1/events?source=clickstream")).body(body).send().await.unwrap();
@@ -60,11 +62,13 @@ async fn scenario(bus: Bus, tag: &str) {
     assert_eq!(v["accepted"], 2);
     let rejected = v["rejected"].as_array().unwrap();
     let lines: Vec<i64> = rejected.iter().map(|x| x["line"].as_i64().unwrap()).collect();
-    assert_eq!(lines, vec![3, 4, 5, 6]);
+    assert_eq!(lines, vec![3, 4, 5, 6, 7]);
     assert!(rejected[0]["reason"].as_str().unwrap().contains("missing required field `userId`"));
     assert!(rejected[1]["reason"].as_str().unwrap().contains("not JSON"));
     assert!(rejected[2]["reason"].as_str().unwrap().contains("time field `eventTime`"));
     assert!(rejected[3]["reason"].as_str().unwrap().contains("`userid` must be integer"));
+    let ahead = rejected[4]["reason"].as_str().unwrap();
+    assert!(ahead.contains("time field `eventTime` is 1700000000000000") && ahead.contains("ahead of ingest's clock") && ahead.contains("max_ahead_ms = 86400000"), "{ahead}");
 
     // A JSON array, all good: 202.
     let r = http
