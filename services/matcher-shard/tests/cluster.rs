@@ -195,6 +195,11 @@ impl Cluster {
         let mut icfg: cepheid_ingest::IngestConfig = cepheid_runtime::load::<IngestOnly>(None).unwrap().ingest;
         icfg.events_topic = events_topic.clone();
         icfg.events_partitions = 1;
+        // The input ends with an event in 2100 that closes every window (the
+        // cluster has no end of input): no limit on how far ahead of the clock.
+        for schema in icfg.schemas.values_mut().chain([&mut icfg.default_schema]) {
+            schema.max_ahead_ms = 0;
+        }
         icfg.dead_letter_topic = dead_topic.clone();
         icfg.group = format!("ingest-{tag}");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
