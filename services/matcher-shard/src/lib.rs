@@ -718,8 +718,20 @@ impl Shard {
         Ok(())
     }
 
-    /// Releases the events before `w` to their keys, then fires deadlines up to `w`.
+    /// Releases the events before `w` to their keys, then fires deadlines up to
+    /// `w`. A release of 20 ms or more is logged (debug), to tell what holds matches up.
     async fn advance(&mut self, partition: i32, w: i64) -> anyhow::Result<()> {
+        let began = std::time::Instant::now();
+        let r = self.advance_inner(partition, w).await;
+        let took = began.elapsed();
+        if took >= Duration::from_millis(20) {
+            tracing::debug!(partition, watermark = w, ms = took.as_millis() as u64, "matcher-shard: slow release");
+        }
+        r
+    }
+
+    /// [`Shard::advance`] itself (the release, untimed).
+    async fn advance_inner(&mut self, partition: i32, w: i64) -> anyhow::Result<()> {
         let now = self.clock.now();
         let p = self.parts.get_mut(&partition).expect("held");
         // Group released events by key, keeping (time, arrival) order within each key.
@@ -1038,6 +1050,7 @@ impl Shard {
         p.since_checkpoint = 0;
         p.changed = false;
         p.last_checkpoint = Instant::now();
+        let n_keys = keys.len();
         let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, keys, deleted: deleted.clone(), passivate, started };
         let job = Job {
             topic: p.topic.clone(),
@@ -1049,6 +1062,7 @@ impl Shard {
             deleted: deleted.iter().map(|k| k.to_string()).collect(),
             then,
         };
+        tracing::debug!(partition, keys = n_keys, took_us = started.elapsed().as_micros() as u64, "matcher-shard: checkpoint taken");
         self.jobs.send(job).map_err(|_| anyhow::anyhow!("matcher-shard: the checkpoint writer stopped"))
     }
 
@@ -1093,6 +1107,7 @@ impl Shard {
         }
         self.report.checkpoints += 1;
         self.report.checkpoint_micros_total += t.started.elapsed().as_micros() as u64;
+        tracing::debug!(partition, keys = t.keys.len(), ms = t.started.elapsed().as_millis() as u64, "matcher-shard: checkpoint stored");
         for (k, n) in t.keys {
             if let Some(s) = p.keys.get_mut(&k) {
                 if s.changes == n {
