@@ -403,6 +403,7 @@ async fn main() -> anyhow::Result<()> {
     let report = serde_json::json!({
         "events": accepted, "batch": a.batch, "target_rate": a.rate,
         "out_of_orderness_ms": a.lateness_ms,
+        "start_wall_ms": start_wall_ms,
         "post_seconds": posted.as_secs_f64(), "through_seconds": done.as_secs_f64(), "events_per_second": eps,
         "alerts_measured": lat.len(),
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},

@@ -296,7 +296,8 @@ struct Partition {
     /// Keys whose stored state must be deleted at the next checkpoint.
     deleted: FxHashSet<Arc<str>>,
     since_checkpoint: u64,
-    last_checkpoint: Instant,
+    /// When the next checkpoint by time is due (see [`checkpoint_slot`]).
+    next_checkpoint: Instant,
     /// A checkpoint of this partition is being written.
     committing: bool,
     /// When events were last released.
@@ -505,10 +506,7 @@ impl Shard {
             timers: BTreeSet::new(),
             deleted: FxHashSet::default(),
             since_checkpoint: 0,
-            // Partitions checkpoint at staggered times (by eighths of the interval):
-            // their snapshot encoding and Redis transactions do not all land at once
-            // (which held up matching and every other Redis client).
-            last_checkpoint: now.checked_sub(Duration::from_millis(self.cfg.checkpoint_interval_ms * (partition.rem_euclid(8) as u64) / 8)).unwrap_or(now),
+            next_checkpoint: self.next_slot(partition),
             committing: false,
             last_release: now,
             change_seq: 0,
@@ -991,12 +989,24 @@ impl Shard {
         slot.actor = Some(actor);
     }
 
+    /// When partition `partition`'s next checkpoint by time is due: its slot of
+    /// the interval on the wall clock, the same on every shard.
+    fn next_slot(&self, partition: i32) -> Instant {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let at = checkpoint_slot(now_ms, self.cfg.checkpoint_interval_ms, partition, self.cfg.keyed_partitions);
+        Instant::now() + Duration::from_millis((at - now_ms).max(0) as u64)
+    }
+
     async fn maybe_checkpoint(&mut self, partition: i32) -> anyhow::Result<()> {
-        let p = &self.parts[&partition];
-        if !p.committing
-            && (p.since_checkpoint >= self.cfg.checkpoint_records
-                || (p.changed && p.last_checkpoint.elapsed() >= Duration::from_millis(self.cfg.checkpoint_interval_ms)))
-        {
+        let slot = self.next_slot(partition);
+        let records = self.cfg.checkpoint_records;
+        let p = self.parts.get_mut(&partition).expect("held");
+        let due = Instant::now() >= p.next_checkpoint;
+        if due && !p.changed {
+            // Nothing to write in this slot: the next one.
+            p.next_checkpoint = slot;
+        }
+        if !p.committing && (p.since_checkpoint >= records || (p.changed && due)) {
             self.checkpoint(partition, true).await?;
         }
         Ok(())
@@ -1010,6 +1020,7 @@ impl Shard {
         if self.fatal.is_some() || self.parts.get(&partition).is_none_or(|p| p.committing) {
             return Ok(());
         }
+        let slot = self.next_slot(partition);
         // The match records sent so far are in the topic before the state after them is stored.
         let delivered: Vec<checkpoint::Deferred<Result<(), String>>> = std::mem::take(self.unacked.get_mut().expect("unpoisoned"))
             .into_iter()
@@ -1049,7 +1060,7 @@ impl Shard {
         p.committing = true;
         p.since_checkpoint = 0;
         p.changed = false;
-        p.last_checkpoint = Instant::now();
+        p.next_checkpoint = slot;
         let n_keys = keys.len();
         let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, keys, deleted: deleted.clone(), passivate, started };
         let job = Job {
@@ -1286,8 +1297,8 @@ pub async fn run(
     let mut consumer = bus.subscribe(&cfg.group, &[&cfg.keyed_topic])?;
     let mut assigned: HashSet<i32> = HashSet::new();
     shard.report.ready = true;
-    // Often enough for the staggered checkpoints (eighths of the interval) to keep their places.
-    let mut tick = tokio::time::interval(Duration::from_millis((cfg.checkpoint_interval_ms / 16).clamp(10, 1_000)));
+    // Often enough for the partitions' checkpoint slots (see `checkpoint_slot`) to keep their places.
+    let mut tick = tokio::time::interval(Duration::from_millis((cfg.checkpoint_interval_ms / 64).clamp(10, 1_000)));
     let mut release = tokio::time::interval(Duration::from_millis(cfg.release_interval_ms.max(1)));
     release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -1368,3 +1379,40 @@ pub async fn run(
     result.map(|_| shard.report)
 }
 
+/// The first wall-clock time (ms) after `now_ms` at which partition
+/// `partition` checkpoints by time: every `interval_ms`, at its own offset of
+/// `interval_ms / partitions`. Every shard computes the same slots, so the
+/// partitions' checkpoints never land together, whichever shards hold them
+/// (two at once, on the two cores of a small machine, held every match up
+/// for ~100 ms: both shards encoding, Redis storing).
+fn checkpoint_slot(now_ms: i64, interval_ms: u64, partition: i32, partitions: i32) -> i64 {
+    let interval = interval_ms.max(1) as i64;
+    let offset = interval * i64::from(partition.rem_euclid(partitions.max(1))) / i64::from(partitions.max(1));
+    let k = (now_ms - offset).div_euclid(interval) + 1;
+    k * interval + offset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checkpoint_slot;
+
+    #[test]
+    fn checkpoint_slots_are_the_partitions_own_on_every_shard() {
+        // 8 partitions, 5 s: partition p at p × 625 ms past each 5 s boundary.
+        assert_eq!(checkpoint_slot(10_000, 5_000, 0, 8), 15_000, "strictly after now");
+        assert_eq!(checkpoint_slot(10_001, 5_000, 1, 8), 10_625);
+        assert_eq!(checkpoint_slot(10_625, 5_000, 1, 8), 15_625);
+        assert_eq!(checkpoint_slot(14_999, 5_000, 7, 8), 19_375);
+        // Every partition's slot differs from every other's, from any moment.
+        for now in [0, 1, 4_999, 123_456_789] {
+            let mut phases: Vec<i64> = (0..8).map(|p| checkpoint_slot(now, 5_000, p, 8) % 5_000).collect();
+            phases.sort_unstable();
+            phases.dedup();
+            assert_eq!(phases.len(), 8);
+            for p in 0..8 {
+                let at = checkpoint_slot(now, 5_000, p, 8);
+                assert!(at > now && at <= now + 5_000);
+            }
+        }
+    }
+}
