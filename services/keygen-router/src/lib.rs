@@ -498,6 +498,7 @@ pub async fn run(
     let mut out = Outbox::new(partitions);
     loop {
         report.rules = router.rule_count() as u64;
+        report.watermarks_sent += std::mem::take(&mut out.watermark_records);
         report.consumer_lag = consumer.lag().unwrap_or(0);
         *shared.lock().unwrap() = report.clone();
         tokio::select! {
@@ -577,6 +578,7 @@ pub async fn run(
         }
     }
     report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
+    report.watermarks_sent += std::mem::take(&mut out.watermark_records);
     out.flush(&consumer).await?;
     telemetry.flush();
     if let Some(s) = server {
@@ -680,6 +682,8 @@ struct Outbox {
     opened: Option<tokio::time::Instant>,
     /// Per keyed partition, the watermarks last sent to it with frames.
     told: Vec<Vec<(String, i64)>>,
+    /// Watermark records sent by `send_frames`, not yet counted in the report.
+    watermark_records: u64,
 }
 
 impl Outbox {
@@ -691,6 +695,7 @@ impl Outbox {
             framed: Default::default(),
             opened: None,
             told: vec![Vec::new(); partitions.max(1) as usize],
+            watermark_records: 0,
         }
     }
     fn len(&self) -> usize {
@@ -729,6 +734,7 @@ impl Outbox {
                     for (source, w) in &marks {
                         let w = w.to_string();
                         self.push(bus, topic, Some(p as i32), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
+                        self.watermark_records += 1;
                     }
                     self.told[p].clone_from(&marks);
                 }

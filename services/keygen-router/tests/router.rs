@@ -268,6 +268,7 @@ async fn a_moved_watermark_reaches_every_keyed_partition_at_once() {
     }
     assert_eq!(told.values().copied().collect::<Vec<_>>(), vec![28_000; 3], "the post's frontier less the 2 s bound, on every partition: {told:?}");
     stop.send(()).unwrap();
-    handle.await.unwrap().unwrap();
+    let report = handle.await.unwrap().unwrap();
+    assert_eq!(report.watermarks_sent, 2, "the two partitions without a frame, each told once: {report:?}");
     cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
 }
