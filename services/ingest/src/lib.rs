@@ -315,10 +315,11 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
     };
     let mut rejected = Vec::new();
     let mut good = Vec::new();
+    let now = now_ms();
     for (line, text) in items {
         match serde_json::from_str::<Value>(&text) {
             Err(e) => rejected.push(json!({"line": line, "reason": format!("not JSON: {e}")})),
-            Ok(v) => match check(schema, &v, now_ms()) {
+            Ok(v) => match check(schema, &v, now) {
                 Ok(()) => good.push((line, text, v)),
                 Err(reason) => rejected.push(json!({"line": line, "reason": reason})),
             },

@@ -317,23 +317,29 @@ struct Partition {
 /// once, thousands of actors encode before anything else runs on the shard's
 /// thread, and every match waiting on it waits as long. A key about to step
 /// is asked first (so that its snapshot is as of the checkpoint).
-type Unasked = Arc<Mutex<FxHashMap<Arc<str>, (ActorRef<KeyMsg>, tokio::sync::oneshot::Sender<Vec<u8>>)>>>;
+type Unasked = Arc<Mutex<FxHashMap<Arc<str>, Ask>>>;
+
+/// A snapshot request to send: the key's actor, and where the snapshot goes.
+type Ask = (ActorRef<KeyMsg>, tokio::sync::oneshot::Sender<Vec<u8>>);
+
+/// Sends a snapshot request. An actor gone drops the sender: the writer
+/// reports the checkpoint incomplete (it is taken again at the next slot).
+fn ask((actor, tx): Ask) {
+    let _ = actor.send_message(KeyMsg::Snapshot(tx.into()));
+}
 
 /// Sends a checkpoint's snapshot requests, `batch` at a time.
 async fn ask_snapshots(unasked: Unasked, batch: usize) {
     loop {
-        let chunk: Vec<(Arc<str>, (ActorRef<KeyMsg>, tokio::sync::oneshot::Sender<Vec<u8>>))> = {
+        let chunk: Vec<Ask> = {
             let mut u = unasked.lock().expect("unpoisoned");
             let keys: Vec<Arc<str>> = u.keys().take(batch.max(1)).cloned().collect();
-            keys.into_iter().filter_map(|k| u.remove(&k).map(|v| (k, v))).collect()
+            keys.iter().filter_map(|k| u.remove(k)).collect()
         };
         if chunk.is_empty() {
             return;
         }
-        for (_, (actor, tx)) in chunk {
-            // An actor gone drops `tx`: the writer reports the checkpoint incomplete.
-            let _ = actor.send_message(KeyMsg::Snapshot(tx.into()));
-        }
+        chunk.into_iter().for_each(ask);
         // Behind the actors just asked (and whatever else is ready to run).
         tokio::task::yield_now().await;
     }
@@ -779,6 +785,8 @@ impl Shard {
         let mut results: Vec<KeyResult> = Vec::new();
         // Keys that start keeping state here: their actors are started together below.
         let mut born: Vec<(Arc<str>, KeyCell)> = Vec::new();
+        // The checkpoint in flight's snapshots not asked yet (no checkpoint starts during a release).
+        let unasked = self.parts[&partition].unasked.clone();
         for key in order {
             let events = batches.remove(&key).unwrap_or_default();
             let sig = key.split('|').next().unwrap_or_default();
@@ -799,9 +807,9 @@ impl Shard {
             }
             let actor = self.actor_for(partition, &key, &rules).await?;
             // Its snapshot for the checkpoint in flight, if not asked yet, goes before the step.
-            if let Some(u) = &self.parts[&partition].unasked {
-                if let Some((a, tx)) = u.lock().expect("unpoisoned").remove(&key) {
-                    let _ = a.send_message(KeyMsg::Snapshot(tx.into()));
+            if let Some(u) = &unasked {
+                if let Some(a) = u.lock().expect("unpoisoned").remove(&key) {
+                    ask(a);
                 }
             }
             let reply = Outbox::new(asked, key, rules.clone(), answers.clone());
@@ -998,15 +1006,16 @@ impl Shard {
     }
 
     async fn maybe_checkpoint(&mut self, partition: i32) -> anyhow::Result<()> {
-        let slot = self.next_slot(partition);
-        let records = self.cfg.checkpoint_records;
-        let p = self.parts.get_mut(&partition).expect("held");
+        let p = &self.parts[&partition];
         let due = Instant::now() >= p.next_checkpoint;
         if due && !p.changed {
             // Nothing to write in this slot: the next one.
-            p.next_checkpoint = slot;
+            let next = self.next_slot(partition);
+            self.parts.get_mut(&partition).expect("held").next_checkpoint = next;
+            return Ok(());
         }
-        if !p.committing && (p.since_checkpoint >= records || (p.changed && due)) {
+        let p = &self.parts[&partition];
+        if !p.committing && (p.since_checkpoint >= self.cfg.checkpoint_records || (p.changed && due)) {
             self.checkpoint(partition, true).await?;
         }
         Ok(())
@@ -1020,7 +1029,7 @@ impl Shard {
         if self.fatal.is_some() || self.parts.get(&partition).is_none_or(|p| p.committing) {
             return Ok(());
         }
-        let slot = self.next_slot(partition);
+        let next = self.next_slot(partition);
         // The match records sent so far are in the topic before the state after them is stored.
         let delivered: Vec<checkpoint::Deferred<Result<(), String>>> = std::mem::take(self.unacked.get_mut().expect("unpoisoned"))
             .into_iter()
@@ -1060,7 +1069,7 @@ impl Shard {
         p.committing = true;
         p.since_checkpoint = 0;
         p.changed = false;
-        p.next_checkpoint = slot;
+        p.next_checkpoint = next;
         let n_keys = keys.len();
         let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, keys, deleted: deleted.clone(), passivate, started };
         let job = Job {
