@@ -6,22 +6,37 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `{p}:shard:{T-n}:epoch` | string | ownership counter, raised by every shard that takes the partition |
-//! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: next offset, watermarks, the reorder buffer |
-//! | `{p}:shard:{T-n}:state` | hash | `signature|key` → the key's cell in binary form ([`cepheid_engine::cellcodec`]; JSON in checkpoints of earlier versions) |
+//! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: next offset, watermarks, the reorder buffer, the checkpoint's number and its [`Meta::lineage`] |
+//! | `{p}:shard:{T-n}:state` | hash | two slots per key, `signature|key` and `signature|key` + `"\0" "1"`: a [stamp](stamp) then the key's cell in binary form ([`cepheid_engine::cellcodec`]) |
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
 //!
 //! Checkpoints are written by a task of their own ([`Checkpoints::start_writer`]),
 //! one after the other in the order taken: a partition's loop notes its dirty
 //! keys and reads on while their actors are asked for snapshots a few at a
 //! time (a key's request is in its mailbox before any later step of it, so
-//! every snapshot is as of the same point); the writer waits for the snapshots and for the
+//! every snapshot is as of the same point); the writer waits for the
 //! acknowledgements of the match records sent before that point, then writes.
 //! A partition has at most one checkpoint in flight.
 //!
-//! Fencing: a checkpoint `WATCH`es the epoch and is written only while the
-//! epoch is still the one this shard set when it took the partition. A shard
-//! that lost the partition in a rebalance (or was presumed dead) can never
-//! overwrite the state its successor restored from.
+//! **Two phases, so Redis is never held for long.** A checkpoint writes
+//! several megabytes of cells, and one `MULTI`/`EXEC` of all of them held Redis
+//! for tens of milliseconds, every other client (the notifier's
+//! de-duplication) waiting behind it. So the cells are *staged* first, a few
+//! dozen per command as their snapshots come in, each into the key's slot that
+//! does not hold its last committed state, stamped with the partition's epoch
+//! and the checkpoint's number. Then one small `MULTI`/`EXEC` commits the
+//! checkpoint: the deletions, the changed timer entries and the meta with the
+//! checkpoint's number. A stamped cell counts only when its checkpoint was
+//! committed ([`Meta::valid`]); restoring reads both slots of a key and takes
+//! the newest that counts. A crash between the phases leaves staged cells that
+//! never count and are overwritten later.
+//!
+//! Fencing: every staging command is a script that writes only while the
+//! partition's epoch is still the one this shard set when it took the
+//! partition, and the commit `WATCH`es the epoch. A shard that lost the
+//! partition in a rebalance (or was presumed dead) can never overwrite the
+//! state its successor restored from; what it staged before that is not in
+//! the successor's lineage, so it never counts.
 
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
@@ -40,6 +55,88 @@ pub struct Meta {
     pub routers: Vec<RouterMark>,
     /// Events read but still waiting for the watermark.
     pub pending: Vec<PendingRecord>,
+    /// This checkpoint's number (0: none yet, or a checkpoint of an earlier
+    /// version, whose cells are not stamped).
+    #[serde(default)]
+    pub seq: u64,
+    /// Which epoch wrote which checkpoint numbers: `(epoch, first number)`,
+    /// ascending; each owner's numbers run up to the next entry's first.
+    #[serde(default)]
+    pub lineage: Vec<(i64, u64)>,
+}
+
+impl Meta {
+    /// Does a cell stamped `(epoch, seq)` belong to this checkpoint (or an
+    /// earlier committed one)? Only if its checkpoint number is committed and
+    /// was written by that epoch: a cell staged by a checkpoint that was never
+    /// committed, or by a shard that lost the partition, does not.
+    pub fn valid(&self, epoch: i64, seq: u64) -> bool {
+        valid(&self.lineage, self.seq, epoch, seq)
+    }
+}
+
+/// [`Meta::valid`] over a lineage and the last committed checkpoint number.
+pub fn valid(lineage: &[(i64, u64)], committed: u64, epoch: i64, seq: u64) -> bool {
+    if seq == 0 || seq > committed {
+        return false;
+    }
+    let i = lineage.partition_point(|(_, first)| *first <= seq);
+    i > 0 && lineage[i - 1].0 == epoch
+}
+
+const STAMP: [u8; 2] = [0xC5, 0x01];
+
+/// A stored cell's prefix: the magic bytes `C5 01`, then the epoch and the
+/// checkpoint number that staged it (LEB128 varints).
+pub fn stamp(epoch: i64, seq: u64, cell: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(cell.len() + 16);
+    out.extend_from_slice(&STAMP);
+    for mut x in [epoch as u64, seq] {
+        while x >= 0x80 {
+            out.push((x as u8) | 0x80);
+            x >>= 7;
+        }
+        out.push(x as u8);
+    }
+    out.extend_from_slice(cell);
+    out
+}
+
+/// Splits a stored cell into its stamp (`None`: a cell of an earlier version,
+/// which has none) and the cell. `Err` when the stamp is cut short.
+pub fn unstamp(stored: &[u8]) -> Result<(Option<(i64, u64)>, &[u8]), String> {
+    let Some(mut rest) = stored.strip_prefix(&STAMP[..]) else { return Ok((None, stored)) };
+    let mut read = || -> Result<u64, String> {
+        let mut x = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, r) = rest.split_first().ok_or("stamp cut short")?;
+            rest = r;
+            x |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(x);
+            }
+        }
+        Err("stamp varint too long".into())
+    };
+    let epoch = read()? as i64;
+    let seq = read()?;
+    Ok((Some((epoch, seq)), rest))
+}
+
+/// The hash field of a key's slot (0 or 1). Slot 0 is the key itself (where
+/// earlier versions stored the key's only cell); slot 1 adds a NUL and `1`,
+/// which no key holds (key values are JSON text, a NUL in them escaped).
+pub fn field(key: &str, slot: u8) -> String {
+    if slot == 0 {
+        key.to_string()
+    } else {
+        format!("{key}\01")
+    }
+}
+
+/// The key of a hash field ([`field`] reversed).
+fn key_of(field: &str) -> &str {
+    field.strip_suffix("\01").unwrap_or(field)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,14 +168,33 @@ pub struct Acquired {
     pub keys: Vec<(String, Option<i64>)>,
 }
 
-/// The writes of one checkpoint.
-#[derive(Debug, Default)]
-pub struct Writes {
-    pub meta: Meta,
-    /// Key states to store, with the key's deadline.
-    pub states: Vec<(String, Vec<u8>, Option<i64>)>,
-    /// Keys whose state is gone.
-    pub deleted: Vec<String>,
+/// A key's state loaded from its checkpoint.
+#[derive(Debug, PartialEq)]
+pub struct Loaded {
+    /// The key's cell (unstamped).
+    pub cell: Vec<u8>,
+    /// The slot it was in (the next checkpoint writes the other).
+    pub slot: u8,
+}
+
+/// What [`Checkpoints::load`] finds of a key.
+#[derive(Debug, PartialEq)]
+pub enum Found {
+    Cell(Loaded),
+    /// Only cells staged by checkpoints never committed (a shard stopped
+    /// between staging and committing): the key has no state.
+    Uncommitted,
+    /// Nothing at all.
+    Missing,
+}
+
+/// A key's write in a checkpoint: its snapshot to come, the slot to stage it
+/// in, and its timer entry when that changed (`Some(None)`: remove it).
+pub struct KeyWrite {
+    pub key: String,
+    pub snapshot: Snapshot,
+    pub slot: u8,
+    pub timer: Option<Option<i64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,9 +236,10 @@ pub struct Job<T> {
     /// Acknowledgements of the match records sent before the checkpoint:
     /// all must succeed before it is written.
     pub delivered: Vec<Deferred<Result<(), String>>>,
+    /// The partition's meta, with this checkpoint's number and lineage.
     pub meta: Meta,
-    /// Key snapshots to come, with each key's deadline.
-    pub states: Vec<(String, Snapshot, Option<i64>)>,
+    pub states: Vec<KeyWrite>,
+    /// Keys whose state is gone (both slots and the timer entry are deleted).
     pub deleted: Vec<String>,
     pub then: T,
 }
@@ -150,19 +267,49 @@ impl Checkpoints {
         let mut conn = self.writer.clone();
         let prefix = self.prefix.clone();
         tokio::spawn(async move {
+            let stage = redis::Script::new(STAGE);
             while let Some(job) = rx.recv().await {
                 let r = async {
                     for d in job.delivered {
                         d.await.map_err(CheckpointError::Undelivered)?;
                     }
-                    let mut w = Writes { meta: job.meta, states: Vec::with_capacity(job.states.len()), deleted: job.deleted };
-                    for (k, doc, deadline) in job.states {
-                        match doc.await {
-                            Some(doc) => w.states.push((k, doc, deadline)),
-                            None => return Err(CheckpointError::Incomplete(format!("key {k}: its actor stopped before its snapshot"))),
+                    let b = base(&prefix, &job.topic, job.partition);
+                    let (epoch_key, state) = (format!("{b}:epoch"), format!("{b}:state"));
+                    let fenced = || CheckpointError::Fenced(format!("{}/{}", job.topic, job.partition), job.epoch, -1);
+                    // Phase 1: stage the cells as their snapshots come, a chunk per command.
+                    let mut timers = Vec::new();
+                    let mut inv = stage.key(&epoch_key);
+                    inv.key(&state).arg(job.epoch);
+                    let (mut n, mut bytes) = (0usize, 0usize);
+                    for w in job.states {
+                        let Some(doc) = w.snapshot.await else {
+                            return Err(CheckpointError::Incomplete(format!("key {}: its actor stopped before its snapshot", w.key)));
+                        };
+                        let doc = stamp(job.epoch, job.meta.seq, &doc);
+                        bytes += doc.len();
+                        inv.arg(field(&w.key, w.slot)).arg(doc);
+                        n += 1;
+                        if let Some(t) = w.timer {
+                            timers.push((w.key, t));
+                        }
+                        if n >= STAGE_KEYS || bytes >= STAGE_BYTES {
+                            let ok: i64 = inv.invoke_async(&mut conn).await?;
+                            if ok == 0 {
+                                return Err(fenced());
+                            }
+                            inv = stage.key(&epoch_key);
+                            inv.key(&state).arg(job.epoch);
+                            (n, bytes) = (0, 0);
                         }
                     }
-                    commit(&mut conn, &prefix, &job.topic, job.partition, job.epoch, &w).await
+                    if n > 0 {
+                        let ok: i64 = inv.invoke_async(&mut conn).await?;
+                        if ok == 0 {
+                            return Err(fenced());
+                        }
+                    }
+                    // Phase 2: commit.
+                    commit(&mut conn, &prefix, &job.topic, job.partition, job.epoch, &job.meta, &timers, &job.deleted).await
                 }
                 .await;
                 if done.send((job.then, r)).is_err() {
@@ -183,7 +330,13 @@ impl Checkpoints {
             Some(m) => Some(serde_json::from_str(&m).map_err(|e| CheckpointError::Corrupt(format!("{b}:meta"), e.to_string()))?),
             None => None,
         };
-        let names: Vec<String> = redis::cmd("HKEYS").arg(format!("{b}:state")).query_async(&mut c).await?;
+        let mut names: Vec<String> = redis::cmd("HKEYS").arg(format!("{b}:state")).query_async(&mut c).await?;
+        // Both slots of a key, once.
+        for n in names.iter_mut() {
+            n.truncate(key_of(n).len());
+        }
+        names.sort_unstable();
+        names.dedup();
         let timers: Vec<(String, f64)> =
             redis::cmd("ZRANGE").arg(format!("{b}:timers")).arg(0).arg(-1).arg("WITHSCORES").query_async(&mut c).await?;
         let timers: std::collections::HashMap<String, i64> = timers.into_iter().map(|(k, s)| (k, s as i64)).collect();
@@ -194,22 +347,69 @@ impl Checkpoints {
         Ok(Acquired { epoch, meta, keys: keys.collect() })
     }
 
-    /// A passivated key's state.
-    pub async fn load(&self, topic: &str, partition: i32, key: &str) -> Result<Option<Vec<u8>>, CheckpointError> {
+    /// A passivated key's state: of its two slots, the newest whose
+    /// checkpoint counts by `meta`'s lineage and number ([`Meta::valid`]).
+    /// `Err(Corrupt)` when a slot's stamp is unreadable.
+    pub async fn load(&self, topic: &str, partition: i32, key: &str, lineage: &[(i64, u64)], committed: u64) -> Result<Found, CheckpointError> {
         let mut c = self.reader.clone();
-        Ok(redis::cmd("HGET").arg(format!("{}:state", self.base(topic, partition))).arg(key).query_async(&mut c).await?)
+        let state = format!("{}:state", self.base(topic, partition));
+        let slots: (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("HMGET").arg(&state).arg(field(key, 0)).arg(field(key, 1)).query_async(&mut c).await?;
+        let mut best: Option<(u64, Loaded)> = None;
+        let mut found = false;
+        for (slot, doc) in [(0u8, slots.0), (1u8, slots.1)] {
+            let Some(doc) = doc else { continue };
+            found = true;
+            let (st, cell) = unstamp(&doc).map_err(|e| CheckpointError::Corrupt(format!("{state} {key}"), e))?;
+            let seq = match st {
+                // A cell of an earlier version: older than any stamped one.
+                None => 0,
+                Some((e, s)) if valid(lineage, committed, e, s) => s,
+                Some(_) => continue,
+            };
+            if best.as_ref().is_none_or(|(b, _)| seq > *b) {
+                best = Some((seq, Loaded { cell: cell.to_vec(), slot }));
+            }
+        }
+        Ok(match best {
+            Some((_, l)) => Found::Cell(l),
+            None if found => Found::Uncommitted,
+            None => Found::Missing,
+        })
     }
 }
+
+/// Stages cells: `HSET` into the state hash (KEYS[2]) only while the epoch
+/// (KEYS[1]) is still ARGV[1]; answers 1 when written, 0 when fenced.
+const STAGE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+return 1
+";
+
+/// Keys per staging command, and the bytes after which a command is sent
+/// sooner: each command holds Redis for about a millisecond at most.
+const STAGE_KEYS: usize = 64;
+const STAGE_BYTES: usize = 128 * 1024;
 
 fn base(prefix: &str, topic: &str, partition: i32) -> String {
     format!("{prefix}:shard:{{{topic}-{partition}}}")
 }
 
-/// Writes a checkpoint atomically, if this shard still owns the partition.
-/// Keys written per Redis command of a checkpoint.
+/// Keys per command of a checkpoint's commit.
 const CHUNK: usize = 512;
 
-async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partition: i32, epoch: i64, w: &Writes) -> Result<(), CheckpointError> {
+/// Commits a checkpoint whose cells are staged, atomically, if this shard
+/// still owns the partition: deletions, changed timer entries, the meta.
+async fn commit(
+    conn: &mut ConnectionManager,
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    epoch: i64,
+    meta: &Meta,
+    timers: &[(String, Option<i64>)],
+    deleted: &[String],
+) -> Result<(), CheckpointError> {
     let b = base(prefix, topic, partition);
     let epoch_key = format!("{b}:epoch");
     redis::cmd("WATCH").arg(&epoch_key).query_async::<()>(conn).await?;
@@ -221,22 +421,23 @@ async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partiti
     let mut pipe = redis::pipe();
     pipe.atomic();
     let state = format!("{b}:state");
-    let timers = format!("{b}:timers");
-    // Deletions first: a key dropped and started again since the last checkpoint is stored.
+    let timer_key = format!("{b}:timers");
     // Many fields per command (Redis spends about as much on a command as on a field).
-    for ks in w.deleted.chunks(CHUNK) {
-        pipe.cmd("HDEL").arg(&state).arg(ks).ignore();
-        pipe.cmd("ZREM").arg(&timers).arg(ks).ignore();
+    for ks in deleted.chunks(CHUNK) {
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(&state);
+        for k in ks {
+            hdel.arg(field(k, 0)).arg(field(k, 1));
+        }
+        pipe.add_command(hdel).ignore();
+        pipe.cmd("ZREM").arg(&timer_key).arg(ks).ignore();
     }
-    for chunk in w.states.chunks(CHUNK) {
-        let mut hset = redis::cmd("HSET");
-        hset.arg(&state);
+    for chunk in timers.chunks(CHUNK) {
         let (mut zadd, mut zrem) = (redis::cmd("ZADD"), redis::cmd("ZREM"));
-        zadd.arg(&timers);
-        zrem.arg(&timers);
+        zadd.arg(&timer_key);
+        zrem.arg(&timer_key);
         let (mut adds, mut rems) = (0, 0);
-        for (k, doc, deadline) in chunk {
-            hset.arg(k).arg(doc);
+        for (k, deadline) in chunk {
             match deadline {
                 Some(d) => {
                     zadd.arg(*d).arg(k);
@@ -248,7 +449,6 @@ async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partiti
                 }
             }
         }
-        pipe.add_command(hset).ignore();
         if adds > 0 {
             pipe.add_command(zadd).ignore();
         }
@@ -256,12 +456,47 @@ async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partiti
             pipe.add_command(zrem).ignore();
         }
     }
-    let meta = serde_json::to_string(&w.meta).expect("meta serialises");
+    let meta = serde_json::to_string(meta).expect("meta serialises");
     pipe.cmd("SET").arg(format!("{b}:meta")).arg(meta);
     // EXEC answers nil when the watched epoch changed in between.
     let done: Option<(redis::Value,)> = pipe.query_async(conn).await?;
     match done {
         Some(_) => Ok(()),
         None => Err(CheckpointError::Fenced(format!("{topic}/{partition}"), epoch, -1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_read_back_and_unstamped_cells_are_of_an_earlier_version() {
+        let s = stamp(300, 1 << 40, b"\xCE\x50cell");
+        assert_eq!(unstamp(&s).unwrap(), (Some((300, 1 << 40)), &b"\xCE\x50cell"[..]));
+        assert_eq!(unstamp(b"\xCE\x50cell").unwrap(), (None, &b"\xCE\x50cell"[..]));
+        assert!(unstamp(&s[..3]).is_err());
+    }
+
+    #[test]
+    fn a_cell_counts_only_when_its_number_was_committed_by_its_epoch() {
+        // Epoch 4 committed 1..=9; epoch 6 took over and committed 10..=12.
+        let lineage = [(4, 1), (6, 10)];
+        assert!(valid(&lineage, 12, 4, 9));
+        assert!(valid(&lineage, 12, 6, 12));
+        // Staged by a checkpoint not committed (yet).
+        assert!(!valid(&lineage, 12, 6, 13));
+        // Staged by epoch 4 after its last commit: its successor took 10 on.
+        assert!(!valid(&lineage, 12, 4, 10));
+        // Epoch 5 took the partition and never committed.
+        assert!(!valid(&lineage, 12, 5, 10));
+        assert!(!valid(&[], 0, 4, 1));
+    }
+
+    #[test]
+    fn slot_fields_name_their_key() {
+        assert_eq!(field("userId|7", 0), "userId|7");
+        assert_eq!(key_of(&field("userId|7", 1)), "userId|7");
+        assert_eq!(key_of(&field("userId|7", 0)), "userId|7");
     }
 }

@@ -47,7 +47,7 @@ use cepheid_state::rules::{RedisRuleStore, RuleUpdate};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_types::Clock;
 use ractor::{Actor, ActorRef};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -279,6 +279,12 @@ struct KeySlot {
     changes: u64,
     last_used: Instant,
     partials: usize,
+    /// The slot ([`checkpoint::field`]) holding its last committed state; the
+    /// next checkpoint stages it in the other one.
+    slot: u8,
+    /// Its entry in the stored timer index as of the last checkpoint (`None`:
+    /// not known, written at the next one).
+    indexed: Option<Option<i64>>,
 }
 
 struct Partition {
@@ -293,8 +299,14 @@ struct Partition {
     pending: BinaryHeap<Reverse<Pending>>,
     keys: FxHashMap<Arc<str>, KeySlot>,
     timers: BTreeSet<(i64, Arc<str>)>,
-    /// Keys whose stored state must be deleted at the next checkpoint.
-    deleted: FxHashSet<Arc<str>>,
+    /// Keys whose stored state must be deleted at the next checkpoint, with
+    /// the slot of their last committed state (kept should the key start again).
+    deleted: FxHashMap<Arc<str>, u8>,
+    /// The last committed checkpoint's number, and the next one's.
+    seq: u64,
+    next_seq: u64,
+    /// Which epoch wrote which checkpoint numbers ([`Meta::lineage`]), this one's included.
+    lineage: Vec<(i64, u64)>,
     since_checkpoint: u64,
     /// When the next checkpoint by time is due (see [`checkpoint_slot`]).
     next_checkpoint: Instant,
@@ -346,7 +358,8 @@ async fn ask_snapshots(unasked: Unasked, batch: usize) {
 }
 
 impl Partition {
-    fn meta(&self) -> Meta {
+    /// The partition's meta for checkpoint number `seq`.
+    fn meta(&self, seq: u64) -> Meta {
         let mut pending: Vec<PendingRecord> = self
             .pending
             .iter()
@@ -366,7 +379,7 @@ impl Partition {
             .map(|((s, r), (w, _))| RouterMark { source: s.to_string(), router: r.clone(), watermark: *w })
             .collect();
         routers.sort_by(|a, b| (&a.source, &a.router).cmp(&(&b.source, &b.router)));
-        Meta { offset: self.next_offset, released: self.released, arrival: self.arrival, routers, pending }
+        Meta { offset: self.next_offset, released: self.released, arrival: self.arrival, routers, pending, seq, lineage: self.lineage.clone() }
     }
 
     /// Takes router `router`'s watermark `w` for `source` (watermarks only go forward).
@@ -411,7 +424,7 @@ impl Partition {
                 a.stop(None);
             }
             if slot.stored {
-                self.deleted.insert(key.clone());
+                self.deleted.insert(key.clone(), slot.slot);
             }
         }
     }
@@ -431,9 +444,13 @@ struct Taken {
     epoch: i64,
     /// The partition's next offset as of the checkpoint.
     offset: i64,
-    /// Keys written, with the change count each was snapshotted at.
-    keys: Vec<(Arc<str>, u64)>,
-    deleted: Vec<Arc<str>>,
+    /// This checkpoint's number.
+    seq: u64,
+    /// Keys written: the change count each was snapshotted at, the slot it is
+    /// staged in, its timer entry when written.
+    keys: Vec<(Arc<str>, u64, u8, Option<Option<i64>>)>,
+    /// Keys deleted, with the slot of their last committed state.
+    deleted: Vec<(Arc<str>, u8)>,
     passivate: bool,
     started: std::time::Instant,
 }
@@ -510,7 +527,16 @@ impl Shard {
                 .collect(),
             keys: FxHashMap::default(),
             timers: BTreeSet::new(),
-            deleted: FxHashSet::default(),
+            deleted: FxHashMap::default(),
+            seq: meta.seq,
+            next_seq: meta.seq + 1,
+            lineage: {
+                // This epoch writes the numbers from the next one on; what an earlier
+                // owner staged under them without committing never counts.
+                let mut l = meta.lineage;
+                l.push((a.epoch, meta.seq + 1));
+                l
+            },
             since_checkpoint: 0,
             next_checkpoint: self.next_slot(partition),
             committing: false,
@@ -521,7 +547,8 @@ impl Shard {
         };
         for (k, d) in a.keys {
             let k: Arc<str> = Arc::from(k.as_str());
-            p.keys.insert(k.clone(), KeySlot { actor: None, deadline: None, stored: true, dirty: false, changes: 0, last_used: now, partials: 0 });
+            // Its slot is known once loaded; its timer entry is `d`.
+            p.keys.insert(k.clone(), KeySlot { actor: None, deadline: None, stored: true, dirty: false, changes: 0, last_used: now, partials: 0, slot: 1, indexed: Some(d) });
             p.set_deadline(&k, d);
         }
         self.parts.insert(partition, p);
@@ -931,8 +958,14 @@ impl Shard {
         if let Some(a) = &slot.actor {
             return Ok(a.clone());
         }
-        let cell = match self.load_retrying(partition, key).await {
-            Some(doc) => match cepheid_engine::cellcodec::decode(&doc) {
+        let loaded = self.load_retrying(partition, key).await;
+        if let checkpoint::Found::Cell(l) = &loaded {
+            if let Some(s) = self.parts.get_mut(&partition).and_then(|p| p.keys.get_mut(key)) {
+                s.slot = l.slot;
+            }
+        }
+        let cell = match loaded {
+            checkpoint::Found::Cell(checkpoint::Loaded { cell: doc, .. }) => match cepheid_engine::cellcodec::decode(&doc) {
                 Ok(snap) => {
                     let (cell, dropped) = KeyCell::restore(snap, rules, &self.book);
                     for d in dropped {
@@ -946,7 +979,13 @@ impl Shard {
                     KeyCell::new()
                 }
             },
-            None => {
+            checkpoint::Found::Uncommitted => {
+                // Staged by a checkpoint that was never committed: the key had no
+                // state. Its slots are overwritten or deleted by the next checkpoints.
+                tracing::debug!("matcher-shard: partition {partition} key {key}: only uncommitted state in Redis; starting afresh");
+                KeyCell::new()
+            }
+            checkpoint::Found::Missing => {
                 tracing::warn!("matcher-shard: partition {partition} key {key}: stored state missing; starting afresh");
                 KeyCell::new()
             }
@@ -956,11 +995,16 @@ impl Shard {
 
     /// A passivated key's state. While Redis is unreachable the partition
     /// waits (back-pressure: nothing further is read), retrying with backoff.
-    async fn load_retrying(&mut self, partition: i32, key: &str) -> Option<Vec<u8>> {
+    async fn load_retrying(&mut self, partition: i32, key: &str) -> checkpoint::Found {
         let mut backoff = cepheid_state::Backoff::default();
+        let (lineage, committed) = self.parts.get(&partition).map(|p| (p.lineage.clone(), p.seq)).unwrap_or_default();
         loop {
-            match self.ckpt.load(&self.cfg.keyed_topic, partition, key).await {
+            match self.ckpt.load(&self.cfg.keyed_topic, partition, key, &lineage, committed).await {
                 Ok(doc) => return doc,
+                Err(e @ checkpoint::CheckpointError::Corrupt(..)) => {
+                    tracing::warn!("matcher-shard: partition {partition} key {key}: {e}");
+                    return checkpoint::Found::Missing;
+                }
                 Err(e) => {
                     self.report.redis_errors += 1;
                     self.publish();
@@ -988,11 +1032,13 @@ impl Shard {
         let slot = p.keys.entry(key.clone()).or_insert(KeySlot {
             actor: None,
             deadline: None,
-            stored: in_redis,
+            stored: in_redis.is_some(),
             dirty: true,
             changes: p.change_seq,
             last_used: Instant::now(),
             partials: 0,
+            slot: in_redis.unwrap_or(1),
+            indexed: None,
         });
         slot.actor = Some(actor);
     }
@@ -1053,8 +1099,15 @@ impl Shard {
             unasked.insert(k.clone(), (a.clone(), tx));
             // Redis holds (or, once written, will hold) state of this key: dropping it must delete that.
             slot.stored = true;
-            states.push((k.to_string(), Box::pin(async move { rx.await.ok() }) as checkpoint::Snapshot, slot.deadline));
-            keys.push((k.clone(), slot.changes));
+            let timer = (slot.indexed != Some(slot.deadline)).then_some(slot.deadline);
+            let staged = 1 - slot.slot;
+            states.push(checkpoint::KeyWrite {
+                key: k.to_string(),
+                snapshot: Box::pin(async move { rx.await.ok() }) as checkpoint::Snapshot,
+                slot: staged,
+                timer,
+            });
+            keys.push((k.clone(), slot.changes, staged, timer));
         }
         if !unasked.is_empty() {
             let unasked: Unasked = Arc::new(Mutex::new(unasked));
@@ -1065,21 +1118,23 @@ impl Shard {
             tracing::warn!("matcher-shard: partition {partition} key {k}: its actor is gone; the key's state is dropped");
             p.drop_key(&k);
         }
-        let deleted: Vec<Arc<str>> = p.deleted.drain().collect();
+        let deleted: Vec<(Arc<str>, u8)> = p.deleted.drain().collect();
+        let seq = p.next_seq;
+        p.next_seq += 1;
         p.committing = true;
         p.since_checkpoint = 0;
         p.changed = false;
         p.next_checkpoint = next;
         let n_keys = keys.len();
-        let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, keys, deleted: deleted.clone(), passivate, started };
+        let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, seq, keys, deleted: deleted.clone(), passivate, started };
         let job = Job {
             topic: p.topic.clone(),
             partition,
             epoch: p.epoch,
             delivered,
-            meta: p.meta(),
+            meta: p.meta(seq),
             states,
-            deleted: deleted.iter().map(|k| k.to_string()).collect(),
+            deleted: deleted.iter().map(|(k, _)| k.to_string()).collect(),
             then,
         };
         tracing::debug!(partition, keys = n_keys, took_us = started.elapsed().as_micros() as u64, "matcher-shard: checkpoint taken");
@@ -1116,9 +1171,13 @@ impl Shard {
                 self.report.checkpoint_failures += 1;
                 self.report.redis_errors += 1;
                 tracing::warn!("matcher-shard: checkpoint of {}/{partition}: {e}; retrying in {} ms", p.topic, self.cfg.checkpoint_interval_ms);
-                for k in t.deleted {
-                    if !p.keys.contains_key(&k) {
-                        p.deleted.insert(k);
+                for (k, slot) in t.deleted {
+                    match p.keys.get_mut(&k) {
+                        // Started again meanwhile: its old state is still in Redis.
+                        Some(s) => s.stored = true,
+                        None => {
+                            p.deleted.insert(k, slot);
+                        }
                     }
                 }
                 p.changed = true;
@@ -1128,11 +1187,19 @@ impl Shard {
         self.report.checkpoints += 1;
         self.report.checkpoint_micros_total += t.started.elapsed().as_micros() as u64;
         tracing::debug!(partition, keys = t.keys.len(), ms = t.started.elapsed().as_millis() as u64, "matcher-shard: checkpoint stored");
-        for (k, n) in t.keys {
+        p.seq = t.seq;
+        for (k, n, staged, timer) in t.keys {
             if let Some(s) = p.keys.get_mut(&k) {
+                s.slot = staged;
+                if let Some(t) = timer {
+                    s.indexed = Some(t);
+                }
                 if s.changes == n {
                     s.dirty = false;
                 }
+            } else if let Some(s) = p.deleted.get_mut(&k) {
+                // Dropped meanwhile: should it start again, its newest state is in `staged`.
+                *s = staged;
             }
         }
         if let Err(e) = consumer.commit(&p.topic, partition, t.offset) {

@@ -1,0 +1,131 @@
+//! The checkpoint store against the local Redis: cells are staged outside the
+//! commit's `MULTI`/`EXEC`, so what was staged but never committed — a
+//! checkpoint that failed half-way, a shard that lost the partition — must
+//! never be what a key restores from.
+
+use cepheid_matcher_shard::checkpoint::{self, CheckpointError, Checkpoints, Found, Job, KeyWrite, Loaded, Meta};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+const TOPIC: &str = "keyed";
+
+fn prefix(name: &str) -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("cepheid-test-ckpt-{name}-{t}")
+}
+
+/// A write of `key` into `slot` whose snapshot is `cell` (`None`: the key's actor stopped first).
+fn write(key: &str, slot: u8, cell: Option<&[u8]>) -> KeyWrite {
+    let cell = cell.map(<[u8]>::to_vec);
+    KeyWrite { key: key.into(), snapshot: Box::pin(async move { cell }), slot, timer: Some(Some(1_000)) }
+}
+
+fn job(epoch: i64, seq: u64, lineage: &[(i64, u64)], states: Vec<KeyWrite>, deleted: &[&str]) -> Job<()> {
+    Job {
+        topic: TOPIC.into(),
+        partition: 0,
+        epoch,
+        delivered: Vec::new(),
+        meta: Meta { offset: seq as i64 * 10, seq, lineage: lineage.to_vec(), ..Meta::default() },
+        states,
+        deleted: deleted.iter().map(|k| k.to_string()).collect(),
+        then: (),
+    }
+}
+
+async fn load(c: &Checkpoints, key: &str, lineage: &[(i64, u64)], committed: u64) -> Option<(Vec<u8>, u8)> {
+    match c.load(TOPIC, 0, key, lineage, committed).await.unwrap() {
+        Found::Cell(Loaded { cell, slot }) => Some((cell, slot)),
+        Found::Uncommitted | Found::Missing => None,
+    }
+}
+
+#[tokio::test]
+async fn staged_cells_count_only_once_committed_by_the_owner() {
+    let prefix = prefix("staged");
+    let mut owner = Checkpoints::connect(REDIS, &prefix).await.unwrap();
+    let a = owner.acquire(TOPIC, 0).await.unwrap();
+    assert!(a.meta.is_none() && a.keys.is_empty());
+    let e1 = a.epoch;
+    let l1 = vec![(e1, 1)];
+    let (jobs, mut done) = owner.start_writer::<()>();
+
+    // Checkpoint 1: `k` in slot 0.
+    jobs.send(job(e1, 1, &l1, vec![write("k", 0, Some(b"A"))], &[])).unwrap();
+    done.recv().await.unwrap().1.unwrap();
+    assert_eq!(load(&owner, "k", &l1, 1).await, Some((b"A".to_vec(), 0)));
+
+    // Checkpoint 2 fails half-way: `k` and more keys (enough for a staging
+    // command to be sent) are staged in slot 1, then a snapshot is missing.
+    let mut states = vec![write("k", 1, Some(b"B"))];
+    states.extend((0..100).map(|i| write(&format!("f{i}"), 0, Some(b"F"))));
+    states.push(write("z", 0, None));
+    jobs.send(job(e1, 2, &l1, states, &[])).unwrap();
+    assert!(matches!(done.recv().await.unwrap().1, Err(CheckpointError::Incomplete(_))));
+    // What was staged does not count: the key restores from checkpoint 1.
+    assert_eq!(load(&owner, "k", &l1, 1).await, Some((b"A".to_vec(), 0)));
+    assert_eq!(owner.load(TOPIC, 0, "f0", &l1, 1).await.unwrap(), Found::Uncommitted, "staged, never committed");
+    assert_eq!(owner.load(TOPIC, 0, "nobody", &l1, 1).await.unwrap(), Found::Missing);
+    let mut successor = Checkpoints::connect(REDIS, &prefix).await.unwrap();
+    let stored = successor.acquire(TOPIC, 0).await.unwrap();
+    assert_eq!(stored.meta.as_ref().map(|m| m.seq), Some(1), "the meta is checkpoint 1's");
+    assert!(stored.keys.contains(&("k".to_string(), Some(1_000))));
+    assert_eq!(stored.keys.iter().filter(|(k, _)| k == "k").count(), 1, "both slots of `k` are one key");
+
+    // That acquire was a successor's (epoch raised). It commits its own
+    // checkpoint 2, `k` in slot 1 (over the old owner's staged, uncommitted "B").
+    let e2 = stored.epoch;
+    let l2 = vec![(e1, 1), (e2, 2)];
+    let (jobs2, mut done2) = successor.start_writer::<()>();
+    jobs2.send(job(e2, 2, &l2, vec![write("k", 1, Some(b"C"))], &[])).unwrap();
+    done2.recv().await.unwrap().1.unwrap();
+    assert_eq!(load(&successor, "k", &l2, 2).await, Some((b"C".to_vec(), 1)));
+    // Under the old lineage (epoch 1 owning number 2) the same cell would not count.
+    assert_eq!(load(&successor, "k", &l1, 2).await, Some((b"A".to_vec(), 0)));
+
+    // The old owner, still running, can stage nothing any more: its
+    // successor's committed state stays.
+    jobs.send(job(e1, 3, &l1, vec![write("k", 1, Some(b"zombie"))], &[])).unwrap();
+    assert!(matches!(done.recv().await.unwrap().1, Err(CheckpointError::Fenced(..))));
+    assert_eq!(load(&successor, "k", &l2, 2).await, Some((b"C".to_vec(), 1)));
+
+    // Deleting a key removes both its slots and its timer entry.
+    jobs2.send(job(e2, 3, &l2, vec![], &["k"])).unwrap();
+    done2.recv().await.unwrap().1.unwrap();
+    assert_eq!(load(&successor, "k", &l2, 3).await, None);
+    let mut again = Checkpoints::connect(REDIS, &prefix).await.unwrap();
+    assert!(!again.acquire(TOPIC, 0).await.unwrap().keys.iter().any(|(k, _)| k == "k"));
+    cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
+}
+
+#[tokio::test]
+async fn cells_of_earlier_versions_without_a_stamp_are_read() {
+    let prefix = prefix("legacy");
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let state = format!("{prefix}:shard:{{{TOPIC}-0}}:state");
+    let _: () = redis::cmd("HSET").arg(&state).arg("k").arg(b"\xCE\x50old").query_async(&mut c).await.unwrap();
+    let mut ck = Checkpoints::connect(REDIS, &prefix).await.unwrap();
+    let a = ck.acquire(TOPIC, 0).await.unwrap();
+    let lineage = vec![(a.epoch, 1)];
+    assert_eq!(load(&ck, "k", &lineage, 0).await, Some((b"\xCE\x50old".to_vec(), 0)));
+    // Once a stamped cell is committed in the other slot, that one is the newer.
+    let (jobs, mut done) = ck.start_writer::<()>();
+    jobs.send(job(a.epoch, 1, &lineage, vec![write("k", 1, Some(b"new"))], &[])).unwrap();
+    done.recv().await.unwrap().1.unwrap();
+    assert_eq!(load(&ck, "k", &lineage, 1).await, Some((b"new".to_vec(), 1)));
+    // A stamp cut short is an error that names the key, not a silent fresh start.
+    let _: () = redis::cmd("HSET").arg(&state).arg("k").arg(b"\xC5\x01\x80").query_async(&mut c).await.unwrap();
+    let e = ck.load(TOPIC, 0, "k", &lineage, 1).await.unwrap_err();
+    assert!(e.to_string().contains(" k") && e.to_string().contains("stamp"), "{e}");
+    cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
+}
+
+#[test]
+fn the_meta_names_its_checkpoint_and_lineage() {
+    let m = Meta { seq: 7, lineage: vec![(3, 1), (5, 6)], ..Meta::default() };
+    assert!(m.valid(5, 7) && m.valid(3, 5) && !m.valid(3, 6) && !m.valid(5, 8));
+    // Metas of earlier versions have neither: no stamped cell counts under them.
+    let old: Meta = serde_json::from_str(r#"{"offset":5,"released":0,"arrival":0,"routers":[],"pending":[]}"#).unwrap();
+    assert_eq!((old.seq, old.lineage.len()), (0, 0));
+    assert!(!checkpoint::valid(&old.lineage, old.seq, 1, 1));
+}
