@@ -25,8 +25,9 @@
 //! dozen per command as their snapshots come in, each into the key's slot that
 //! does not hold its last committed state, stamped with the partition's epoch
 //! and the checkpoint's number. Then one small `MULTI`/`EXEC` commits the
-//! checkpoint: the deletions, the changed timer entries and the meta with the
-//! checkpoint's number. A stamped cell counts only when its checkpoint was
+//! checkpoint: the deletions, the changed timer entries, the staged keys'
+//! other slots (superseded now, so Redis holds one cell per key) and the meta
+//! with the checkpoint's number. A stamped cell counts only when its checkpoint was
 //! committed ([`Meta::valid`]); restoring reads both slots of a key and takes
 //! the newest that counts. A crash between the phases leaves staged cells that
 //! never count and are overwritten later.
@@ -278,6 +279,8 @@ impl Checkpoints {
                     let fenced = || CheckpointError::Fenced(format!("{}/{}", job.topic, job.partition), job.epoch, -1);
                     // Phase 1: stage the cells as their snapshots come, a chunk per command.
                     let mut timers = Vec::new();
+                    // The other slot of each staged key: its state is superseded once committed.
+                    let mut superseded = Vec::with_capacity(job.states.len());
                     let mut inv = stage.key(&epoch_key);
                     inv.key(&state).arg(job.epoch);
                     let (mut n, mut bytes) = (0usize, 0usize);
@@ -288,6 +291,7 @@ impl Checkpoints {
                         let doc = stamp(job.epoch, job.meta.seq, &doc);
                         bytes += doc.len();
                         inv.arg(field(&w.key, w.slot)).arg(doc);
+                        superseded.push(field(&w.key, 1 - w.slot));
                         n += 1;
                         if let Some(t) = w.timer {
                             timers.push((w.key, t));
@@ -309,7 +313,8 @@ impl Checkpoints {
                         }
                     }
                     // Phase 2: commit.
-                    commit(&mut conn, &prefix, &job.topic, job.partition, job.epoch, &job.meta, &timers, &job.deleted).await
+                    let w = Commit { meta: &job.meta, timers: &timers, superseded: &superseded, deleted: &job.deleted };
+                    commit(&mut conn, &prefix, &job.topic, job.partition, job.epoch, w).await
                 }
                 .await;
                 if done.send((job.then, r)).is_err() {
@@ -398,18 +403,22 @@ fn base(prefix: &str, topic: &str, partition: i32) -> String {
 /// Keys per command of a checkpoint's commit.
 const CHUNK: usize = 512;
 
+/// What a checkpoint's commit writes (its cells are staged already).
+struct Commit<'a> {
+    meta: &'a Meta,
+    /// Changed timer entries (`None`: removed).
+    timers: &'a [(String, Option<i64>)],
+    /// The fields of the staged keys' other slots, deleted so that Redis holds
+    /// one cell per key, not two.
+    superseded: &'a [String],
+    /// Keys whose state is gone.
+    deleted: &'a [String],
+}
+
 /// Commits a checkpoint whose cells are staged, atomically, if this shard
 /// still owns the partition: deletions, changed timer entries, the meta.
-async fn commit(
-    conn: &mut ConnectionManager,
-    prefix: &str,
-    topic: &str,
-    partition: i32,
-    epoch: i64,
-    meta: &Meta,
-    timers: &[(String, Option<i64>)],
-    deleted: &[String],
-) -> Result<(), CheckpointError> {
+async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partition: i32, epoch: i64, w: Commit<'_>) -> Result<(), CheckpointError> {
+    let Commit { meta, timers, superseded, deleted } = w;
     let b = base(prefix, topic, partition);
     let epoch_key = format!("{b}:epoch");
     redis::cmd("WATCH").arg(&epoch_key).query_async::<()>(conn).await?;
@@ -431,6 +440,9 @@ async fn commit(
         }
         pipe.add_command(hdel).ignore();
         pipe.cmd("ZREM").arg(&timer_key).arg(ks).ignore();
+    }
+    for fs in superseded.chunks(CHUNK) {
+        pipe.cmd("HDEL").arg(&state).arg(fs).ignore();
     }
     for chunk in timers.chunks(CHUNK) {
         let (mut zadd, mut zrem) = (redis::cmd("ZADD"), redis::cmd("ZREM"));

@@ -79,8 +79,9 @@ async fn staged_cells_count_only_once_committed_by_the_owner() {
     jobs2.send(job(e2, 2, &l2, vec![write("k", 1, Some(b"C"))], &[])).unwrap();
     done2.recv().await.unwrap().1.unwrap();
     assert_eq!(load(&successor, "k", &l2, 2).await, Some((b"C".to_vec(), 1)));
-    // Under the old lineage (epoch 1 owning number 2) the same cell would not count.
-    assert_eq!(load(&successor, "k", &l1, 2).await, Some((b"A".to_vec(), 0)));
+    // Under the old lineage (epoch 1 owning number 2) the same cell would not
+    // count; and the superseded slot 0 ("A") was deleted by the commit.
+    assert_eq!(successor.load(TOPIC, 0, "k", &l1, 2).await.unwrap(), Found::Uncommitted);
 
     // The old owner, still running, can stage nothing any more: its
     // successor's committed state stays.
@@ -113,6 +114,8 @@ async fn cells_of_earlier_versions_without_a_stamp_are_read() {
     jobs.send(job(a.epoch, 1, &lineage, vec![write("k", 1, Some(b"new"))], &[])).unwrap();
     done.recv().await.unwrap().1.unwrap();
     assert_eq!(load(&ck, "k", &lineage, 1).await, Some((b"new".to_vec(), 1)));
+    let old: Option<Vec<u8>> = redis::cmd("HGET").arg(&state).arg("k").query_async(&mut c).await.unwrap();
+    assert_eq!(old, None, "the superseded slot is deleted by the commit");
     // A stamp cut short is an error that names the key, not a silent fresh start.
     let _: () = redis::cmd("HSET").arg(&state).arg("k").arg(b"\xC5\x01\x80").query_async(&mut c).await.unwrap();
     let e = ck.load(TOPIC, 0, "k", &lineage, 1).await.unwrap_err();
