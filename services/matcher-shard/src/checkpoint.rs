@@ -131,13 +131,16 @@ pub fn field(key: &str, slot: u8) -> String {
     if slot == 0 {
         key.to_string()
     } else {
-        format!("{key}\01")
+        format!("{key}{SLOT1}")
     }
 }
 
+/// What slot 1's field adds to the key: a NUL, then `1`.
+const SLOT1: &str = "\u{0}1";
+
 /// The key of a hash field ([`field`] reversed).
 fn key_of(field: &str) -> &str {
-    field.strip_suffix("\01").unwrap_or(field)
+    field.strip_suffix(SLOT1).unwrap_or(field)
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

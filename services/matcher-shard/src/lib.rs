@@ -1173,8 +1173,11 @@ impl Shard {
                 tracing::warn!("matcher-shard: checkpoint of {}/{partition}: {e}; retrying in {} ms", p.topic, self.cfg.checkpoint_interval_ms);
                 for (k, slot) in t.deleted {
                     match p.keys.get_mut(&k) {
-                        // Started again meanwhile: its old state is still in Redis.
-                        Some(s) => s.stored = true,
+                        // Started again meanwhile: its old state is still in Redis, in `slot`.
+                        Some(s) => {
+                            s.stored = true;
+                            s.slot = slot;
+                        }
                         None => {
                             p.deleted.insert(k, slot);
                         }
