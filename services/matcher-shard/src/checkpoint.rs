@@ -279,7 +279,7 @@ impl Checkpoints {
                     }
                     let b = base(&prefix, &job.topic, job.partition);
                     let (epoch_key, state) = (format!("{b}:epoch"), format!("{b}:state"));
-                    let fenced = || CheckpointError::Fenced(format!("{}/{}", job.topic, job.partition), job.epoch, -1);
+                    let what = format!("{}/{}", job.topic, job.partition);
                     // Phase 1: stage the cells as their snapshots come, a chunk per command.
                     let mut timers = Vec::new();
                     // The other slot of each staged key: its state is superseded once committed.
@@ -300,20 +300,14 @@ impl Checkpoints {
                             timers.push((w.key, t));
                         }
                         if n >= STAGE_KEYS || bytes >= STAGE_BYTES {
-                            let ok: i64 = inv.invoke_async(&mut conn).await?;
-                            if ok == 0 {
-                                return Err(fenced());
-                            }
+                            stage_chunk(&mut conn, &inv, &epoch_key, &what, job.epoch).await?;
                             inv = stage.key(&epoch_key);
                             inv.key(&state).arg(job.epoch);
                             (n, bytes) = (0, 0);
                         }
                     }
                     if n > 0 {
-                        let ok: i64 = inv.invoke_async(&mut conn).await?;
-                        if ok == 0 {
-                            return Err(fenced());
-                        }
+                        stage_chunk(&mut conn, &inv, &epoch_key, &what, job.epoch).await?;
                     }
                     // Phase 2: commit.
                     let w = Commit { meta: &job.meta, timers: &timers, superseded: &superseded, deleted: &job.deleted };
@@ -393,6 +387,17 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[2], unpack(ARGV, 2))
 return 1
 ";
+
+/// Runs one staging command; `Fenced` (with the epoch found) when the
+/// partition is no longer this shard's.
+async fn stage_chunk(conn: &mut ConnectionManager, inv: &redis::ScriptInvocation<'_>, epoch_key: &str, what: &str, epoch: i64) -> Result<(), CheckpointError> {
+    let written: i64 = inv.invoke_async(conn).await?;
+    if written == 1 {
+        return Ok(());
+    }
+    let now: Option<i64> = redis::cmd("GET").arg(epoch_key).query_async(conn).await?;
+    Err(CheckpointError::Fenced(what.to_string(), epoch, now.unwrap_or(0)))
+}
 
 /// Keys per staging command, and the bytes after which a command is sent
 /// sooner: each command holds Redis for about a millisecond at most.

@@ -86,7 +86,10 @@ async fn staged_cells_count_only_once_committed_by_the_owner() {
     // The old owner, still running, can stage nothing any more: its
     // successor's committed state stays.
     jobs.send(job(e1, 3, &l1, vec![write("k", 1, Some(b"zombie"))], &[])).unwrap();
-    assert!(matches!(done.recv().await.unwrap().1, Err(CheckpointError::Fenced(..))));
+    match done.recv().await.unwrap().1 {
+        Err(CheckpointError::Fenced(_, mine, now)) => assert_eq!((mine, now), (e1, e2), "the error names both epochs"),
+        other => panic!("expected fenced, got {other:?}"),
+    }
     assert_eq!(load(&successor, "k", &l2, 2).await, Some((b"C".to_vec(), 1)));
 
     // Deleting a key removes both its slots and its timer entry.
