@@ -9,6 +9,7 @@
 //! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: next offset, watermarks, the reorder buffer, the checkpoint's number and its [`Meta::lineage`] |
 //! | `{p}:shard:{T-n}:state` | hash | two slots per key, `signature|key` and `signature|key` + `"\0" "1"`: a [stamp](stamp) then the key's cell in binary form ([`cepheid_engine::cellcodec`]) |
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
+//! | `{p}:shard:{T-n}:staging` | string | present from a checkpoint's first staged cells until its commit |
 //!
 //! Checkpoints are written by a task of their own ([`Checkpoints::start_writer`]),
 //! one after the other in the order taken: a partition's loop notes its dirty
@@ -30,7 +31,9 @@
 //! with the checkpoint's number. A stamped cell counts only when its checkpoint was
 //! committed ([`Meta::valid`]); restoring reads both slots of a key and takes
 //! the newest that counts. A crash between the phases leaves staged cells that
-//! never count and are overwritten later.
+//! never count, and the `staging` marker: the shard that takes the partition
+//! next sees it and deletes every cell that does not count before it lists
+//! the partition's keys ([`Checkpoints::acquire`]).
 //!
 //! Fencing: every staging command is a script that writes only while the
 //! partition's epoch is still the one this shard set when it took the
@@ -278,14 +281,14 @@ impl Checkpoints {
                         d.await.map_err(CheckpointError::Undelivered)?;
                     }
                     let b = base(&prefix, &job.topic, job.partition);
-                    let (epoch_key, state) = (format!("{b}:epoch"), format!("{b}:state"));
+                    let (epoch_key, state, marker) = (format!("{b}:epoch"), format!("{b}:state"), format!("{b}:staging"));
                     let what = format!("{}/{}", job.topic, job.partition);
                     // Phase 1: stage the cells as their snapshots come, a chunk per command.
                     let mut timers = Vec::new();
                     // The other slot of each staged key: its state is superseded once committed.
                     let mut superseded = Vec::with_capacity(job.states.len());
                     let mut inv = stage.key(&epoch_key);
-                    inv.key(&state).arg(job.epoch);
+                    inv.key(&state).key(&marker).arg(job.epoch);
                     let (mut n, mut bytes) = (0usize, 0usize);
                     for w in job.states {
                         let Some(doc) = w.snapshot.await else {
@@ -302,7 +305,7 @@ impl Checkpoints {
                         if n >= STAGE_KEYS || bytes >= STAGE_BYTES {
                             stage_chunk(&mut conn, &inv, &epoch_key, &what, job.epoch).await?;
                             inv = stage.key(&epoch_key);
-                            inv.key(&state).arg(job.epoch);
+                            inv.key(&state).key(&marker).arg(job.epoch);
                             (n, bytes) = (0, 0);
                         }
                     }
@@ -332,6 +335,11 @@ impl Checkpoints {
             Some(m) => Some(serde_json::from_str(&m).map_err(|e| CheckpointError::Corrupt(format!("{b}:meta"), e.to_string()))?),
             None => None,
         };
+        let interrupted: bool = redis::cmd("EXISTS").arg(format!("{b}:staging")).query_async(&mut c).await?;
+        if interrupted {
+            let (lineage, committed) = meta.as_ref().map_or((Vec::new(), 0), |m: &Meta| (m.lineage.clone(), m.seq));
+            sweep(&mut c, &b, epoch, &lineage, committed).await?;
+        }
         let mut names: Vec<String> = redis::cmd("HKEYS").arg(format!("{b}:state")).query_async(&mut c).await?;
         // Both slots of a key, once.
         for n in names.iter_mut() {
@@ -380,11 +388,21 @@ impl Checkpoints {
     }
 }
 
-/// Stages cells: `HSET` into the state hash (KEYS[2]) only while the epoch
-/// (KEYS[1]) is still ARGV[1]; answers 1 when written, 0 when fenced.
+/// Stages cells: `HSET` into the state hash (KEYS[2]) and sets the staging
+/// marker (KEYS[3]), only while the epoch (KEYS[1]) is still ARGV[1];
+/// answers 1 when written, 0 when fenced.
 const STAGE: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+redis.call('SET', KEYS[3], '1')
+return 1
+";
+
+/// Deletes fields of the state hash (KEYS[2]) only while the epoch (KEYS[1])
+/// is still ARGV[1]; answers 1 when done, 0 when fenced.
+const SWEEP: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
 return 1
 ";
 
@@ -403,6 +421,43 @@ async fn stage_chunk(conn: &mut ConnectionManager, inv: &redis::ScriptInvocation
 /// sooner: each command holds Redis for about a millisecond at most.
 const STAGE_KEYS: usize = 64;
 const STAGE_BYTES: usize = 128 * 1024;
+
+/// Deletes the cells that do not count — staged by a checkpoint that was
+/// never committed — after a shard stopped between a checkpoint's phases.
+/// Cells of this shard's own `epoch` are left alone (it may be staging
+/// already); stops quietly when another shard takes the partition meanwhile
+/// (its own first checkpoint is then fenced).
+async fn sweep(c: &mut ConnectionManager, b: &str, epoch: i64, lineage: &[(i64, u64)], committed: u64) -> Result<(), CheckpointError> {
+    let (epoch_key, state) = (format!("{b}:epoch"), format!("{b}:state"));
+    let script = redis::Script::new(SWEEP);
+    let mut cursor: u64 = 0;
+    let mut swept = 0usize;
+    loop {
+        let (next, page): (u64, Vec<(String, Vec<u8>)>) =
+            redis::cmd("HSCAN").arg(&state).arg(cursor).arg("COUNT").arg(256).query_async(c).await?;
+        let garbage: Vec<&String> = page
+            .iter()
+            .filter(|(_, v)| matches!(unstamp(v), Ok((Some((e, s)), _)) if e != epoch && !valid(lineage, committed, e, s)))
+            .map(|(f, _)| f)
+            .collect();
+        if !garbage.is_empty() {
+            let mut inv = script.key(&epoch_key);
+            inv.key(&state).arg(epoch).arg(&garbage);
+            let done: i64 = inv.invoke_async(c).await?;
+            if done == 0 {
+                tracing::debug!("{state}: taken by another shard while sweeping; stopped");
+                return Ok(());
+            }
+            swept += garbage.len();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    tracing::info!("{state}: a checkpoint was cut short between its phases; deleted its {swept} staged cells that never counted");
+    Ok(())
+}
 
 fn base(prefix: &str, topic: &str, partition: i32) -> String {
     format!("{prefix}:shard:{{{topic}-{partition}}}")
@@ -477,6 +532,7 @@ async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partiti
         }
     }
     let meta = serde_json::to_string(meta).expect("meta serialises");
+    pipe.cmd("DEL").arg(format!("{b}:staging")).ignore();
     pipe.cmd("SET").arg(format!("{b}:meta")).arg(meta);
     // EXEC answers nil when the watched epoch changed in between.
     let done: Option<(redis::Value,)> = pipe.query_async(conn).await?;
