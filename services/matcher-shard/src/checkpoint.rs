@@ -90,6 +90,9 @@ pub fn valid(lineage: &[(i64, u64)], committed: u64, epoch: i64, seq: u64) -> bo
 
 const STAMP: [u8; 2] = [0xC5, 0x01];
 
+/// A stored cell's stamp: the epoch and the checkpoint number that staged it.
+pub type Stamp = (i64, u64);
+
 /// A stored cell's prefix: the magic bytes `C5 01`, then the epoch and the
 /// checkpoint number that staged it (LEB128 varints).
 pub fn stamp(epoch: i64, seq: u64, cell: &[u8]) -> Vec<u8> {
@@ -108,7 +111,7 @@ pub fn stamp(epoch: i64, seq: u64, cell: &[u8]) -> Vec<u8> {
 
 /// Splits a stored cell into its stamp (`None`: a cell of an earlier version,
 /// which has none) and the cell. `Err` when the stamp is cut short.
-pub fn unstamp(stored: &[u8]) -> Result<(Option<(i64, u64)>, &[u8]), String> {
+pub fn unstamp(stored: &[u8]) -> Result<(Option<Stamp>, &[u8]), String> {
     let Some(mut rest) = stored.strip_prefix(&STAMP[..]) else { return Ok((None, stored)) };
     let mut read = || -> Result<u64, String> {
         let mut x = 0u64;

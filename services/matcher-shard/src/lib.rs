@@ -438,6 +438,17 @@ impl Partition {
     }
 }
 
+/// A key written by a checkpoint in flight.
+struct Written {
+    key: Arc<str>,
+    /// The change count its snapshot was taken at.
+    changes: u64,
+    /// The slot it is staged in.
+    slot: u8,
+    /// Its timer entry, when written.
+    timer: Option<Option<i64>>,
+}
+
 /// What the shard keeps of a checkpoint while the writer stores it.
 struct Taken {
     partition: i32,
@@ -446,9 +457,7 @@ struct Taken {
     offset: i64,
     /// This checkpoint's number.
     seq: u64,
-    /// Keys written: the change count each was snapshotted at, the slot it is
-    /// staged in, its timer entry when written.
-    keys: Vec<(Arc<str>, u64, u8, Option<Option<i64>>)>,
+    keys: Vec<Written>,
     /// Keys deleted, with the slot of their last committed state.
     deleted: Vec<(Arc<str>, u8)>,
     passivate: bool,
@@ -1107,7 +1116,7 @@ impl Shard {
                 slot: staged,
                 timer,
             });
-            keys.push((k.clone(), slot.changes, staged, timer));
+            keys.push(Written { key: k.clone(), changes: slot.changes, slot: staged, timer });
         }
         if !unasked.is_empty() {
             let unasked: Unasked = Arc::new(Mutex::new(unasked));
@@ -1191,7 +1200,7 @@ impl Shard {
         self.report.checkpoint_micros_total += t.started.elapsed().as_micros() as u64;
         tracing::debug!(partition, keys = t.keys.len(), ms = t.started.elapsed().as_millis() as u64, "matcher-shard: checkpoint stored");
         p.seq = t.seq;
-        for (k, n, staged, timer) in t.keys {
+        for Written { key: k, changes: n, slot: staged, timer } in t.keys {
             if let Some(s) = p.keys.get_mut(&k) {
                 s.slot = staged;
                 if let Some(t) = timer {
