@@ -277,7 +277,7 @@ impl Checkpoints {
         let mut conn = self.writer.clone();
         let prefix = self.prefix.clone();
         tokio::spawn(async move {
-            let stage = redis::Script::new(STAGE);
+            let script = redis::Script::new(FENCED);
             while let Some(job) = rx.recv().await {
                 let r = async {
                     for d in job.delivered {
@@ -290,8 +290,8 @@ impl Checkpoints {
                     let mut timers = Vec::new();
                     // The other slot of each staged key: its state is superseded once committed.
                     let mut superseded = Vec::with_capacity(job.states.len());
-                    let mut inv = stage.key(&epoch_key);
-                    inv.key(&state).key(&marker).arg(job.epoch);
+                    let stage = || fenced(&script, &epoch_key, &state, Some(&marker), job.epoch, "HSET");
+                    let mut inv = stage();
                     let (mut n, mut bytes) = (0usize, 0usize);
                     for w in job.states {
                         let Some(doc) = w.snapshot.await else {
@@ -307,8 +307,7 @@ impl Checkpoints {
                         }
                         if n >= STAGE_KEYS || bytes >= STAGE_BYTES {
                             stage_chunk(&mut conn, &inv, &epoch_key, &what, job.epoch).await?;
-                            inv = stage.key(&epoch_key);
-                            inv.key(&state).key(&marker).arg(job.epoch);
+                            inv = stage();
                             (n, bytes) = (0, 0);
                         }
                     }
@@ -391,23 +390,27 @@ impl Checkpoints {
     }
 }
 
-/// Stages cells: `HSET` into the state hash (KEYS[2]) and sets the staging
-/// marker (KEYS[3]), only while the epoch (KEYS[1]) is still ARGV[1];
-/// answers 1 when written, 0 when fenced.
-const STAGE: &str = r"
+/// Runs command ARGV[2] on the state hash (KEYS[2]) with ARGV[3..] — staging
+/// (`HSET`) or sweeping (`HDEL`) — only while the epoch (KEYS[1]) is still
+/// ARGV[1], and sets the staging marker (KEYS[3]) when given; answers 1 when
+/// done, 0 when fenced.
+const FENCED: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 2))
-redis.call('SET', KEYS[3], '1')
+redis.call(ARGV[2], KEYS[2], unpack(ARGV, 3))
+if KEYS[3] then redis.call('SET', KEYS[3], '1') end
 return 1
 ";
 
-/// Deletes fields of the state hash (KEYS[2]) only while the epoch (KEYS[1])
-/// is still ARGV[1]; answers 1 when done, 0 when fenced.
-const SWEEP: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[2], unpack(ARGV, 2))
-return 1
-";
+/// A [`FENCED`] command, its fields and values still to be added.
+fn fenced<'a>(script: &'a redis::Script, epoch_key: &str, state: &str, marker: Option<&str>, epoch: i64, cmd: &str) -> redis::ScriptInvocation<'a> {
+    let mut inv = script.key(epoch_key);
+    inv.key(state);
+    if let Some(m) = marker {
+        inv.key(m);
+    }
+    inv.arg(epoch).arg(cmd);
+    inv
+}
 
 /// Runs one staging command; `Fenced` (with the epoch found) when the
 /// partition is no longer this shard's.
@@ -421,7 +424,7 @@ async fn stage_chunk(conn: &mut ConnectionManager, inv: &redis::ScriptInvocation
 }
 
 /// Keys per staging command, and the bytes after which a command is sent
-/// sooner: each command holds Redis for about a millisecond at most.
+/// sooner: a few dozen cells per command, where one transaction held thousands.
 const STAGE_KEYS: usize = 64;
 const STAGE_BYTES: usize = 128 * 1024;
 
@@ -432,7 +435,7 @@ const STAGE_BYTES: usize = 128 * 1024;
 /// (its own first checkpoint is then fenced).
 async fn sweep(c: &mut ConnectionManager, b: &str, epoch: i64, lineage: &[(i64, u64)], committed: u64) -> Result<(), CheckpointError> {
     let (epoch_key, state) = (format!("{b}:epoch"), format!("{b}:state"));
-    let script = redis::Script::new(SWEEP);
+    let script = redis::Script::new(FENCED);
     let mut cursor: u64 = 0;
     let mut swept = 0usize;
     loop {
@@ -444,8 +447,8 @@ async fn sweep(c: &mut ConnectionManager, b: &str, epoch: i64, lineage: &[(i64, 
             .map(|(f, _)| f)
             .collect();
         if !garbage.is_empty() {
-            let mut inv = script.key(&epoch_key);
-            inv.key(&state).arg(epoch).arg(&garbage);
+            let mut inv = fenced(&script, &epoch_key, &state, None, epoch, "HDEL");
+            inv.arg(&garbage);
             let done: i64 = inv.invoke_async(c).await?;
             if done == 0 {
                 tracing::debug!("{state}: taken by another shard while sweeping; stopped");
