@@ -6,7 +6,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `{p}:shard:{T-n}:epoch` | string | ownership counter, raised by every shard that takes the partition |
-//! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: next offset, watermarks, the reorder buffer, the checkpoint's number and its [`Meta::lineage`] |
+//! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: offsets (where to read again from, what was read), watermarks, the checkpoint's number and its [`Meta::lineage`]; not the reorder buffer, whose records are read again |
 //! | `{p}:shard:{T-n}:state` | hash | two slots per key, `signature|key` and `signature|key` + `"\0" "1"`: a [stamp](stamp) then the key's cell in binary form ([`cepheid_engine::cellcodec`]) |
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
 //! | `{p}:shard:{T-n}:staging` | string | present from a checkpoint's first staged cells until its commit |
@@ -47,17 +47,30 @@ use tokio::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 /// A partition's position and its events not yet released.
+///
+/// The events waiting for the watermark are not copied into the meta: they
+/// are read again from the keyed topic. `offset` is the first record holding
+/// one of them (or the next record, when none waits), `read` the next record
+/// not read yet; the records in between are read again at restore, and of
+/// their events exactly those at or after `released` are held again (the
+/// others were released, or dead-lettered as late, the first time).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Meta {
-    /// The next offset to read: everything before it is in this checkpoint.
+    /// The offset to read from at restore.
     pub offset: i64,
+    /// The next offset not read yet (`None` in metas of earlier versions,
+    /// where it is `offset` and `pending` holds the waiting events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<i64>,
     /// Watermark up to which events were released and deadlines fired.
     pub released: i64,
     /// Arrival counter (ties of equal event times keep arrival order).
     pub arrival: u64,
     /// Last watermark per (source, router).
     pub routers: Vec<RouterMark>,
-    /// Events read but still waiting for the watermark.
+    /// Events read but still waiting for the watermark: only in metas of
+    /// earlier versions (now they are read again from the topic, see above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingRecord>,
     /// This checkpoint's number (0: none yet, or a checkpoint of an earlier
     /// version, whose cells are not stamped).

@@ -13,9 +13,11 @@
 //! actor was passivated.
 //!
 //! Every `checkpoint_interval_ms` or `checkpoint_records` records the dirty
-//! key states, the timer index changes and the partition's next offset and
-//! reorder buffer are written to Redis in one `MULTI`/`EXEC`, fenced by the
-//! partition's ownership epoch ([`checkpoint`]). The partition's loop notes
+//! key states, the timer index changes and the partition's offsets are
+//! written to Redis, committed by one `MULTI`/`EXEC` and fenced by the
+//! partition's ownership epoch ([`checkpoint`]); the events still waiting in
+//! the reorder buffer are not copied but read again from the topic at
+//! restore ([`checkpoint::Meta`]). The partition's loop notes
 //! the dirty keys and reads on; a task asks their actors for snapshots a few
 //! at a time (a key about to step is asked first, so every snapshot is as of
 //! the checkpoint), and a writer task collects them and stores the checkpoint. Once stored, the offset is committed
@@ -178,8 +180,12 @@ pub struct Report {
     pub fenced: u64,
     /// Redis calls that failed (retried).
     pub redis_errors: u64,
-    /// Records read again after a restore that the checkpoint already held.
+    /// Records read again after a restore that the checkpoint already held
+    /// (and events of records read again that it had released or dead-lettered).
     pub replayed_skipped: u64,
+    /// Events read again after a restore because the checkpoint left them
+    /// waiting for the watermark (they are held again).
+    pub replayed: u64,
     pub seeks: u64,
     pub restored_keys: u64,
     pub passivated: u64,
@@ -214,7 +220,8 @@ impl Report {
             ("cepheid_shard_redis_errors_total", "counter", "Redis calls that failed and were retried.", self.redis_errors),
             ("cepheid_shard_fenced_total", "counter", "Partitions given up because another shard took them.", self.fenced),
             ("cepheid_shard_seeks_total", "counter", "Partitions read again from their checkpoint's offset after being taken.", self.seeks),
-            ("cepheid_shard_replayed_skipped_total", "counter", "Records read again that the checkpoint already held.", self.replayed_skipped),
+            ("cepheid_shard_replayed_skipped_total", "counter", "Records (and events of records) read again that the checkpoint already held.", self.replayed_skipped),
+            ("cepheid_shard_replayed_total", "counter", "Events read again after a restore that the checkpoint left waiting for the watermark.", self.replayed),
             ("cepheid_shard_restored_keys_total", "counter", "Key states loaded from Redis.", self.restored_keys),
             ("cepheid_shard_passivated_total", "counter", "Key actors stopped after idling.", self.passivated),
             ("cepheid_shard_partitions", "gauge", "Partitions held.", self.partitions),
@@ -257,6 +264,10 @@ const MAX_UNACKED: usize = 10_000;
 
 /// An event record waiting for the partition's watermark.
 struct Held {
+    /// The keyed record it came in (read again at restore: see [`Meta`]);
+    /// `None` for an event restored from a meta of an earlier version, which
+    /// holds the event itself (and so does every meta until it is released).
+    offset: Option<i64>,
     source: Arc<str>,
     key: Arc<str>,
     raw: String,
@@ -290,8 +301,12 @@ struct KeySlot {
 struct Partition {
     topic: String,
     epoch: i64,
-    /// Next offset to read; everything before is folded in.
+    /// Next offset to read; everything before is folded in (or held in `pending`).
     next_offset: i64,
+    /// Records before this offset were read before the partition was last
+    /// restored: read again, of their events only those the checkpoint left
+    /// waiting for the watermark are held (see [`Meta`]).
+    replay_to: i64,
     /// (source, router) → (watermark, last heard)
     routers: HashMap<(Arc<str>, String), (i64, Instant)>,
     released: i64,
@@ -358,28 +373,44 @@ async fn ask_snapshots(unasked: Unasked, batch: usize) {
 }
 
 impl Partition {
-    /// The partition's meta for checkpoint number `seq`.
+    /// The partition's meta for checkpoint number `seq`. Its waiting events
+    /// are not copied: they are read again from the topic, from the first
+    /// record holding one (see [`Meta`]). Only events restored from a meta of
+    /// an earlier version, which has no such offset, are carried in it.
     fn meta(&self, seq: u64) -> Meta {
-        let mut pending: Vec<PendingRecord> = self
-            .pending
-            .iter()
-            .map(|Reverse(p)| PendingRecord {
-                t: p.t,
-                arrival: p.arrival,
-                source: p.source.to_string(),
-                key: p.key.to_string(),
-                raw: p.raw.clone(),
-                trace: p.trace.as_deref().map(str::to_string),
-            })
-            .collect();
-        pending.sort_by_key(|p| (p.t, p.arrival));
+        let mut from = self.next_offset;
+        let mut carried = Vec::new();
+        for Reverse(p) in &self.pending {
+            match p.offset {
+                Some(o) => from = from.min(o),
+                None => carried.push(PendingRecord {
+                    t: p.t,
+                    arrival: p.arrival,
+                    source: p.source.to_string(),
+                    key: p.key.to_string(),
+                    raw: p.raw.clone(),
+                    trace: p.trace.as_deref().map(str::to_string),
+                }),
+            }
+        }
+        carried.sort_by_key(|p| (p.t, p.arrival));
         let mut routers: Vec<RouterMark> = self
             .routers
             .iter()
             .map(|((s, r), (w, _))| RouterMark { source: s.to_string(), router: r.clone(), watermark: *w })
             .collect();
         routers.sort_by(|a, b| (&a.source, &a.router).cmp(&(&b.source, &b.router)));
-        Meta { offset: self.next_offset, released: self.released, arrival: self.arrival, routers, pending, seq, lineage: self.lineage.clone() }
+        Meta {
+            offset: from,
+            // Records read again after a restore that have not been reached yet stay "read".
+            read: Some(self.next_offset.max(self.replay_to)),
+            released: self.released,
+            arrival: self.arrival,
+            routers,
+            pending: carried,
+            seq,
+            lineage: self.lineage.clone(),
+        }
     }
 
     /// Takes router `router`'s watermark `w` for `source` (watermarks only go forward).
@@ -398,7 +429,12 @@ impl Partition {
 
     /// The watermark the routers allow: per source the minimum over routers, then the minimum over sources.
     /// (The minimum of per-source minima is the minimum over every (source, router).)
+    /// Nothing is released while records read before the last restore are
+    /// read again: an event they hold again may belong before the next release.
     fn allowed(&self) -> Option<i64> {
+        if self.next_offset < self.replay_to {
+            return None;
+        }
         self.routers.values().map(|(w, _)| *w).min()
     }
 
@@ -513,24 +549,27 @@ impl Shard {
         };
         let now = Instant::now();
         let meta = a.meta.unwrap_or_default();
-        if meta.offset == 0 && !a.keys.is_empty() {
+        let read = meta.read.unwrap_or(meta.offset);
+        if read == 0 && !a.keys.is_empty() {
             tracing::warn!("matcher-shard: partition {partition}: key states without a checkpoint position; starting from the beginning");
         }
         let mut p = Partition {
             topic: self.cfg.keyed_topic.clone(),
             epoch: a.epoch,
             next_offset: meta.offset,
+            replay_to: read,
             routers: meta.routers.into_iter().map(|r| ((Arc::from(r.source.as_str()), r.router), (r.watermark, now))).collect(),
-            released: if meta.offset == 0 && meta.arrival == 0 { i64::MIN } else { meta.released },
+            released: if read == 0 && meta.arrival == 0 { i64::MIN } else { meta.released },
             arrival: meta.arrival,
             pending: meta
                 .pending
                 .into_iter()
                 .map(|r| {
+                    // Carried in the meta (an earlier version's, or carried on since).
                     Reverse(Pending {
                         t: r.t,
                         arrival: r.arrival,
-                        item: Held { source: Arc::from(r.source.as_str()), key: Arc::from(r.key.as_str()), raw: r.raw, trace: r.trace.map(Into::into) },
+                        item: Held { offset: None, source: Arc::from(r.source.as_str()), key: Arc::from(r.key.as_str()), raw: r.raw, trace: r.trace.map(Into::into) },
                     })
                 })
                 .collect(),
@@ -619,8 +658,13 @@ impl Shard {
         p.next_offset = m.offset + 1;
         p.since_checkpoint += 1;
         p.changed = true;
-        self.report.records += 1;
+        // Read before the last restore: only its events still waiting are held again.
+        let replay = m.offset < p.replay_to;
+        if !replay {
+            self.report.records += 1;
+        }
         let partition = m.partition;
+        let offset = m.offset;
         if m.header(FRAME_HEADER).is_some() {
             // Many events in one record; the router's watermarks apply after all of them.
             let mut entries = frame::entries(&m.payload);
@@ -630,8 +674,9 @@ impl Shard {
                 match e {
                     Ok(e) => {
                         let source = self.source(e.source.as_bytes());
-                        self.hold(partition, Some(e.key), Some(e.time), source, e.payload, e.trace.map(str::as_bytes), origin).await?;
+                        self.hold(partition, (offset, replay), Some(e.key), Some(e.time), source, e.payload, e.trace.map(str::as_bytes), origin).await?;
                     }
+                    Err(_) if replay => break, // dead-lettered when first read
                     Err(e) => {
                         // The dead letter carries the damaged rest of the frame, not the good entries before it.
                         self.report.rejected += 1;
@@ -677,7 +722,7 @@ impl Shard {
         } else {
             let time = m.header("cepheid-time").and_then(|t| std::str::from_utf8(t).ok()).and_then(|t| t.parse::<i64>().ok());
             let origin = || format!("{}/{}/{}", m.topic, m.partition, m.offset);
-            self.hold(partition, m.key.as_deref(), time, source.clone(), &m.payload, m.header(TRACEPARENT), origin).await?;
+            self.hold(partition, (offset, replay), m.key.as_deref(), time, source.clone(), &m.payload, m.header(TRACEPARENT), origin).await?;
         }
         if let Some(w) = watermark {
             // After the event it came with: the router sent that event first (it is not behind w).
@@ -698,11 +743,15 @@ impl Shard {
         s
     }
 
-    /// One event: held for the watermark, or dead-lettered (late, no key or time).
+    /// One event of the record at `offset`: held for the watermark, or
+    /// dead-lettered (late, no key or time). When the record is read again after
+    /// a restore (`replay`), only an event the checkpoint left waiting is held;
+    /// the others were released or dead-lettered the first time.
     #[allow(clippy::too_many_arguments)]
     async fn hold(
         &mut self,
         partition: i32,
+        (offset, replay): (i64, bool),
         key: Option<&[u8]>,
         time: Option<i64>,
         source: Arc<str>,
@@ -710,7 +759,16 @@ impl Shard {
         trace: Option<&[u8]>,
         origin: impl Fn() -> String,
     ) -> anyhow::Result<()> {
-        self.report.events += 1;
+        if replay {
+            let released = self.parts[&partition].released;
+            if key.is_none() || time.is_none_or(|t| t < released) {
+                self.report.replayed_skipped += 1;
+                return Ok(());
+            }
+            self.report.replayed += 1;
+        } else {
+            self.report.events += 1;
+        }
         let (Some(key), Some(t)) = (key, time) else {
             self.report.rejected += 1;
             return self.dead_letter(payload, "keyed record without a key or a cepheid-time header", &origin()).await;
@@ -732,7 +790,7 @@ impl Shard {
             Some((k, _)) => k.clone(),
             None => Arc::from(String::from_utf8_lossy(key).as_ref()),
         };
-        p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { source, key, raw, trace } }));
+        p.pending.push(Reverse(Pending { t, arrival: p.arrival, item: Held { offset: Some(offset), source, key, raw, trace } }));
         Ok(())
     }
 
@@ -781,7 +839,7 @@ impl Shard {
         let mut traces: FxHashMap<Arc<str>, Box<str>> = FxHashMap::default();
         while p.pending.peek().is_some_and(|Reverse(top)| top.t < w) {
             let Reverse(rec) = p.pending.pop().expect("peeked");
-            let Pending { t, item: Held { source, key, raw, trace }, .. } = rec;
+            let Pending { t, item: Held { source, key, raw, trace, .. }, .. } = rec;
             let ev = match self.book.decode_owned(&source, raw, t) {
                 Ok(e) => e,
                 Err(e) => {
@@ -1135,13 +1193,14 @@ impl Shard {
         p.changed = false;
         p.next_checkpoint = next;
         let n_keys = keys.len();
-        let then = Taken { partition, epoch: p.epoch, offset: p.next_offset, seq, keys, deleted: deleted.clone(), passivate, started };
+        let meta = p.meta(seq);
+        let then = Taken { partition, epoch: p.epoch, offset: meta.offset, seq, keys, deleted: deleted.clone(), passivate, started };
         let job = Job {
             topic: p.topic.clone(),
             partition,
             epoch: p.epoch,
             delivered,
-            meta: p.meta(seq),
+            meta,
             states,
             deleted: deleted.iter().map(|(k, _)| k.to_string()).collect(),
             then,

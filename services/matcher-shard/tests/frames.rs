@@ -2,7 +2,9 @@
 //! of a frame are matched, the watermarks it carries apply after them, and an
 //! event it cannot use (late at the shard, or a damaged rest of a frame) goes
 //! to the dead-letter topic naming the frame entry it came from. A frame's
-//! watermark releases at once when no other record is waiting.
+//! watermark releases at once when no other record is waiting. Events still
+//! waiting for the watermark at a checkpoint are read again from the topic by
+//! the next shard (and those of an earlier version's meta restored from it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,80 +26,115 @@ async fn recv(c: &mut cepheid_bus::Consumer, what: &str) -> cepheid_bus::Message
     tokio::time::timeout(Duration::from_secs(20), c.recv()).await.unwrap_or_else(|_| panic!("no {what}")).unwrap()
 }
 
+/// One shard's surroundings: the rule `buys` (every buy of a user matches) in
+/// a rule store of its own, a memory bus, a one-partition keyed topic.
+struct Setup {
+    prefix: String,
+    store: RedisRuleStore,
+    bus: Bus,
+    cfg: ShardConfig,
+}
+
+type Running = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<cepheid_matcher_shard::Report>>);
+
+impl Setup {
+    async fn new(name: &str) -> Setup {
+        let tag = format!("{name}-{}", std::process::id());
+        let prefix = format!("cepheid-test:{tag}");
+        let store = RedisRuleStore::connect(REDIS, &prefix).await.unwrap();
+        let rule = cepheid_rules::parse_rule_json(r#"{"id":"buys","version":1,"key_by":"userId","pattern":[{"name":"a","where":"kind = 'buy'"}]}"#).unwrap();
+        store.apply(&rule).await.unwrap();
+        let cfg = ShardConfig {
+            keyed_topic: format!("keyed-{tag}"),
+            keyed_partitions: 1,
+            matches_topic: format!("matches-{tag}"),
+            matches_partitions: 1,
+            dead_letter_topic: format!("dead-{tag}"),
+            group: format!("shard-{tag}"),
+            // Never by the interval: a frame's watermark releases as soon as no record is waiting.
+            release_interval_ms: 3_600_000,
+            ..Default::default()
+        };
+        Setup { prefix, store, bus: Bus::memory(), cfg }
+    }
+
+    /// Starts a shard; the sender stops it, the handle gives its report.
+    fn start(&self) -> Running {
+        let deps = cepheid_matcher_shard::Deps {
+            bus: self.bus.clone(),
+            rules: self.store.clone(),
+            redis_url: REDIS.into(),
+            prefix: self.prefix.clone(),
+            clock: Arc::new(cepheid_types::SystemClock),
+            telemetry: Default::default(),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shard = tokio::spawn(cepheid_matcher_shard::run(self.cfg.clone(), EngineConfig::default(), deps, None, async move {
+            let _ = stopped.await;
+        }));
+        (stop, shard)
+    }
+
+    /// A reader of the matches topic (once the shard created it).
+    async fn matches(&self) -> cepheid_bus::Consumer {
+        loop {
+            if let Ok(c) = self.bus.subscribe("reader", &[self.cfg.matches_topic.as_str()]) {
+                return c;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Sends a frame of `(key, time, payload)` entries, cut short by `cut` bytes, with the router `r1`'s watermark.
+    async fn send_frame(&self, entries: &[(String, i64, String)], watermark: Option<i64>, cut: usize) {
+        let mut w = FrameWriter::default();
+        for (key, t, payload) in entries {
+            w.push(&Entry { key: key.as_bytes(), time: *t, source: "clickstream", trace: None, payload: payload.as_bytes() });
+        }
+        let mut payload = w.take();
+        payload.truncate(payload.len() - cut);
+        let marks = watermark.map(|w| format!(r#"{{"clickstream":{w}}}"#)).unwrap_or_default();
+        let mut headers = vec![(FRAME_HEADER, FRAME_VERSION)];
+        if watermark.is_some() {
+            headers.extend([("cepheid-watermarks", marks.as_bytes()), ("cepheid-router", &b"r1"[..])]);
+        }
+        self.bus.send(&self.cfg.keyed_topic, Some(0), None, &payload, &headers).await.unwrap();
+    }
+
+    async fn clean_up(self) {
+        self.store.delete("buys").await.unwrap();
+        cepheid_state::delete_prefix(REDIS, &self.prefix).await.unwrap();
+    }
+}
+
+/// The user of a match record.
+fn user_of(m: &cepheid_bus::Message) -> i64 {
+    MatchRecord::from_json_line(std::str::from_utf8(&m.payload).unwrap()).unwrap().key["userId"].as_i64().unwrap()
+}
+
+/// A buy of user `user` at `t`, as a frame entry of its key.
+fn buy(user: i64, t: i64) -> (String, i64, String) {
+    (format!("userId|{user}"), t, event(t, user))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
-    let tag = format!("frames-{}", std::process::id());
-    let prefix = format!("cepheid-test:{tag}");
-    let store = RedisRuleStore::connect(REDIS, &prefix).await.unwrap();
-    let rule = cepheid_rules::parse_rule_json(r#"{"id":"buys","version":1,"key_by":"userId","pattern":[{"name":"a","where":"kind = 'buy'"}]}"#).unwrap();
-    store.apply(&rule).await.unwrap();
-    let bus = Bus::memory();
-    let cfg = ShardConfig {
-        keyed_topic: format!("keyed-{tag}"),
-        keyed_partitions: 1,
-        matches_topic: format!("matches-{tag}"),
-        matches_partitions: 1,
-        dead_letter_topic: format!("dead-{tag}"),
-        group: format!("shard-{tag}"),
-        // Never by the interval: a frame's watermark releases as soon as no record is waiting.
-        release_interval_ms: 3_600_000,
-        ..Default::default()
-    };
-    let deps = cepheid_matcher_shard::Deps {
-        bus: bus.clone(),
-        rules: store.clone(),
-        redis_url: REDIS.into(),
-        prefix: prefix.clone(),
-        clock: Arc::new(cepheid_types::SystemClock),
-        telemetry: Default::default(),
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shard = tokio::spawn(cepheid_matcher_shard::run(cfg.clone(), EngineConfig::default(), deps, None, async move {
-        let _ = stopped.await;
-    }));
-    let mut matches = loop {
-        if let Ok(c) = bus.subscribe("reader", &[cfg.matches_topic.as_str()]) {
-            break c;
-        }
-        tokio::task::yield_now().await;
-    };
+    let setup = Setup::new("frames").await;
+    let (bus, cfg) = (setup.bus.clone(), setup.cfg.clone());
+    let (stop, shard) = setup.start();
+    let mut matches = setup.matches().await;
     bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
     bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
-    let send_frame = |entries: Vec<(&'static str, i64, String)>, watermark: Option<i64>, cut: usize| {
-        let (bus, topic) = (bus.clone(), cfg.keyed_topic.clone());
-        async move {
-            let mut w = FrameWriter::default();
-            for (key, t, payload) in &entries {
-                w.push(&Entry { key: key.as_bytes(), time: *t, source: "clickstream", trace: None, payload: payload.as_bytes() });
-            }
-            let mut payload = w.take();
-            payload.truncate(payload.len() - cut);
-            let marks = watermark.map(|w| format!(r#"{{"clickstream":{w}}}"#)).unwrap_or_default();
-            let mut headers = vec![(FRAME_HEADER, FRAME_VERSION)];
-            if watermark.is_some() {
-                headers.extend([("cepheid-watermarks", marks.as_bytes()), ("cepheid-router", &b"r1"[..])]);
-            }
-            bus.send(&topic, Some(0), None, &payload, &headers).await.unwrap();
-        }
-    };
 
     // Two keys' events, then the router's watermark past both: two matches.
-    send_frame(vec![("userId|1", 1_000, event(1_000, 1)), ("userId|2", 1_500, event(1_500, 2))], Some(5_000), 0).await;
-    let mut keys = Vec::new();
-    for _ in 0..2 {
-        let m = recv(&mut matches, "match").await;
-        let r = MatchRecord::from_json_line(std::str::from_utf8(&m.payload).unwrap()).unwrap();
-        assert_eq!(r.rule_id, "buys");
-        keys.push(r.key["userId"].to_string());
-    }
-    keys.sort();
-    assert_eq!(keys, vec!["1", "2"]);
+    setup.send_frame(&[buy(1, 1_000), buy(2, 1_500)], Some(5_000), 0).await;
+    let mut users = vec![user_of(&recv(&mut matches, "match").await), user_of(&recv(&mut matches, "match").await)];
+    users.sort();
+    assert_eq!(users, vec![1, 2]);
 
     // An event behind the partition's watermark, a good one, and a frame cut short in its third entry.
-    send_frame(vec![("userId|3", 4_000, event(4_000, 3)), ("userId|4", 6_000, event(6_000, 4)), ("userId|5", 7_000, event(7_000, 5))], Some(9_000), 3).await;
-    let m = recv(&mut matches, "match").await;
-    let r = MatchRecord::from_json_line(std::str::from_utf8(&m.payload).unwrap()).unwrap();
-    assert_eq!(r.key["userId"], 4, "only the good event of the second frame matches");
+    setup.send_frame(&[buy(3, 4_000), buy(4, 6_000), buy(5, 7_000)], Some(9_000), 3).await;
+    assert_eq!(user_of(&recv(&mut matches, "match").await), 4, "only the good event of the second frame matches");
     let mut dead = bus.subscribe("dead-reader", &[cfg.dead_letter_topic.as_str()]).unwrap();
     let late = recv(&mut dead, "dead letter").await;
     let header = |m: &cepheid_bus::Message, h: &str| String::from_utf8_lossy(m.header(h).unwrap()).into_owned();
@@ -113,6 +150,88 @@ async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
     stop.send(()).unwrap();
     let report = shard.await.unwrap().unwrap();
     assert_eq!((report.records, report.events, report.late, report.rejected, report.matches), (2, 4, 1, 1, 3), "{report:?}");
-    store.delete("buys").await.unwrap();
-    cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
+    setup.clean_up().await;
+}
+
+/// A checkpoint does not copy the events still waiting for the watermark: it
+/// records where to read them again. A shard stopped with events waiting
+/// (one of them in a frame whose other entries were released, one dead-lettered
+/// as late) is followed by another: it reads those records again, holds
+/// exactly the waiting events, and dead-letters nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_events_are_read_again_after_a_restart() {
+    let setup = Setup::new("replay").await;
+    let (bus, cfg) = (setup.bus.clone(), setup.cfg.clone());
+    let (stop, shard) = setup.start();
+    let mut matches = setup.matches().await;
+    bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
+    bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
+
+    // Offset 0: released at once. Offset 1: one event released, one waiting. Offset 2:
+    // one late (dead-lettered), one waiting. Offset 3: the same (its dead letter tells it was read).
+    setup.send_frame(&[buy(1, 1_000)], Some(2_000), 0).await;
+    assert_eq!(user_of(&recv(&mut matches, "match").await), 1);
+    setup.send_frame(&[buy(2, 3_000), buy(3, 6_000)], Some(4_000), 0).await;
+    assert_eq!(user_of(&recv(&mut matches, "match").await), 2);
+    setup.send_frame(&[buy(4, 3_500), buy(5, 7_000)], Some(4_000), 0).await;
+    setup.send_frame(&[buy(7, 3_900), buy(6, 8_000)], Some(4_000), 0).await;
+    let mut dead = bus.subscribe("dead-reader", &[cfg.dead_letter_topic.as_str()]).unwrap();
+    assert_eq!(recv(&mut dead, "dead letter").await.payload, event(3_500, 4).as_bytes());
+    assert_eq!(recv(&mut dead, "dead letter").await.payload, event(3_900, 7).as_bytes());
+    stop.send(()).unwrap();
+    let first = shard.await.unwrap().unwrap();
+    assert_eq!((first.events, first.matches, first.late), (7, 2, 2), "{first:?}");
+
+    // The stored position: read again from offset 1 (its event for user 3 waits), all four read.
+    let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let meta: String = redis::cmd("GET").arg(format!("{}:shard:{{{}-0}}:meta", setup.prefix, cfg.keyed_topic)).query_async(&mut redis).await.unwrap();
+    let meta: cepheid_matcher_shard::checkpoint::Meta = serde_json::from_str(&meta).unwrap();
+    assert_eq!((meta.offset, meta.read, meta.released, meta.pending.len()), (1, Some(4), 4_000, 0), "{meta:?}");
+
+    let (stop, shard) = setup.start();
+    setup.send_frame(&[buy(8, 9_000)], Some(10_000), 0).await;
+    let mut users: Vec<i64> = Vec::new();
+    for _ in 0..4 {
+        users.push(user_of(&recv(&mut matches, "match").await));
+    }
+    users.sort();
+    assert_eq!(users, vec![3, 5, 6, 8], "exactly the events that were waiting, each once, and the new one");
+    stop.send(()).unwrap();
+    let second = shard.await.unwrap().unwrap();
+    // Read again: 3 waiting events held, 3 skipped (one released, two late); nothing dead-lettered again.
+    assert_eq!((second.replayed, second.replayed_skipped, second.events, second.late, second.matches), (3, 3, 1, 0, 4), "{second:?}");
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(200), dead.recv()).await {
+        let m = m.unwrap();
+        panic!("a dead letter was sent twice: {:?} {}", m.header("cepheid-reason").map(String::from_utf8_lossy), String::from_utf8_lossy(&m.payload));
+    }
+    setup.clean_up().await;
+}
+
+/// A meta written by an earlier version carries its waiting events itself (and
+/// no `read` offset): they are restored from it and released as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_events_in_a_meta_of_an_earlier_version_are_restored() {
+    let setup = Setup::new("legacy-meta").await;
+    let cfg = setup.cfg.clone();
+    // As stored before the waiting events were read again from the topic: one record read, one event waiting.
+    let meta = serde_json::json!({
+        "offset": 1, "released": 4000, "arrival": 1,
+        "routers": [{"source": "clickstream", "router": "r1", "watermark": 4000}],
+        "pending": [{"t": 5000, "arrival": 1, "source": "clickstream", "key": "userId|9", "raw": event(5_000, 9), "trace": null}]
+    });
+    let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET").arg(format!("{}:shard:{{{}-0}}:meta", setup.prefix, cfg.keyed_topic)).arg(meta.to_string()).query_async(&mut redis).await.unwrap();
+    setup.bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
+    // The record the meta says was read (not read again), then one with a new event and a watermark past both.
+    setup.send_frame(&[buy(1, 4_500)], Some(4_000), 0).await;
+    setup.send_frame(&[buy(2, 6_000)], Some(10_000), 0).await;
+    let (stop, shard) = setup.start();
+    let mut matches = setup.matches().await;
+    let mut users = vec![user_of(&recv(&mut matches, "match").await), user_of(&recv(&mut matches, "match").await)];
+    users.sort();
+    assert_eq!(users, vec![2, 9], "the carried event and the new one; the record before the meta's offset is not read again");
+    stop.send(()).unwrap();
+    let report = shard.await.unwrap().unwrap();
+    assert_eq!((report.events, report.replayed, report.matches), (1, 0, 2), "{report:?}");
+    setup.clean_up().await;
 }
