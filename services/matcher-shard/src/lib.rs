@@ -1319,9 +1319,15 @@ impl Shard {
     fn refresh_report(&mut self) {
         let r = &mut self.report;
         r.partitions = self.parts.len() as u64;
-        r.active_keys = self.parts.values().map(|p| p.keys.values().filter(|s| s.actor.is_some()).count() as u64).sum();
-        r.stored_keys = self.parts.values().map(|p| p.keys.len() as u64).sum();
-        r.partial_matches = self.parts.values().map(|p| p.keys.values().map(|s| s.partials as u64).sum::<u64>()).sum();
+        // One pass over the keys (this runs every tick, and a shard holds many keys).
+        (r.active_keys, r.stored_keys, r.partial_matches) = (0, 0, 0);
+        for p in self.parts.values() {
+            r.stored_keys += p.keys.len() as u64;
+            for s in p.keys.values() {
+                r.active_keys += s.actor.is_some() as u64;
+                r.partial_matches += s.partials as u64;
+            }
+        }
         r.pending_events = self.parts.values().map(|p| p.pending.len() as u64).sum();
         r.rules = self.book.len() as u64;
         let mut per: Vec<(String, u64)> = self.per_rule.iter().map(|(k, v)| (k.clone(), *v)).collect();
