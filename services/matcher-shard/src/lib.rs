@@ -259,6 +259,10 @@ impl Report {
     }
 }
 
+/// How often the key gauges of `/metrics` (active and stored keys, partial
+/// matches) are recomputed while the shard runs: a pass over every key held.
+const KEY_GAUGES_EVERY: Duration = Duration::from_secs(1);
+
 /// Match records in flight at most, before the shard waits for their acknowledgements.
 const MAX_UNACKED: usize = 10_000;
 
@@ -528,6 +532,8 @@ struct Shard {
     sources: Vec<Arc<str>>,
     /// A watermark moved and its release waits (see `release_interval_ms`).
     release_wanted: bool,
+    /// When the key gauges of the report were last computed.
+    gauges_at: Option<Instant>,
 }
 
 impl Shard {
@@ -1312,20 +1318,30 @@ impl Shard {
 
     /// Brings what /metrics serves up to date.
     fn publish(&mut self) {
-        self.refresh_report();
+        self.refresh_report(true);
         *self.published.lock().unwrap() = self.report.clone();
     }
 
-    fn refresh_report(&mut self) {
+    /// [`Shard::publish`] at every tick: the counters at once, the key gauges
+    /// (a pass over every key the shard holds) at most every [`KEY_GAUGES_EVERY`].
+    fn publish_tick(&mut self) {
+        let due = self.gauges_at.is_none_or(|t| t.elapsed() >= KEY_GAUGES_EVERY);
+        self.refresh_report(due);
+        *self.published.lock().unwrap() = self.report.clone();
+    }
+
+    fn refresh_report(&mut self, key_gauges: bool) {
         let r = &mut self.report;
         r.partitions = self.parts.len() as u64;
-        // One pass over the keys (this runs every tick, and a shard holds many keys).
-        (r.active_keys, r.stored_keys, r.partial_matches) = (0, 0, 0);
-        for p in self.parts.values() {
-            r.stored_keys += p.keys.len() as u64;
-            for s in p.keys.values() {
-                r.active_keys += s.actor.is_some() as u64;
-                r.partial_matches += s.partials as u64;
+        if key_gauges {
+            self.gauges_at = Some(Instant::now());
+            (r.active_keys, r.stored_keys, r.partial_matches) = (0, 0, 0);
+            for p in self.parts.values() {
+                r.stored_keys += p.keys.len() as u64;
+                for s in p.keys.values() {
+                    r.active_keys += s.actor.is_some() as u64;
+                    r.partial_matches += s.partials as u64;
+                }
             }
         }
         r.pending_events = self.parts.values().map(|p| p.pending.len() as u64).sum();
@@ -1440,6 +1456,7 @@ pub async fn run(
             telemetry: deps.telemetry.clone(),
             sources: Vec::new(),
             release_wanted: false,
+            gauges_at: None,
         };
     let mut updates = deps.rules.watch("matcher-shard");
     // Every rule before the first record.
@@ -1476,7 +1493,7 @@ pub async fn run(
                 },
                 _ = tick.tick() => {
                     shard.report.consumer_lag = consumer.lag().unwrap_or(0);
-                    shard.publish();
+                    shard.publish_tick();
                     shard.expire_routers().await?;
                     let ids: Vec<i32> = shard.parts.keys().copied().collect();
                     for id in ids {
