@@ -68,8 +68,9 @@ pub struct Meta {
     pub arrival: u64,
     /// Last watermark per (source, router).
     pub routers: Vec<RouterMark>,
-    /// Events read but still waiting for the watermark: only in metas of
-    /// earlier versions (now they are read again from the topic, see above).
+    /// Events read but still waiting for the watermark: only those restored
+    /// from a meta of an earlier version (carried on until released); the
+    /// others are read again from the topic, see above.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingRecord>,
     /// This checkpoint's number (0: none yet, or a checkpoint of an earlier
