@@ -29,7 +29,7 @@
 //! checkpoint: the deletions, the changed timer entries, the staged keys'
 //! other slots (superseded now, so Redis holds one cell per key) and the meta
 //! with the checkpoint's number. A stamped cell counts only when its checkpoint was
-//! committed ([`Meta::valid`]); restoring reads both slots of a key and takes
+//! committed ([`valid`]); restoring reads both slots of a key and takes
 //! the newest that counts. A crash between the phases leaves staged cells that
 //! never count, and the `staging` marker: the shard that takes the partition
 //! next sees it and deletes every cell that does not count before it lists
@@ -83,17 +83,11 @@ pub struct Meta {
     pub lineage: Vec<(i64, u64)>,
 }
 
-impl Meta {
-    /// Does a cell stamped `(epoch, seq)` belong to this checkpoint (or an
-    /// earlier committed one)? Only if its checkpoint number is committed and
-    /// was written by that epoch: a cell staged by a checkpoint that was never
-    /// committed, or by a shard that lost the partition, does not.
-    pub fn valid(&self, epoch: i64, seq: u64) -> bool {
-        valid(&self.lineage, self.seq, epoch, seq)
-    }
-}
-
-/// [`Meta::valid`] over a lineage and the last committed checkpoint number.
+/// Does a cell stamped `(epoch, seq)` belong to the checkpoint whose meta has
+/// this lineage and committed number (or to an earlier committed one)? Only
+/// if its checkpoint number is committed and was written by that epoch: a
+/// cell staged by a checkpoint that was never committed, or by a shard that
+/// lost the partition, does not.
 pub fn valid(lineage: &[(i64, u64)], committed: u64, epoch: i64, seq: u64) -> bool {
     if seq == 0 || seq > committed {
         return false;
@@ -374,7 +368,7 @@ impl Checkpoints {
     }
 
     /// A passivated key's state: of its two slots, the newest whose
-    /// checkpoint counts by `meta`'s lineage and number ([`Meta::valid`]).
+    /// checkpoint counts by `meta`'s lineage and number ([`valid`]).
     /// `Err(Corrupt)` when a slot's stamp is unreadable.
     pub async fn load(&self, topic: &str, partition: i32, key: &str, lineage: &[(i64, u64)], committed: u64) -> Result<Found, CheckpointError> {
         let mut c = self.reader.clone();

@@ -131,9 +131,14 @@ async fn cells_of_earlier_versions_without_a_stamp_are_read() {
 #[test]
 fn the_meta_names_its_checkpoint_and_lineage() {
     let m = Meta { seq: 7, lineage: vec![(3, 1), (5, 6)], ..Meta::default() };
-    assert!(m.valid(5, 7) && m.valid(3, 5) && !m.valid(3, 6) && !m.valid(5, 8));
+    let valid = |e, s| checkpoint::valid(&m.lineage, m.seq, e, s);
+    assert!(valid(5, 7) && valid(3, 5) && !valid(3, 6) && !valid(5, 8));
     // Metas of earlier versions have neither: no stamped cell counts under them.
+    // Nor do they say how far was read (their waiting events are in `pending`).
     let old: Meta = serde_json::from_str(r#"{"offset":5,"released":0,"arrival":0,"routers":[],"pending":[]}"#).unwrap();
-    assert_eq!((old.seq, old.lineage.len()), (0, 0));
+    assert_eq!((old.seq, old.lineage.len(), old.read), (0, 0, None));
     assert!(!checkpoint::valid(&old.lineage, old.seq, 1, 1));
+    // A meta of this version carries no events, only where to read them again.
+    let now = serde_json::to_value(Meta { offset: 3, read: Some(9), ..m }).unwrap();
+    assert_eq!((now["offset"].as_i64(), now["read"].as_i64(), now.get("pending")), (Some(3), Some(9), None), "{now}");
 }
