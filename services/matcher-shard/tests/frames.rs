@@ -235,3 +235,60 @@ async fn waiting_events_in_a_meta_of_an_earlier_version_are_restored() {
     assert_eq!((report.events, report.replayed, report.matches), (1, 0, 2), "{report:?}");
     setup.clean_up().await;
 }
+
+/// While a restored partition reads its records again, nothing is released,
+/// not even by a watermark record that releases at once: the restored
+/// watermark may be ahead of the released one (a release was still due when
+/// the checkpoint was taken), and releasing before the records are read
+/// again would pass over the waiting events still to come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_released_while_records_are_read_again() {
+    let setup = Setup::new("replay-hold").await;
+    let (bus, cfg) = (setup.bus.clone(), setup.cfg.clone());
+    let (stop, shard) = setup.start();
+    let mut matches = setup.matches().await;
+    bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
+    let watermark_record = |w: i64| {
+        let (bus, topic) = (bus.clone(), cfg.keyed_topic.clone());
+        async move {
+            let w = w.to_string();
+            let headers = [("cepheid-watermark", w.as_bytes()), ("cepheid-source", &b"clickstream"[..]), ("cepheid-router", &b"r1"[..])];
+            bus.send(&topic, Some(0), None, b"", &headers).await.unwrap();
+        }
+    };
+    // 0: released. 1: waits. 2: a watermark record (releases at once; nothing is due).
+    // 3: one waits, one is late (its dead letter tells the record was read).
+    bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
+    setup.send_frame(&[buy(1, 1_000)], Some(2_000), 0).await;
+    assert_eq!(user_of(&recv(&mut matches, "match").await), 1);
+    setup.send_frame(&[buy(3, 6_000)], Some(2_000), 0).await;
+    watermark_record(2_500).await;
+    setup.send_frame(&[buy(5, 7_000), buy(7, 1_500)], Some(2_500), 0).await;
+    let mut dead = bus.subscribe("dead-reader", &[cfg.dead_letter_topic.as_str()]).unwrap();
+    assert_eq!(recv(&mut dead, "dead letter").await.payload, event(1_500, 7).as_bytes());
+    stop.send(()).unwrap();
+    let first = shard.await.unwrap().unwrap();
+    assert_eq!((first.events, first.matches, first.watermarks, first.late), (4, 1, 1, 1), "{first:?}");
+
+    // As if the router's watermark 9 000 had arrived with the last record read and its release were still due.
+    let key = format!("{}:shard:{{{}-0}}:meta", setup.prefix, cfg.keyed_topic);
+    let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let meta: String = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
+    let mut meta: cepheid_matcher_shard::checkpoint::Meta = serde_json::from_str(&meta).unwrap();
+    assert_eq!((meta.offset, meta.read, meta.released), (1, Some(4), 2_500), "{meta:?}");
+    meta.routers[0].watermark = 9_000;
+    let _: () = redis::cmd("SET").arg(&key).arg(serde_json::to_string(&meta).unwrap()).query_async(&mut redis).await.unwrap();
+
+    let (stop, shard) = setup.start();
+    setup.send_frame(&[buy(8, 9_500)], Some(10_000), 0).await;
+    let mut users = vec![];
+    for _ in 0..3 {
+        users.push(user_of(&recv(&mut matches, "match").await));
+    }
+    users.sort();
+    assert_eq!(users, vec![3, 5, 8], "the event read again after the watermark record is not passed over");
+    stop.send(()).unwrap();
+    let second = shard.await.unwrap().unwrap();
+    assert_eq!((second.replayed, second.replayed_skipped, second.events, second.matches), (2, 1, 1, 3), "{second:?}");
+    setup.clean_up().await;
+}
