@@ -12,6 +12,7 @@ use std::time::Duration;
 use cepheid_bus::frame::{Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION};
 use cepheid_bus::Bus;
 use cepheid_engine::engine::EngineConfig;
+use cepheid_matcher_shard::checkpoint::Meta;
 use cepheid_matcher_shard::ShardConfig;
 use cepheid_state::rules::RedisRuleStore;
 use cepheid_types::MatchRecord;
@@ -27,7 +28,8 @@ async fn recv(c: &mut cepheid_bus::Consumer, what: &str) -> cepheid_bus::Message
 }
 
 /// One shard's surroundings: the rule `buys` (every buy of a user matches) in
-/// a rule store of its own, a memory bus, a one-partition keyed topic.
+/// a rule store of its own, a memory bus with a one-partition keyed topic and
+/// a dead-letter topic.
 struct Setup {
     prefix: String,
     store: RedisRuleStore,
@@ -55,7 +57,38 @@ impl Setup {
             release_interval_ms: 3_600_000,
             ..Default::default()
         };
-        Setup { prefix, store, bus: Bus::memory(), cfg }
+        let bus = Bus::memory();
+        bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
+        bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
+        Setup { prefix, store, bus, cfg }
+    }
+
+    /// A reader of the dead-letter topic, from its beginning.
+    fn dead_letters(&self) -> cepheid_bus::Consumer {
+        self.bus.subscribe("dead-reader", &[self.cfg.dead_letter_topic.as_str()]).unwrap()
+    }
+
+    /// Sends router `r1`'s watermark `w` as a record of its own (it releases at once).
+    async fn send_watermark(&self, w: i64) {
+        let w = w.to_string();
+        let headers = [("cepheid-watermark", w.as_bytes()), ("cepheid-source", &b"clickstream"[..]), ("cepheid-router", &b"r1"[..])];
+        self.bus.send(&self.cfg.keyed_topic, Some(0), None, b"", &headers).await.unwrap();
+    }
+
+    /// The Redis key of the partition's checkpoint meta.
+    fn meta_key(&self) -> String {
+        format!("{}:shard:{{{}-0}}:meta", self.prefix, self.cfg.keyed_topic)
+    }
+
+    async fn read_meta(&self) -> Meta {
+        let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let meta: String = redis::cmd("GET").arg(self.meta_key()).query_async(&mut redis).await.unwrap();
+        serde_json::from_str(&meta).unwrap()
+    }
+
+    async fn write_meta(&self, meta: &serde_json::Value) {
+        let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET").arg(self.meta_key()).arg(meta.to_string()).query_async(&mut redis).await.unwrap();
     }
 
     /// Starts a shard; the sender stops it, the handle gives its report.
@@ -120,11 +153,9 @@ fn buy(user: i64, t: i64) -> (String, i64, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
     let setup = Setup::new("frames").await;
-    let (bus, cfg) = (setup.bus.clone(), setup.cfg.clone());
+    let cfg = setup.cfg.clone();
     let (stop, shard) = setup.start();
     let mut matches = setup.matches().await;
-    bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
-    bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
 
     // Two keys' events, then the router's watermark past both: two matches.
     setup.send_frame(&[buy(1, 1_000), buy(2, 1_500)], Some(5_000), 0).await;
@@ -135,7 +166,7 @@ async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
     // An event behind the partition's watermark, a good one, and a frame cut short in its third entry.
     setup.send_frame(&[buy(3, 4_000), buy(4, 6_000), buy(5, 7_000)], Some(9_000), 3).await;
     assert_eq!(user_of(&recv(&mut matches, "match").await), 4, "only the good event of the second frame matches");
-    let mut dead = bus.subscribe("dead-reader", &[cfg.dead_letter_topic.as_str()]).unwrap();
+    let mut dead = setup.dead_letters();
     let late = recv(&mut dead, "dead letter").await;
     let header = |m: &cepheid_bus::Message, h: &str| String::from_utf8_lossy(m.header(h).unwrap()).into_owned();
     assert!(header(&late, "cepheid-reason").contains("late at the shard: event time 4000 is behind the partition's watermark 5000"), "{}", header(&late, "cepheid-reason"));
@@ -161,11 +192,8 @@ async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_events_are_read_again_after_a_restart() {
     let setup = Setup::new("replay").await;
-    let (bus, cfg) = (setup.bus.clone(), setup.cfg.clone());
     let (stop, shard) = setup.start();
     let mut matches = setup.matches().await;
-    bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
-    bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
 
     // Offset 0: released at once. Offset 1: one event released, one waiting. Offset 2:
     // one late (dead-lettered), one waiting. Offset 3: the same (its dead letter tells it was read).
@@ -175,7 +203,7 @@ async fn waiting_events_are_read_again_after_a_restart() {
     assert_eq!(user_of(&recv(&mut matches, "match").await), 2);
     setup.send_frame(&[buy(4, 3_500), buy(5, 7_000)], Some(4_000), 0).await;
     setup.send_frame(&[buy(7, 3_900), buy(6, 8_000)], Some(4_000), 0).await;
-    let mut dead = bus.subscribe("dead-reader", &[cfg.dead_letter_topic.as_str()]).unwrap();
+    let mut dead = setup.dead_letters();
     assert_eq!(recv(&mut dead, "dead letter").await.payload, event(3_500, 4).as_bytes());
     assert_eq!(recv(&mut dead, "dead letter").await.payload, event(3_900, 7).as_bytes());
     stop.send(()).unwrap();
@@ -183,9 +211,7 @@ async fn waiting_events_are_read_again_after_a_restart() {
     assert_eq!((first.events, first.matches, first.late), (7, 2, 2), "{first:?}");
 
     // The stored position: read again from offset 1 (its event for user 3 waits), all four read.
-    let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let meta: String = redis::cmd("GET").arg(format!("{}:shard:{{{}-0}}:meta", setup.prefix, cfg.keyed_topic)).query_async(&mut redis).await.unwrap();
-    let meta: cepheid_matcher_shard::checkpoint::Meta = serde_json::from_str(&meta).unwrap();
+    let meta = setup.read_meta().await;
     assert_eq!((meta.offset, meta.read, meta.released, meta.pending.len()), (1, Some(4), 4_000, 0), "{meta:?}");
 
     let (stop, shard) = setup.start();
@@ -212,16 +238,13 @@ async fn waiting_events_are_read_again_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_events_in_a_meta_of_an_earlier_version_are_restored() {
     let setup = Setup::new("legacy-meta").await;
-    let cfg = setup.cfg.clone();
     // As stored before the waiting events were read again from the topic: one record read, one event waiting.
     let meta = serde_json::json!({
         "offset": 1, "released": 4000, "arrival": 1,
         "routers": [{"source": "clickstream", "router": "r1", "watermark": 4000}],
         "pending": [{"t": 5000, "arrival": 1, "source": "clickstream", "key": "userId|9", "raw": event(5_000, 9), "trace": null}]
     });
-    let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("SET").arg(format!("{}:shard:{{{}-0}}:meta", setup.prefix, cfg.keyed_topic)).arg(meta.to_string()).query_async(&mut redis).await.unwrap();
-    setup.bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
+    setup.write_meta(&meta).await;
     // The record the meta says was read (not read again), then one with a new event and a watermark past both.
     setup.send_frame(&[buy(1, 4_500)], Some(4_000), 0).await;
     setup.send_frame(&[buy(2, 6_000)], Some(10_000), 0).await;
@@ -244,40 +267,26 @@ async fn waiting_events_in_a_meta_of_an_earlier_version_are_restored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_released_while_records_are_read_again() {
     let setup = Setup::new("replay-hold").await;
-    let (bus, cfg) = (setup.bus.clone(), setup.cfg.clone());
     let (stop, shard) = setup.start();
     let mut matches = setup.matches().await;
-    bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
-    let watermark_record = |w: i64| {
-        let (bus, topic) = (bus.clone(), cfg.keyed_topic.clone());
-        async move {
-            let w = w.to_string();
-            let headers = [("cepheid-watermark", w.as_bytes()), ("cepheid-source", &b"clickstream"[..]), ("cepheid-router", &b"r1"[..])];
-            bus.send(&topic, Some(0), None, b"", &headers).await.unwrap();
-        }
-    };
     // 0: released. 1: waits. 2: a watermark record (releases at once; nothing is due).
     // 3: one waits, one is late (its dead letter tells the record was read).
-    bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
     setup.send_frame(&[buy(1, 1_000)], Some(2_000), 0).await;
     assert_eq!(user_of(&recv(&mut matches, "match").await), 1);
     setup.send_frame(&[buy(3, 6_000)], Some(2_000), 0).await;
-    watermark_record(2_500).await;
+    setup.send_watermark(2_500).await;
     setup.send_frame(&[buy(5, 7_000), buy(7, 1_500)], Some(2_500), 0).await;
-    let mut dead = bus.subscribe("dead-reader", &[cfg.dead_letter_topic.as_str()]).unwrap();
+    let mut dead = setup.dead_letters();
     assert_eq!(recv(&mut dead, "dead letter").await.payload, event(1_500, 7).as_bytes());
     stop.send(()).unwrap();
     let first = shard.await.unwrap().unwrap();
     assert_eq!((first.events, first.matches, first.watermarks, first.late), (4, 1, 1, 1), "{first:?}");
 
     // As if the router's watermark 9 000 had arrived with the last record read and its release were still due.
-    let key = format!("{}:shard:{{{}-0}}:meta", setup.prefix, cfg.keyed_topic);
-    let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let meta: String = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
-    let mut meta: cepheid_matcher_shard::checkpoint::Meta = serde_json::from_str(&meta).unwrap();
+    let mut meta = setup.read_meta().await;
     assert_eq!((meta.offset, meta.read, meta.released), (1, Some(4), 2_500), "{meta:?}");
     meta.routers[0].watermark = 9_000;
-    let _: () = redis::cmd("SET").arg(&key).arg(serde_json::to_string(&meta).unwrap()).query_async(&mut redis).await.unwrap();
+    setup.write_meta(&serde_json::to_value(&meta).unwrap()).await;
 
     let (stop, shard) = setup.start();
     setup.send_frame(&[buy(8, 9_500)], Some(10_000), 0).await;
