@@ -207,8 +207,8 @@ impl Report {
     pub fn prometheus(&self) -> String {
         let mut s = String::new();
         for (name, kind, help, v) in [
-            ("cepheid_shard_records_total", "counter", "Records read from the keyed topic.", self.records),
-            ("cepheid_shard_events_total", "counter", "Event records read (watermark records excluded).", self.events),
+            ("cepheid_shard_records_total", "counter", "Records read from the keyed topic (not those read again after a restore).", self.records),
+            ("cepheid_shard_events_total", "counter", "Event records read (watermark records and events read again after a restore excluded).", self.events),
             ("cepheid_shard_watermarks_total", "counter", "Watermark records read.", self.watermarks),
             ("cepheid_shard_late_total", "counter", "Events behind the partition's watermark, dead-lettered.", self.late),
             ("cepheid_shard_rejected_total", "counter", "Records that cannot be used (no time, not JSON), dead-lettered.", self.rejected),
@@ -493,7 +493,8 @@ struct Written {
 struct Taken {
     partition: i32,
     epoch: i64,
-    /// The partition's next offset as of the checkpoint.
+    /// The offset committed to the group once it is stored: where its meta
+    /// reads from (the first record holding a waiting event, or the next one).
     offset: i64,
     /// This checkpoint's number.
     seq: u64,
@@ -1318,8 +1319,8 @@ impl Shard {
 
     /// Brings what /metrics serves up to date.
     fn publish(&mut self) {
-        self.refresh_report(true);
-        *self.published.lock().unwrap() = self.report.clone();
+        self.gauges_at = None;
+        self.publish_tick();
     }
 
     /// [`Shard::publish`] at every tick: the counters at once, the key gauges
