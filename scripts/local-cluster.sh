@@ -21,6 +21,17 @@ dir=.local-cluster
 # is built), e.g. to compare two builds on one machine.
 bin=${CEPHEID_BIN_DIR:-target/release}
 export CEPHEID__KAFKA__BOOTSTRAP=${CEPHEID__KAFKA__BOOTSTRAP:-127.0.0.1:9092}
+# Partitions sized to this cluster's consumers: one router reads the events
+# topic and one notifier the matches topic, so each has one partition; the
+# keyed topic keeps the default eight, for the shards (two here, more can
+# join). A partition costs the broker on every post and every fetch (tansu
+# lists a partition's stored batches at each fetch), and one events partition
+# keeps every key's events in posting order (docs/cluster.md, "Sizing the
+# topics"). Each can be overridden from the environment.
+export CEPHEID__INGEST__EVENTS_PARTITIONS=${CEPHEID__INGEST__EVENTS_PARTITIONS:-1}
+export CEPHEID__ROUTER__EVENTS_PARTITIONS=${CEPHEID__ROUTER__EVENTS_PARTITIONS:-$CEPHEID__INGEST__EVENTS_PARTITIONS}
+export CEPHEID__SHARD__MATCHES_PARTITIONS=${CEPHEID__SHARD__MATCHES_PARTITIONS:-1}
+export CEPHEID__NOTIFIER_SERVICE__MATCHES_PARTITIONS=${CEPHEID__NOTIFIER_SERVICE__MATCHES_PARTITIONS:-$CEPHEID__SHARD__MATCHES_PARTITIONS}
 
 wait_port() { # host:port, what
   for _ in $(seq 1 150); do
