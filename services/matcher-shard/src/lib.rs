@@ -187,6 +187,9 @@ pub struct Report {
     /// waiting for the watermark (they are held again).
     pub replayed: u64,
     pub seeks: u64,
+    /// Partitions whose log ended before their checkpoint's read position when
+    /// taken (the topic recreated): read from its start as new records.
+    pub log_resets: u64,
     pub restored_keys: u64,
     pub passivated: u64,
     pub partitions: u64,
@@ -220,6 +223,7 @@ impl Report {
             ("cepheid_shard_redis_errors_total", "counter", "Redis calls that failed and were retried.", self.redis_errors),
             ("cepheid_shard_fenced_total", "counter", "Partitions given up because another shard took them.", self.fenced),
             ("cepheid_shard_seeks_total", "counter", "Partitions read again from their checkpoint's offset after being taken.", self.seeks),
+            ("cepheid_shard_log_resets_total", "counter", "Partitions taken whose log ended before their checkpoint's read position (topic recreated): read from its start as new records.", self.log_resets),
             ("cepheid_shard_replayed_skipped_total", "counter", "Records (and events of records) read again that the checkpoint already held.", self.replayed_skipped),
             ("cepheid_shard_replayed_total", "counter", "Events read again after a restore that the checkpoint left waiting for the watermark.", self.replayed),
             ("cepheid_shard_restored_keys_total", "counter", "Key states loaded from Redis.", self.restored_keys),
@@ -655,6 +659,31 @@ impl Shard {
                 consumer.seek(&m.topic, m.partition, p.next_offset).await?;
                 self.report.seeks += 1;
                 return Ok(());
+            }
+            if m.offset < p.next_offset {
+                // Usually the group's offset behind the checkpoint: those records are
+                // folded in. But a log that now ends before the position the checkpoint
+                // had read to was recreated (or lost records on the broker): its offsets
+                // name new records, which would otherwise be passed over as folded in.
+                let read = p.replay_to.max(p.next_offset);
+                match consumer.bounds(&m.topic, m.partition).await {
+                    Ok((low, high)) if high < read => {
+                        tracing::warn!(
+                            "matcher-shard: partition {}: the topic ends at offset {high}, before the checkpoint's read position {read}: it was recreated or lost records; its records are read from {low} as new (key states and timers kept; events the checkpoint left waiting for the watermark are gone)",
+                            m.partition
+                        );
+                        self.report.log_resets += 1;
+                        p.next_offset = low;
+                        p.replay_to = low;
+                        if m.offset > low {
+                            consumer.seek(&m.topic, m.partition, low).await?;
+                            self.report.seeks += 1;
+                            return Ok(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("matcher-shard: partition {}: the topic's offsets could not be read ({e}); records before the checkpoint's offset {} are taken as folded in", m.partition, p.next_offset),
+                }
             }
         }
         let p = self.parts.get_mut(&m.partition).expect("acquired");

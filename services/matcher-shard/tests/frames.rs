@@ -4,7 +4,8 @@
 //! to the dead-letter topic naming the frame entry it came from. A frame's
 //! watermark releases at once when no other record is waiting. Events still
 //! waiting for the watermark at a checkpoint are read again from the topic by
-//! the next shard (and those of an earlier version's meta restored from it).
+//! the next shard (and those of an earlier version's meta restored from it);
+//! a keyed topic recreated under a checkpoint is read from its start as new.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -299,5 +300,33 @@ async fn nothing_is_released_while_records_are_read_again() {
     stop.send(()).unwrap();
     let second = shard.await.unwrap().unwrap();
     assert_eq!((second.replayed, second.replayed_skipped, second.events, second.matches), (2, 1, 1, 3), "{second:?}");
+    setup.clean_up().await;
+}
+
+/// A keyed topic recreated under a checkpoint (its log now ends before the
+/// checkpoint's read position): its records are new, read from its start and
+/// matched, not passed over as if the checkpoint had folded them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_recreated_topic_are_read_as_new() {
+    let setup = Setup::new("recreated").await;
+    // The checkpoint of the earlier topic: 60 records read, the first 50 folded in.
+    setup
+        .write_meta(&serde_json::json!({
+            "offset": 50, "read": 60, "released": 4000, "arrival": 70,
+            "routers": [{"source": "clickstream", "router": "r1", "watermark": 4000}]
+        }))
+        .await;
+    setup.send_frame(&[buy(1, 5_000)], Some(4_000), 0).await;
+    setup.send_frame(&[buy(2, 6_000)], Some(10_000), 0).await;
+    let (stop, shard) = setup.start();
+    let mut matches = setup.matches().await;
+    let mut users = vec![user_of(&recv(&mut matches, "match").await), user_of(&recv(&mut matches, "match").await)];
+    users.sort();
+    assert_eq!(users, vec![1, 2]);
+    stop.send(()).unwrap();
+    let report = shard.await.unwrap().unwrap();
+    assert_eq!((report.log_resets, report.events, report.replayed, report.replayed_skipped), (1, 2, 0, 0), "{report:?}");
+    let meta = setup.read_meta().await;
+    assert_eq!((meta.offset, meta.read), (2, Some(2)), "the new log's positions: {meta:?}");
     setup.clean_up().await;
 }

@@ -386,6 +386,11 @@ impl KafkaConsumer {
         }))
     }
 
+    /// The partition's low and high watermarks (rare: when a partition is taken).
+    pub fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
+        self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(classify)
+    }
+
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset)).map_err(classify)?;

@@ -209,6 +209,16 @@ impl Consumer {
         }
     }
 
+    /// The offsets partition `partition` of `topic` holds records between:
+    /// its first record's and the next one to be written (Kafka's low and high
+    /// watermarks; a round trip to the broker).
+    pub async fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
+        match self {
+            Consumer::Memory(m) => Ok(m.bounds(topic, partition)),
+            Consumer::Kafka(k) => k.bounds(topic, partition),
+        }
+    }
+
     /// Commits: the group resumes partition `partition` of `topic` at `next_offset`.
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {
         match self {

@@ -197,6 +197,12 @@ impl MemoryConsumer {
         }
     }
 
+    /// (first offset, next offset) of a partition's log; (0, 0) when there is none.
+    pub fn bounds(&self, topic: &str, partition: i32) -> (i64, i64) {
+        let t = self.bus.topics.lock().unwrap();
+        (0, t.get(topic).and_then(|l| l.get(partition as usize)).map_or(0, |log| log.len() as i64))
+    }
+
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) {
         self.bus.committed.lock().unwrap().insert((self.group.clone(), topic.to_string(), partition), next_offset);
     }

@@ -34,6 +34,11 @@ async fn contract(bus: Bus, topic: &str) {
         let offs: Vec<i64> = got.iter().filter(|g| g.0 == p).map(|g| g.2).collect();
         assert!(offs.windows(2).all(|w| w[0] < w[1]), "{offs:?}");
     }
+    // Each partition's bounds: its records lie between offset 0 and the count sent to it.
+    for p in 0..3 {
+        let n = sent.iter().filter(|s| s.0 == p).count() as i64;
+        assert_eq!(c.bounds(topic, p).await.unwrap(), (0, n), "partition {p}");
+    }
     // Commit the first partition's first record only; a new member resumes after it.
     let first = got.iter().find(|g| g.0 == got[0].0).unwrap();
     c.commit(topic, first.0, first.2 + 1).unwrap();
