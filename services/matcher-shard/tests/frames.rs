@@ -146,6 +146,16 @@ fn user_of(m: &cepheid_bus::Message) -> i64 {
     MatchRecord::from_json_line(std::str::from_utf8(&m.payload).unwrap()).unwrap().key["userId"].as_i64().unwrap()
 }
 
+/// The users of the next `n` match records, sorted.
+async fn match_users(matches: &mut cepheid_bus::Consumer, n: usize) -> Vec<i64> {
+    let mut users = Vec::with_capacity(n);
+    for _ in 0..n {
+        users.push(user_of(&recv(matches, "match").await));
+    }
+    users.sort();
+    users
+}
+
 /// A buy of user `user` at `t`, as a frame entry of its key.
 fn buy(user: i64, t: i64) -> (String, i64, String) {
     (format!("userId|{user}"), t, event(t, user))
@@ -160,9 +170,7 @@ async fn frames_are_matched_and_their_bad_entries_dead_lettered() {
 
     // Two keys' events, then the router's watermark past both: two matches.
     setup.send_frame(&[buy(1, 1_000), buy(2, 1_500)], Some(5_000), 0).await;
-    let mut users = vec![user_of(&recv(&mut matches, "match").await), user_of(&recv(&mut matches, "match").await)];
-    users.sort();
-    assert_eq!(users, vec![1, 2]);
+    assert_eq!(match_users(&mut matches, 2).await, vec![1, 2]);
 
     // An event behind the partition's watermark, a good one, and a frame cut short in its third entry.
     setup.send_frame(&[buy(3, 4_000), buy(4, 6_000), buy(5, 7_000)], Some(9_000), 3).await;
@@ -217,12 +225,7 @@ async fn waiting_events_are_read_again_after_a_restart() {
 
     let (stop, shard) = setup.start();
     setup.send_frame(&[buy(8, 9_000)], Some(10_000), 0).await;
-    let mut users: Vec<i64> = Vec::new();
-    for _ in 0..4 {
-        users.push(user_of(&recv(&mut matches, "match").await));
-    }
-    users.sort();
-    assert_eq!(users, vec![3, 5, 6, 8], "exactly the events that were waiting, each once, and the new one");
+    assert_eq!(match_users(&mut matches, 4).await, vec![3, 5, 6, 8], "exactly the events that were waiting, each once, and the new one");
     stop.send(()).unwrap();
     let second = shard.await.unwrap().unwrap();
     // Read again: 3 waiting events held, 3 skipped (one released, two late); nothing dead-lettered again.
@@ -251,9 +254,7 @@ async fn waiting_events_in_a_meta_of_an_earlier_version_are_restored() {
     setup.send_frame(&[buy(2, 6_000)], Some(10_000), 0).await;
     let (stop, shard) = setup.start();
     let mut matches = setup.matches().await;
-    let mut users = vec![user_of(&recv(&mut matches, "match").await), user_of(&recv(&mut matches, "match").await)];
-    users.sort();
-    assert_eq!(users, vec![2, 9], "the carried event and the new one; the record before the meta's offset is not read again");
+    assert_eq!(match_users(&mut matches, 2).await, vec![2, 9], "the carried event and the new one; the record before the meta's offset is not read again");
     stop.send(()).unwrap();
     let report = shard.await.unwrap().unwrap();
     assert_eq!((report.events, report.replayed, report.matches), (1, 0, 2), "{report:?}");
@@ -291,12 +292,7 @@ async fn nothing_is_released_while_records_are_read_again() {
 
     let (stop, shard) = setup.start();
     setup.send_frame(&[buy(8, 9_500)], Some(10_000), 0).await;
-    let mut users = vec![];
-    for _ in 0..3 {
-        users.push(user_of(&recv(&mut matches, "match").await));
-    }
-    users.sort();
-    assert_eq!(users, vec![3, 5, 8], "the event read again after the watermark record is not passed over");
+    assert_eq!(match_users(&mut matches, 3).await, vec![3, 5, 8], "the event read again after the watermark record is not passed over");
     stop.send(()).unwrap();
     let second = shard.await.unwrap().unwrap();
     assert_eq!((second.replayed, second.replayed_skipped, second.events, second.matches), (2, 1, 1, 3), "{second:?}");
@@ -320,9 +316,7 @@ async fn records_of_a_recreated_topic_are_read_as_new() {
     setup.send_frame(&[buy(2, 6_000)], Some(10_000), 0).await;
     let (stop, shard) = setup.start();
     let mut matches = setup.matches().await;
-    let mut users = vec![user_of(&recv(&mut matches, "match").await), user_of(&recv(&mut matches, "match").await)];
-    users.sort();
-    assert_eq!(users, vec![1, 2]);
+    assert_eq!(match_users(&mut matches, 2).await, vec![1, 2]);
     stop.send(()).unwrap();
     let report = shard.await.unwrap().unwrap();
     assert_eq!((report.log_resets, report.events, report.replayed, report.replayed_skipped), (1, 2, 0, 0), "{report:?}");
