@@ -209,7 +209,7 @@ pub enum Found {
 /// A key's write in a checkpoint: its snapshot to come, the slot to stage it
 /// in, and its timer entry when that changed (`Some(None)`: remove it).
 pub struct KeyWrite {
-    pub key: String,
+    pub key: std::sync::Arc<str>,
     pub snapshot: Snapshot,
     pub slot: u8,
     pub timer: Option<Option<i64>>,
@@ -243,8 +243,8 @@ pub struct Checkpoints {
 /// Something the writer waits for.
 pub type Deferred<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-/// A key's snapshot to come (`None`: the key's actor stopped before answering).
-pub type Snapshot = Deferred<Option<Vec<u8>>>;
+/// A key's snapshot to come (an error: the key's actor stopped before answering).
+pub type Snapshot = tokio::sync::oneshot::Receiver<Vec<u8>>;
 
 /// A checkpoint handed to the writer, with what its taker needs back (`then`).
 pub struct Job<T> {
@@ -302,7 +302,7 @@ impl Checkpoints {
                     let mut inv = stage();
                     let (mut n, mut bytes) = (0usize, 0usize);
                     for w in job.states {
-                        let Some(doc) = w.snapshot.await else {
+                        let Ok(doc) = w.snapshot.await else {
                             return Err(CheckpointError::Incomplete(format!("key {}: its actor stopped before its snapshot", w.key)));
                         };
                         let doc = stamp(job.epoch, job.meta.seq, &doc);
@@ -484,7 +484,7 @@ const CHUNK: usize = 512;
 struct Commit<'a> {
     meta: &'a Meta,
     /// Changed timer entries (`None`: removed).
-    timers: &'a [(String, Option<i64>)],
+    timers: &'a [(std::sync::Arc<str>, Option<i64>)],
     /// The fields of the staged keys' other slots, deleted so that Redis holds
     /// one cell per key, not two.
     superseded: &'a [String],
@@ -529,11 +529,11 @@ async fn commit(conn: &mut ConnectionManager, prefix: &str, topic: &str, partiti
         for (k, deadline) in chunk {
             match deadline {
                 Some(d) => {
-                    zadd.arg(*d).arg(k);
+                    zadd.arg(*d).arg(&**k);
                     adds += 1;
                 }
                 None => {
-                    zrem.arg(k);
+                    zrem.arg(&**k);
                     rems += 1;
                 }
             }

@@ -331,6 +331,8 @@ struct Partition {
     /// Which epoch wrote which checkpoint numbers ([`Meta::lineage`]), this one's included.
     lineage: Vec<(i64, u64)>,
     since_checkpoint: u64,
+    /// Keys in the last checkpoint (to size the next one's lists).
+    dirty_hint: usize,
     /// When the next checkpoint by time is due (see [`checkpoint_slot`]).
     next_checkpoint: Instant,
     /// A checkpoint of this partition is being written.
@@ -352,7 +354,18 @@ struct Partition {
 /// once, thousands of actors encode before anything else runs on the shard's
 /// thread, and every match waiting on it waits as long. A key about to step
 /// is asked first (so that its snapshot is as of the checkpoint).
-type Unasked = Arc<Mutex<FxHashMap<Arc<str>, Ask>>>;
+type Unasked = Arc<Mutex<Asks>>;
+
+/// A checkpoint's snapshot requests not sent yet: by key (a key about to step
+/// is asked first), and the order to send the rest in.
+#[derive(Default)]
+struct Asks {
+    by_key: FxHashMap<Arc<str>, Ask>,
+    /// The checkpoint's keys in the order the writer stages them, and how
+    /// many of them were sent for.
+    order: Vec<Arc<str>>,
+    sent: usize,
+}
 
 /// A snapshot request to send: the key's actor, and where the snapshot goes.
 type Ask = (ActorRef<KeyMsg>, tokio::sync::oneshot::Sender<Vec<u8>>);
@@ -368,8 +381,16 @@ async fn ask_snapshots(unasked: Unasked, batch: usize) {
     loop {
         let chunk: Vec<Ask> = {
             let mut u = unasked.lock().expect("unpoisoned");
-            let keys: Vec<Arc<str>> = u.keys().take(batch.max(1)).cloned().collect();
-            keys.iter().filter_map(|k| u.remove(k)).collect()
+            let mut chunk = Vec::with_capacity(batch.max(1));
+            // Keys asked before their step are no longer in `by_key`.
+            let u = &mut *u;
+            while chunk.len() < batch.max(1) && u.sent < u.order.len() {
+                if let Some(a) = u.by_key.remove(&u.order[u.sent]) {
+                    chunk.push(a);
+                }
+                u.sent += 1;
+            }
+            chunk
         };
         if chunk.is_empty() {
             return;
@@ -597,6 +618,7 @@ impl Shard {
                 l
             },
             since_checkpoint: 0,
+            dirty_hint: 0,
             next_checkpoint: self.next_slot(partition),
             committing: false,
             last_release: now,
@@ -938,7 +960,7 @@ impl Shard {
             let actor = self.actor_for(partition, &key, &rules).await?;
             // Its snapshot for the checkpoint in flight, if not asked yet, goes before the step.
             if let Some(u) = &unasked {
-                if let Some(a) = u.lock().expect("unpoisoned").remove(&key) {
+                if let Some(a) = u.lock().expect("unpoisoned").by_key.remove(&key) {
                     ask(a);
                 }
             }
@@ -1188,10 +1210,12 @@ impl Shard {
         // Each dirty key's actor is asked for its snapshot; the request is in its
         // mailbox before any later step, so the snapshot is as of this point. The
         // actors encode in parallel and the writer collects the answers.
-        let mut states = Vec::new();
-        let mut keys = Vec::new();
+        let mut states = Vec::with_capacity(p.dirty_hint);
+        let mut keys = Vec::with_capacity(p.dirty_hint);
         let mut gone = Vec::new();
-        let mut unasked = FxHashMap::default();
+        let mut unasked = Asks::default();
+        unasked.by_key.reserve(p.dirty_hint);
+        unasked.order.reserve(p.dirty_hint);
         for (k, slot) in p.keys.iter_mut().filter(|(_, s)| s.dirty) {
             let Some(a) = &slot.actor else { continue };
             if a.get_status() == ractor::ActorStatus::Stopped {
@@ -1199,20 +1223,22 @@ impl Shard {
                 continue;
             }
             let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
-            unasked.insert(k.clone(), (a.clone(), tx));
+            unasked.by_key.insert(k.clone(), (a.clone(), tx));
+            unasked.order.push(k.clone());
             // Redis holds (or, once written, will hold) state of this key: dropping it must delete that.
             slot.stored = true;
             let timer = (slot.indexed != Some(slot.deadline)).then_some(slot.deadline);
             let staged = 1 - slot.slot;
             states.push(checkpoint::KeyWrite {
-                key: k.to_string(),
-                snapshot: Box::pin(async move { rx.await.ok() }) as checkpoint::Snapshot,
+                key: k.clone(),
+                snapshot: rx,
                 slot: staged,
                 timer,
             });
             keys.push(Written { key: k.clone(), changes: slot.changes, slot: staged, timer });
         }
-        if !unasked.is_empty() {
+        p.dirty_hint = keys.len();
+        if !unasked.order.is_empty() {
             let unasked: Unasked = Arc::new(Mutex::new(unasked));
             p.unasked = Some(unasked.clone());
             tokio::spawn(ask_snapshots(unasked, self.cfg.snapshot_batch));

@@ -15,8 +15,11 @@ fn prefix(name: &str) -> String {
 
 /// A write of `key` into `slot` whose snapshot is `cell` (`None`: the key's actor stopped first).
 fn write(key: &str, slot: u8, cell: Option<&[u8]>) -> KeyWrite {
-    let cell = cell.map(<[u8]>::to_vec);
-    KeyWrite { key: key.into(), snapshot: Box::pin(async move { cell }), slot, timer: Some(Some(1_000)) }
+    let (tx, snapshot) = tokio::sync::oneshot::channel();
+    if let Some(cell) = cell {
+        tx.send(cell.to_vec()).unwrap();
+    }
+    KeyWrite { key: key.into(), snapshot, slot, timer: Some(Some(1_000)) }
 }
 
 fn job(epoch: i64, seq: u64, lineage: &[(i64, u64)], states: Vec<KeyWrite>, deleted: &[&str]) -> Job<()> {
