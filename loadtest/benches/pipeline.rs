@@ -6,7 +6,10 @@
 //!   partial matches (an event that advances none of them, and one that
 //!   starts a new one);
 //! - many_rules: per-event cost with 10, 10³, 10⁵ rules that each select on
-//!   an equality (one rule per product), through the rule index.
+//!   an equality (one rule per product), through the rule index;
+//! - checkpoint_encode: a matcher shard's checkpoint work per key, encoding
+//!   key cells ([`KeyCell::encode`]) of the twelve example rules after a
+//!   generated steady clickstream, as a shard holds them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,5 +143,62 @@ fn many_rules(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, five_rules, open_partials, many_rules);
+/// Key cells as a shard holds them: the twelve example rules (as the local
+/// cluster runs them) over a steady clickstream, each key's events stepped in
+/// time order with the watermark 2 s behind the stream's newest event.
+fn shard_cells() -> Vec<cepheid_engine::cell::KeyCell> {
+    use cepheid_engine::cell::{KeyCell, Released, RuleBook};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules/examples");
+    let mut book = RuleBook::new(EngineConfig::default());
+    let mut sigs: Vec<Vec<String>> = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
+    files.sort();
+    for f in files {
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        let spec = example(&name);
+        if !sigs.contains(&spec.key_by) {
+            sigs.push(spec.key_by.clone());
+        }
+        book.upsert(&spec).unwrap();
+    }
+    let lines = generate(&Params { events: 60_000, users: 20_000, warm_ms: 900_000, ..Params::default() });
+    let mut groups: std::collections::HashMap<(String, String), Vec<(i64, String)>> = Default::default();
+    let mut newest = i64::MIN;
+    for l in &lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else { continue };
+        let Some(t) = v["eventTime"].as_i64() else { continue };
+        newest = newest.max(t);
+        for sig in &sigs {
+            let vals: Option<Vec<String>> = sig.iter().map(|f| v.get(f).filter(|x| !x.is_null()).map(|x| x.to_string())).collect();
+            if let Some(vals) = vals {
+                groups.entry((sig.join(","), vals.join("|"))).or_default().push((t, l.clone()));
+            }
+        }
+    }
+    let mut cells = Vec::new();
+    for ((sig, _), mut evs) in groups {
+        let Some(rules) = book.signature(&sig).cloned() else { continue };
+        evs.sort_by_key(|(t, _)| *t);
+        let released: Vec<Released> =
+            evs.into_iter().filter_map(|(t, l)| Some(Released { source: "clickstream".into(), event: book.decode("clickstream", &l, t).ok()? })).collect();
+        let mut cell = KeyCell::new();
+        let _ = cell.step(&rules, &released, Some(newest - 2_000), newest);
+        if !cell.is_idle() {
+            cells.push(cell);
+        }
+    }
+    cells
+}
+
+fn checkpoint_encode(c: &mut Criterion) {
+    let cells = shard_cells();
+    let bytes: usize = cells.iter().map(|k| k.encode().len()).sum();
+    eprintln!("checkpoint_encode: {} key cells with state, {} bytes encoded ({} per cell)", cells.len(), bytes, bytes / cells.len().max(1));
+    let mut g = c.benchmark_group("checkpoint_encode");
+    g.sample_size(20).throughput(Throughput::Elements(cells.len() as u64));
+    g.bench_function("every_cell", |b| b.iter(|| cells.iter().map(|k| k.encode().len()).sum::<usize>()));
+    g.finish();
+}
+
+criterion_group!(benches, five_rules, open_partials, many_rules, checkpoint_encode);
 criterion_main!(benches);
