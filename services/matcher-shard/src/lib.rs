@@ -1320,6 +1320,7 @@ impl Shard {
         self.report.checkpoints += 1;
         self.report.checkpoint_micros_total += t.started.elapsed().as_micros() as u64;
         tracing::debug!(partition, keys = t.keys.len(), ms = t.started.elapsed().as_millis() as u64, "matcher-shard: checkpoint stored");
+        let applied = std::time::Instant::now();
         p.seq = t.seq;
         for Written { key: k, changes: n, slot: staged, timer } in t.keys {
             if let Some(s) = p.keys.get_mut(&k) {
@@ -1340,8 +1341,9 @@ impl Shard {
         }
         if t.passivate {
             let idle = Duration::from_millis(self.cfg.passivate_after_ms);
+            let now = Instant::now();
             for s in p.keys.values_mut() {
-                if !s.dirty && s.stored && s.actor.is_some() && s.last_used.elapsed() >= idle {
+                if !s.dirty && s.stored && s.actor.is_some() && now.saturating_duration_since(s.last_used) >= idle {
                     if let Some(a) = s.actor.take() {
                         a.stop(None);
                     }
@@ -1350,6 +1352,7 @@ impl Shard {
                 }
             }
         }
+        tracing::debug!(partition, took_us = applied.elapsed().as_micros() as u64, "matcher-shard: checkpoint applied");
         Ok(())
     }
 
