@@ -46,7 +46,12 @@ pub(crate) struct RuleView<'a> {
 
 struct Writer<'a> {
     out: Vec<u8>,
-    texts: FxHashMap<&'a str, u64>,
+    /// Texts written so far, by address: the rules of a key share their
+    /// events (one allocation each), so hashing the address finds a repeat
+    /// without hashing its text. (A text held twice in separate allocations
+    /// is written twice; it reads back the same.)
+    texts: FxHashMap<usize, u64>,
+    _texts: std::marker::PhantomData<&'a str>,
 }
 
 impl<'a> Writer<'a> {
@@ -88,11 +93,11 @@ impl<'a> Writer<'a> {
         }
     }
     fn text(&mut self, t: &'a str) {
-        match self.texts.get(t) {
+        match self.texts.get(&(t.as_ptr() as usize)) {
             Some(n) => self.v(*n),
             None => {
                 let n = self.texts.len() as u64 + 1;
-                self.texts.insert(t, n);
+                self.texts.insert(t.as_ptr() as usize, n);
                 self.v(0);
                 self.s(t);
             }
@@ -121,7 +126,7 @@ impl<'a> Writer<'a> {
 
 /// Encodes a cell: its key (as the JSON array [`CellSnapshot::key`] holds) and its running rules.
 pub(crate) fn encode(key: &[serde_json::Value], rules: &[RuleView<'_>]) -> Vec<u8> {
-    let mut w = Writer { out: Vec::with_capacity(256), texts: FxHashMap::default() };
+    let mut w = Writer { out: Vec::with_capacity(1024), texts: FxHashMap::default(), _texts: std::marker::PhantomData };
     w.out.extend_from_slice(&MAGIC);
     w.out.push(CELL_FORMAT);
     w.s(&serde_json::to_string(key).expect("key values serialise"));
@@ -330,7 +335,7 @@ mod tests {
     #[test]
     fn varints_round_trip() {
         for x in [0i64, 1, -1, 63, -64, 64, i64::MAX, i64::MIN, 1_795_364_993_084] {
-            let mut w = Writer { out: Vec::new(), texts: FxHashMap::default() };
+            let mut w = Writer { out: Vec::new(), texts: FxHashMap::default(), _texts: std::marker::PhantomData };
             w.z(x);
             w.v(x as u64);
             let mut r = Reader { buf: &w.out, at: 0, texts: Vec::new() };
