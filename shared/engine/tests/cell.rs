@@ -2,7 +2,8 @@
 //! exactly the matches of the whole [`Engine`] on the same input: the
 //! example rules over the committed sample, with the watermark advanced
 //! after every event (as the engine does) and only every 500 events (as a
-//! shard hearing a router's periodic watermark does).
+//! shard hearing a router's periodic watermark does); and the same on every
+//! conformance case under `tests/`, also through each key's stored form.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -38,21 +39,26 @@ fn sample() -> Vec<String> {
 }
 
 fn engine_ids(rules: &[RuleSpec], lines: &[String]) -> Vec<String> {
-    let mut e = Engine::new(EngineConfig::default(), Arc::new(ManualClock::new(0)));
+    engine_outputs(rules, lines, &EngineConfig::default(), "clickstream")
+}
+
+/// The whole engine's match and timeout records (`kind rule match_id`, sorted).
+fn engine_outputs(rules: &[RuleSpec], lines: &[String], cfg: &EngineConfig, source: &str) -> Vec<String> {
+    let mut e = Engine::new(cfg.clone(), Arc::new(ManualClock::new(0)));
     for r in rules {
         e.upsert_rule(r).unwrap();
     }
     let mut out = Vec::new();
     for l in lines {
-        if let Ok(ev) = e.decode("clickstream", l) {
-            e.push("clickstream", ev, &mut out);
+        if let Ok(ev) = e.decode(source, l) {
+            e.push(source, ev, &mut out);
         }
     }
     e.finish(&mut out);
     let mut ids: Vec<String> = out
         .into_iter()
         .filter_map(|o| match o {
-            Output::Match(m) => Some(format!("{} {}", m.rule_id, m.match_id)),
+            Output::Match(m) => Some(format!("{:?} {} {}", m.kind, m.rule_id, m.match_id)),
             _ => None,
         })
         .collect();
@@ -64,14 +70,20 @@ fn engine_ids(rules: &[RuleSpec], lines: &[String]) -> Vec<String> {
 /// goes through its stored (binary) form and on from the restored cell, as
 /// if it had been passivated.
 fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize, stored: bool) -> Vec<String> {
-    let cfg = EngineConfig::default();
+    cell_outputs(rules, lines, &EngineConfig::default(), "clickstream", every, stored)
+}
+
+/// What [`cell_ids`] does, for any configuration and source; records as
+/// [`engine_outputs`] renders them.
+fn cell_outputs(rules: &[RuleSpec], lines: &[String], cfg: &EngineConfig, source: &str, every: usize, stored: bool) -> Vec<String> {
+    let cfg = cfg.clone();
     let bound = cfg.default_source.out_of_orderness_ms;
     let mut book = RuleBook::new(cfg.clone());
     for r in rules {
         book.upsert(r).unwrap();
     }
     // What the router does: per signature, the key of each event (lateness decided here).
-    let mut probe = Engine::new(cfg, Arc::new(ManualClock::new(0)));
+    let mut probe = Engine::new(cfg.clone(), Arc::new(ManualClock::new(0)));
     let sigs: Vec<(String, Vec<String>)> = {
         let mut s: Vec<(String, Vec<String>)> = rules.iter().map(|r| (r.key_by.join(","), r.key_by.clone())).collect();
         s.sort();
@@ -80,7 +92,7 @@ fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize, stored: bool) ->
     };
     let mut reg = cepheid_types::FieldRegistry::new();
     let fields: Vec<Vec<cepheid_types::FieldId>> = sigs.iter().map(|(_, f)| f.iter().map(|x| reg.intern(x)).collect()).collect();
-    let time = reg.intern("eventTime");
+    let time = reg.intern(&cfg.default_source.time_field);
     let mut pending: BinaryHeap<Reverse<(i64, u64, String, String)>> = BinaryHeap::new();
     let mut cells: BTreeMap<String, (KeyCell, Option<i64>)> = BTreeMap::new();
     let mut ids = Vec::new();
@@ -91,8 +103,8 @@ fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize, stored: bool) ->
         let mut batches: BTreeMap<String, Vec<Released>> = BTreeMap::new();
         while pending.peek().is_some_and(|Reverse(p)| p.0 < w) {
             let Reverse((t, _, key, raw)) = pending.pop().unwrap();
-            let event = book.decode("clickstream", &raw, t).unwrap();
-            batches.entry(key).or_default().push(Released { source: "clickstream".into(), event });
+            let event = book.decode(source, &raw, t).unwrap();
+            batches.entry(key).or_default().push(Released { source: source.into(), event });
         }
         // Keys with a deadline due step too (as from a shard's timer index).
         let due: Vec<String> = cells.iter().filter(|(_, (_, d))| d.is_some_and(|d| d <= w)).map(|(k, _)| k.clone()).collect();
@@ -105,7 +117,7 @@ fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize, stored: bool) ->
             let (cell, deadline) = cells.entry(key.clone()).or_default();
             let out = cell.step(rules, &evs, Some(w), 0);
             *deadline = out.deadline;
-            ids.extend(out.records.into_iter().map(|m| format!("{} {}", m.rule_id, m.match_id)));
+            ids.extend(out.records.into_iter().map(|m| format!("{:?} {} {}", m.kind, m.rule_id, m.match_id)));
             if out.idle {
                 cells.remove(&key);
             } else if stored {
@@ -122,7 +134,7 @@ fn cell_ids(rules: &[RuleSpec], lines: &[String], every: usize, stored: bool) ->
     };
     for (n, l) in lines.iter().enumerate() {
         let Ok(ev) = cepheid_types::EventDecoder::new(&reg, time).decode(l) else { continue };
-        let _ = probe.decode("clickstream", l);
+        let _ = probe.decode(source, l);
         let t = ev.time();
         if max != i64::MIN && t < max - bound {
             continue; // late
@@ -166,4 +178,44 @@ fn processing_time_rules_are_refused_by_key_cells() {
     let err = book.upsert(&spec).unwrap_err().to_string();
     assert!(err.contains("E200") && err.contains("`pt`") && err.contains("processing"), "{err}");
     assert_eq!(book.len(), 0);
+}
+
+/// Every conformance case (Flink's own CEP tests, the extensions, the random
+/// Flink-checked suite, Cepheid's own) run through key cells as a matcher shard
+/// runs them gives exactly the whole engine's records — which pass the cases —
+/// with the watermark after every event, and with it after every third event
+/// and each key through its stored form after every step.
+#[test]
+fn key_cells_give_the_engines_records_on_every_conformance_case() {
+    use cepheid_engine::engine::SourceConfig;
+    use cepheid_engine::testcase::{collect_case_files, TestCase};
+    let dirs: Vec<PathBuf> = ["conformance", "conformance-random", "cepheid"].iter().map(|d| root().join("tests").join(d)).collect();
+    let cfg = EngineConfig { default_source: SourceConfig { time_field: "event_time".into(), out_of_orderness_ms: 0 }, ..EngineConfig::default() };
+    let (mut compared, mut skipped, mut failed) = (0, Vec::new(), Vec::new());
+    for f in collect_case_files(&dirs).unwrap() {
+        let case = TestCase::load(&f).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        let Ok(spec) = cepheid_rules::parse_rule_value(&case.rule) else { continue }; // a case of a refused rule
+        if case.expected_error.is_some() {
+            continue;
+        }
+        if RuleBook::new(cfg.clone()).upsert(&spec).is_err() {
+            skipped.push(name); // processing time: not run by key cells (E200)
+            continue;
+        }
+        let source = spec.source.clone().unwrap_or_else(|| "test".into());
+        let lines: Vec<String> = case.events.iter().map(|e| e.to_string()).collect();
+        let rules = [spec];
+        let want = engine_outputs(&rules, &lines, &cfg, &source);
+        for (every, stored) in [(1, false), (3, true)] {
+            let got = cell_outputs(&rules, &lines, &cfg, &source, every, stored);
+            if got != want {
+                failed.push(format!("{name} (watermark every {every}, stored {stored}):\n  engine {want:?}\n  cells  {got:?}"));
+            }
+        }
+        compared += 1;
+    }
+    assert!(compared > 600, "{compared} cases compared");
+    assert!(skipped.len() < 20, "skipped (refused by key cells): {skipped:?}");
+    assert!(failed.is_empty(), "{} of {compared} cases differ:\n{}", failed.len(), failed.join("\n"));
 }
