@@ -51,6 +51,8 @@ struct Writer<'a> {
     /// without hashing its text. (A text held twice in separate allocations
     /// is written twice; it reads back the same.)
     texts: FxHashMap<usize, u64>,
+    /// The texts are borrowed for the writer's whole life, so no address is
+    /// freed and reused for another text while it runs.
     _texts: std::marker::PhantomData<&'a str>,
 }
 
