@@ -15,11 +15,14 @@
 //! its first event: a broker's cost is mostly per record. A frame carries the
 //! router's watermark per source as of sending it (`cepheid-watermarks`, a
 //! JSON object, and `cepheid-router`), which applies after the frame's events
-//! (Flink sends watermarks in-band the same way). Every
-//! `watermark_interval_ms` the router also sends each source's watermark to
-//! every partition, after any open frames: a record with no key, an empty
-//! payload and headers `cepheid-watermark`, `cepheid-source`,
-//! `cepheid-router` — so quiet partitions move too. A shard takes the
+//! (Flink sends watermarks in-band the same way). A partition that got no
+//! frame when the watermark moved gets a watermark record at once: a record
+//! with no key, an empty payload and headers `cepheid-watermark`,
+//! `cepheid-source`, `cepheid-router`. Every `watermark_interval_ms` the
+//! router also sends such records, after any open frames, to each partition
+//! it told nothing for that long — so a shard keeps hearing from a router
+//! whose watermark stands (it forgets routers silent for `router_expiry_ms`),
+//! and busy partitions get no records beyond their frames. A shard takes the
 //! minimum over routers.
 //!
 //! A source's watermark is the minimum over the router's input partitions of
@@ -510,14 +513,9 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 // Every event framed so far goes before the watermark that may pass it.
+                // (Partitions whose watermark moved are told by `send_frames`.)
                 report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
-                for (source, wm) in router.watermarks(wall_ms()) {
-                    let w = wm.to_string();
-                    for p in 0..partitions {
-                        out.push(&bus, &cfg.keyed_topic, Some(p), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
-                        report.watermarks_sent += 1;
-                    }
-                }
+                out.keep_alive(&bus, &cfg.keyed_topic, &router_id, Duration::from_millis(cfg.watermark_interval_ms.max(10))).await?;
             }
             m = consumer.recv() => {
                 let m = match m {
@@ -682,7 +680,10 @@ struct Outbox {
     opened: Option<tokio::time::Instant>,
     /// Per keyed partition, the watermarks last sent to it with frames.
     told: Vec<Vec<(String, i64)>>,
-    /// Watermark records sent by `send_frames`, not yet counted in the report.
+    /// Per keyed partition, when it was last sent a record (a frame or a
+    /// watermark record): [`Outbox::keep_alive`] leaves partitions told lately alone.
+    last_told: Vec<Option<tokio::time::Instant>>,
+    /// Watermark records sent by `send_frames` and `keep_alive`, not yet counted in the report.
     watermark_records: u64,
 }
 
@@ -695,6 +696,7 @@ impl Outbox {
             framed: Default::default(),
             opened: None,
             told: vec![Vec::new(); partitions.max(1) as usize],
+            last_told: vec![None; partitions.max(1) as usize],
             watermark_records: 0,
         }
     }
@@ -726,6 +728,7 @@ impl Outbox {
     async fn send_frames(&mut self, bus: &Bus, topic: &str, router: &mut Router, router_id: &str) -> anyhow::Result<u64> {
         self.opened = None;
         let mut sent = 0;
+        let now = tokio::time::Instant::now();
         let marks = router.watermarks(wall_ms());
         let text = (!marks.is_empty()).then(|| serde_json::to_string(&marks.iter().cloned().collect::<BTreeMap<_, _>>()).expect("a map of numbers"));
         for p in 0..self.frames.len() {
@@ -737,6 +740,9 @@ impl Outbox {
                         self.watermark_records += 1;
                     }
                     self.told[p].clone_from(&marks);
+                    if !marks.is_empty() {
+                        self.last_told[p] = Some(now);
+                    }
                 }
                 continue;
             }
@@ -747,12 +753,38 @@ impl Outbox {
             }
             self.push(bus, topic, Some(p as i32), None, &payload, &headers).await?;
             self.told[p].clone_from(&marks);
+            if !marks.is_empty() {
+                self.last_told[p] = Some(now);
+            }
             sent += 1;
         }
         for (t, p, o) in self.framed.drain(..) {
             self.offsets.insert((t, p), o);
         }
         Ok(sent)
+    }
+    /// Sends its watermarks again to each keyed partition told nothing for
+    /// `every` (a watermark record per source): a shard forgets a router not
+    /// heard from for `router_expiry_ms`, and a partition without traffic
+    /// must still hear that the watermark stands. Partitions told lately, by
+    /// frames or records, get nothing — while events flow that is most of
+    /// them, and a record per partition per interval is broker load for nothing.
+    async fn keep_alive(&mut self, bus: &Bus, topic: &str, router_id: &str, every: Duration) -> anyhow::Result<()> {
+        let now = tokio::time::Instant::now();
+        for p in 0..self.told.len() {
+            if self.told[p].is_empty() || self.last_told[p].is_some_and(|t| now.saturating_duration_since(t) < every) {
+                continue;
+            }
+            let marks = std::mem::take(&mut self.told[p]);
+            for (source, w) in &marks {
+                let w = w.to_string();
+                self.push(bus, topic, Some(p as i32), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
+                self.watermark_records += 1;
+            }
+            self.told[p] = marks;
+            self.last_told[p] = Some(now);
+        }
+        Ok(())
     }
     #[allow(clippy::too_many_arguments)]
     async fn push(
@@ -810,4 +842,59 @@ impl Outbox {
 /// Wall-clock milliseconds (input partition idleness only; event time drives everything else).
 fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which keyed partitions got a watermark record since the last call.
+    async fn told_by_records(keyed: &mut cepheid_bus::Consumer) -> Vec<i32> {
+        let mut got = Vec::new();
+        while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(1), keyed.recv()).await {
+            if m.header("cepheid-watermark").is_some() {
+                got.push(m.partition);
+            }
+        }
+        got.sort_unstable();
+        got
+    }
+
+    /// The interval's watermark records go only to partitions told nothing
+    /// (neither a frame nor a record) for an interval; those told lately get none.
+    #[tokio::test(start_paused = true)]
+    async fn watermarks_are_sent_again_only_to_partitions_told_nothing_lately() {
+        let bus = Bus::memory();
+        bus.create_topic("keyed", 3).await.unwrap();
+        let mut keyed = bus.subscribe("reader", &["keyed"]).unwrap();
+        let mut router = Router::new(EngineConfig::default());
+        router.route_from("clickstream", 0, r#"{"eventTime":10000,"userId":7}"#).unwrap();
+        let cfg = RouterConfig::default();
+        let mut out = Outbox::new(3);
+        let every = Duration::from_millis(200);
+        let event = Entry { key: b"userId|7", time: 10_000, source: "clickstream", trace: None, payload: b"{}" };
+        let framed = partition_for(event.key, 3);
+        let others: Vec<i32> = (0..3).filter(|p| *p != framed).collect();
+
+        // t = 0: a frame to one partition; the watermark moved, so the others get a record at once.
+        out.frame(3, &event, &cfg);
+        assert_eq!(out.send_frames(&bus, "keyed", &mut router, "r").await.unwrap(), 1);
+        assert_eq!(told_by_records(&mut keyed).await, others);
+        // t = 100 ms: every partition was told lately.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        out.keep_alive(&bus, "keyed", "r", every).await.unwrap();
+        assert_eq!(told_by_records(&mut keyed).await, Vec::<i32>::new());
+        // t = 250 ms: a frame to the same partition, the watermark unchanged:
+        // the others, told at 0, hear it again; the framed one does not.
+        tokio::time::advance(Duration::from_millis(150)).await;
+        out.frame(3, &event, &cfg);
+        out.send_frames(&bus, "keyed", &mut router, "r").await.unwrap();
+        out.keep_alive(&bus, "keyed", "r", every).await.unwrap();
+        assert_eq!(told_by_records(&mut keyed).await, others);
+        // t = 450 ms: no traffic; every partition hears it again.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        out.keep_alive(&bus, "keyed", "r", every).await.unwrap();
+        assert_eq!(told_by_records(&mut keyed).await, vec![0, 1, 2]);
+        assert_eq!(out.watermark_records, 7);
+    }
 }
