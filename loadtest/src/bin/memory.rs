@@ -1,5 +1,6 @@
-//! Memory per open partial match and per key, measured with a counting
-//! allocator (heap bytes live, not RSS).
+//! Memory per open partial match and per key, and of the example rules over
+//! the load generator's clickstream, measured with a counting allocator (heap
+//! bytes live, not RSS).
 //! `cargo run --release -p cepheid-loadtest --bin memory`
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -63,4 +64,46 @@ fn main() {
     println!("memory: {per_partial:.0} bytes per open partial match (one key, {n} partial matches, event text included)");
     println!("memory: {per_key:.0} bytes per key holding one partial match ({keys} keys)");
     println!("memory: {per_idle:.1} bytes per key that holds no partial match ({idle_keys} keys kept)");
+    let (total, partials, keys, per_event) = example_rules(200_000);
+    println!(
+        "memory: the example rules over a 200000-event clickstream: {:.1} MB live ({:.0} bytes per event; {partials} partial matches over {keys} rule keys, {:.0} bytes each); one decoded event alone {per_event:.0} bytes",
+        total as f64 / 1e6,
+        total as f64 / 200_000.0,
+        total as f64 / partials as f64
+    );
+}
+
+/// The rules of `rules/examples` over the load generator's clickstream (as
+/// the `embedded` benchmark runs them): the live heap after `n` events, the
+/// partial matches and keys then, and what one decoded event holds alone.
+fn example_rules(n: usize) -> (isize, usize, usize, f64) {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules/examples");
+    let mut files: Vec<_> = std::fs::read_dir(&root).expect("rules/examples").flatten().map(|e| e.path()).collect();
+    files.sort();
+    let mut e = Engine::new(EngineConfig::default(), Arc::new(ManualClock::new(0)));
+    for p in files {
+        let fmt = match p.extension().and_then(|x| x.to_str()) {
+            Some("yaml") => cepheid_rules::RuleFormat::Yaml,
+            Some("json") => cepheid_rules::RuleFormat::Json,
+            _ => continue,
+        };
+        let text = std::fs::read_to_string(&p).expect("a rule file");
+        e.upsert_rule(&cepheid_rules::parse_rule_str(&text, fmt).expect("an example rule")).expect("an example rule compiles");
+    }
+    let params = cepheid_loadtest::clickstream::Params { events: n, users: 20_000, products: 5_000, ..Default::default() };
+    let lines = cepheid_loadtest::clickstream::generate(&params);
+    let before = LIVE.load(Ordering::Relaxed);
+    let alone: Vec<_> = lines[..1000].iter().map(|l| e.decode_owned("clickstream", l.clone()).expect("a generated event")).collect();
+    let per_event = (LIVE.load(Ordering::Relaxed) - before) as f64 / alone.len() as f64;
+    drop(alone);
+    let mut out = Vec::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    for l in lines.iter() {
+        let ev = e.decode_owned("clickstream", l.clone()).expect("a generated event");
+        e.push("clickstream", ev, &mut out);
+        out.clear();
+    }
+    let total = LIVE.load(Ordering::Relaxed) - before;
+    let (partials, keys) = e.state_size();
+    (total, partials, keys, per_event)
 }

@@ -46,7 +46,11 @@ pub struct Edge {
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     pub refs: u32,
-    pub edges: SmallVec<[Edge; 2]>,
+    /// One edge inline: most nodes have one (an edge is 72 bytes, and a
+    /// node is a hash-map bucket, so a second inline edge cost every node 72
+    /// bytes; nodes taken by many runs, as of a `times` stage, spill to the
+    /// heap either way). BENCHMARKS.md, "Memory".
+    pub edges: SmallVec<[Edge; 1]>,
 }
 
 /// Stage → events of one path, stages ordered by their earliest event.
