@@ -31,6 +31,9 @@ struct Args {
     router: String,
     #[arg(long, default_value = "http://127.0.0.1:9103,http://127.0.0.1:9104")]
     shards: String,
+    /// The notifier's probe (its duplicate count tells matches lost; not required).
+    #[arg(long, default_value = "http://127.0.0.1:9102")]
+    notifier: String,
     #[arg(long, default_value = ".local-cluster/alerts.jsonl")]
     alerts: PathBuf,
     /// Where the services' pid files are (for memory figures).
@@ -90,6 +93,18 @@ async fn scrape(http: &reqwest::Client, url: &str, metric: &str) -> anyhow::Resu
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0))
+}
+
+/// The largest value of a metric over its label sets (0 when the service or
+/// the metric is not there): per-target counters of the notifier count each
+/// match once per target.
+async fn scrape_max(http: &reqwest::Client, url: &str, metric: &str) -> f64 {
+    let Ok(r) = http.get(format!("{url}/metrics")).send().await else { return 0.0 };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.strip_prefix(metric).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
 }
 
 /// CPU time (user + system, seconds) of every service with a pid file, of
@@ -200,9 +215,12 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let routed0 = scrape(&http, &a.router, "cepheid_router_routed_total").await?;
     let mut consumed0 = 0.0;
+    let mut matched0 = 0.0;
     for s in &shards {
         consumed0 += scrape(&http, s, "cepheid_shard_events_total").await?;
+        matched0 += scrape(&http, s, "cepheid_shard_matches_total").await?;
     }
+    let dedup0 = scrape_max(&http, &a.notifier, "cepheid_notifier_deduplicated_total").await;
     // The alert file is followed from its current end (read incrementally, so
     // that the driver's own CPU use stays small next to the cluster's).
     let seen0 = std::fs::metadata(&a.alerts).map(|m| m.len()).unwrap_or(0);
@@ -315,6 +333,18 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     tokio::time::sleep(Duration::from_millis(500)).await; // let the last alerts through the notifier
+    // Matches the shards decided in the run, and match records the notifier
+    // dropped as already delivered: with no shard restarted or rebalanced
+    // (whose replays send matches again), a duplicate means a match record
+    // carried another match's id, and that match is missing.
+    let mut matched = -matched0;
+    for s in &shards {
+        matched += scrape(&http, s, "cepheid_shard_matches_total").await?;
+    }
+    let deduplicated = scrape_max(&http, &a.notifier, "cepheid_notifier_deduplicated_total").await - dedup0;
+    if deduplicated > 0.0 {
+        eprintln!("warning: the notifier dropped {deduplicated} match record(s) of this run as duplicates; unless a shard restarted or partitions moved, alerts are missing");
+    }
     let _ = stop_tx.send(true);
     let stamped = watcher.await?;
     let mut lat: Vec<f64> = stamped
@@ -406,6 +436,7 @@ async fn main() -> anyhow::Result<()> {
         "start_wall_ms": start_wall_ms,
         "post_seconds": posted.as_secs_f64(), "through_seconds": done.as_secs_f64(), "events_per_second": eps,
         "alerts_measured": lat.len(),
+        "shard_matches": matched, "notifier_deduplicated": deduplicated,
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
         "beyond_lateness_measured": beyond.len(),
         "beyond_lateness_ms": {"p50": pct(&beyond, 0.5), "p95": pct(&beyond, 0.95), "p99": pct(&beyond, 0.99)},
