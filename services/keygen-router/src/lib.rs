@@ -678,7 +678,7 @@ struct Outbox {
     framed: Vec<(String, i32, i64)>,
     /// When the first of those events was read.
     opened: Option<tokio::time::Instant>,
-    /// Per keyed partition, the watermarks last sent to it with frames.
+    /// Per keyed partition, the watermarks last sent to it (with a frame or as watermark records).
     told: Vec<Vec<(String, i64)>>,
     /// Per keyed partition, when it was last sent a record (a frame or a
     /// watermark record): [`Outbox::keep_alive`] leaves partitions told lately alone.
@@ -734,11 +734,7 @@ impl Outbox {
         for p in 0..self.frames.len() {
             if self.frames[p].is_empty() {
                 if self.told[p] != marks {
-                    for (source, w) in &marks {
-                        let w = w.to_string();
-                        self.push(bus, topic, Some(p as i32), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
-                        self.watermark_records += 1;
-                    }
+                    self.watermark_records_to(bus, topic, p, &marks, router_id).await?;
                     self.told[p].clone_from(&marks);
                     if !marks.is_empty() {
                         self.last_told[p] = Some(now);
@@ -776,13 +772,19 @@ impl Outbox {
                 continue;
             }
             let marks = std::mem::take(&mut self.told[p]);
-            for (source, w) in &marks {
-                let w = w.to_string();
-                self.push(bus, topic, Some(p as i32), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
-                self.watermark_records += 1;
-            }
+            self.watermark_records_to(bus, topic, p, &marks, router_id).await?;
             self.told[p] = marks;
             self.last_told[p] = Some(now);
+        }
+        Ok(())
+    }
+    /// Enqueues a watermark record per source to keyed partition `p`: no
+    /// key, an empty payload, headers `cepheid-watermark`, `cepheid-source`, `cepheid-router`.
+    async fn watermark_records_to(&mut self, bus: &Bus, topic: &str, p: usize, marks: &[(String, i64)], router_id: &str) -> anyhow::Result<()> {
+        for (source, w) in marks {
+            let w = w.to_string();
+            self.push(bus, topic, Some(p as i32), None, b"", &[("cepheid-watermark", w.as_bytes()), ("cepheid-source", source.as_bytes()), ("cepheid-router", router_id.as_bytes())]).await?;
+            self.watermark_records += 1;
         }
         Ok(())
     }
