@@ -487,7 +487,8 @@ pub async fn run(
         Some(u) => router.follow(u?),
         None => anyhow::bail!("router: the rule store watch ended before the first resync"),
     }
-    let mut consumer = bus.subscribe(&cfg.group, &[&cfg.events_topic])?;
+    // Only ingest writes the events topic: a hole in its offsets is records not readable yet.
+    let mut consumer = bus.subscribe(&cfg.group, &[&cfg.events_topic])?.contiguous();
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.watermark_interval_ms.max(10)));
     let mut report = Report::default();
     let shared = std::sync::Arc::new(std::sync::Mutex::new(Report::default()));

@@ -1523,7 +1523,8 @@ pub async fn run(
         Some(u) => shard.follow(u?),
         None => anyhow::bail!("matcher-shard: the rule store watch ended before the first resync"),
     }
-    let mut consumer = bus.subscribe(&cfg.group, &[&cfg.keyed_topic])?;
+    // Only routers write the keyed topic: a hole in its offsets is records not readable yet.
+    let mut consumer = bus.subscribe(&cfg.group, &[&cfg.keyed_topic])?.contiguous();
     let mut assigned: HashSet<i32> = HashSet::new();
     shard.report.ready = true;
     // Often enough for the partitions' checkpoint slots (see `checkpoint_slot`) to keep their places.

@@ -161,7 +161,8 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
         NotifierDeps { clock: deps.clock.clone(), sleeper: deps.sleeper.clone(), store: deps.store.clone(), seed: std::process::id() as u64, bus: Some(deps.bus.clone()) },
     )
     .await?;
-    let mut consumer = deps.bus.subscribe(&service.group, &[&service.matches_topic])?;
+    // Only shards write the matches topic: a hole in its offsets is records not readable yet.
+    let mut consumer = deps.bus.subscribe(&service.group, &[&service.matches_topic])?.contiguous();
     let lag: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let server = deps.http.map(|l| {
         let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone(), lag.clone());

@@ -194,7 +194,7 @@ impl KafkaBus {
             .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: Vec::new() })
+        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: Vec::new(), gaps: None })
     }
 }
 
@@ -276,6 +276,8 @@ pub struct KafkaConsumer {
     /// Partitions that must resume exactly at an offset (after a seek or an
     /// assignment); nearly always empty.
     resume: Vec<Resume>,
+    /// With [`KafkaConsumer::contiguous`]: where each partition must go on.
+    gaps: Option<crate::gaps::Gaps>,
 }
 
 /// A partition to be read from `target` on. Some brokers answer a fetch
@@ -322,7 +324,12 @@ impl KafkaConsumer {
                     self.resume.push(Resume { topic: topic.to_string(), partition, target: c, from: c, found: false });
                 }
             }
-            let Some(i) = self.resume.iter().position(|r| r.topic == topic && r.partition == partition) else { break m };
+            let Some(i) = self.resume.iter().position(|r| r.topic == topic && r.partition == partition) else {
+                if Self::skipped(&mut self.gaps, &self.consumer, (topic, partition, offset), fresh).await? {
+                    continue;
+                }
+                break m;
+            };
             let r = &mut self.resume[i];
             if offset < r.target {
                 r.found = true;
@@ -340,6 +347,9 @@ impl KafkaConsumer {
                 );
             }
             self.resume.swap_remove(i);
+            if let Some(g) = &mut self.gaps {
+                g.restart(topic, partition, offset);
+            }
             break m;
         };
         let headers = m
@@ -356,6 +366,48 @@ impl KafkaConsumer {
         })
     }
 
+    /// Checks every later record of each partition against the one before
+    /// it: used on topics only Cepheid writes (no transactions, no
+    /// compaction), whose offsets have no holes. A broker that answers a
+    /// fetch with a batch *after* one not yet readable (tansu 0.6 raises a
+    /// partition's high watermark before it stores the batch, so a fetch in
+    /// between lists the batches after it but not the batch itself) would
+    /// otherwise make the consumer pass over records silently: the missing
+    /// offsets are read again, a few times with short waits, and only then
+    /// passed over, with a warning.
+    pub fn contiguous(&mut self) {
+        self.gaps.get_or_insert_with(crate::gaps::Gaps::default);
+    }
+
+    /// True when the record at `offset` comes after a hole: the partition is
+    /// read again from the hole (after a short wait) and the record dropped.
+    async fn skipped(
+        gaps: &mut Option<crate::gaps::Gaps>,
+        consumer: &StreamConsumer<GroupContext>,
+        (topic, partition, offset): (&str, i32, i64),
+        fresh: bool,
+    ) -> Result<bool, BusError> {
+        let Some(g) = gaps else { return Ok(false) };
+        if fresh {
+            g.restart(topic, partition, offset);
+            return Ok(false);
+        }
+        match g.check(topic, partition, offset) {
+            crate::gaps::Check::Next => Ok(false),
+            crate::gaps::Check::ReadAgain { from, wait } => {
+                tokio::time::sleep(wait).await;
+                consumer.seek(topic, partition, Offset::Offset(from), Duration::from_secs(10)).map_err(classify)?;
+                Ok(true)
+            }
+            crate::gaps::Check::PassOver { from, tries } => {
+                tracing::warn!(
+                    "bus: {topic}/{partition}: offsets {from}..{offset} could not be read ({tries} attempts; the broker skipped them, or they were deleted); going on at {offset}"
+                );
+                Ok(false)
+            }
+        }
+    }
+
     /// The next record delivered from `partition` is the one at `offset` (or,
     /// if the log no longer holds it, the first one after it).
     pub async fn seek(&mut self, topic: &str, partition: i32, offset: i64) -> Result<(), BusError> {
@@ -364,6 +416,9 @@ impl KafkaConsumer {
         self.fresh.lock().unwrap().retain(|(t, p)| !(t == topic && *p == partition));
         self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
         self.resume.push(Resume { topic: topic.to_string(), partition, target: offset, from: offset, found: false });
+        if let Some(g) = &mut self.gaps {
+            g.forget(topic, partition);
+        }
         Ok(())
     }
 

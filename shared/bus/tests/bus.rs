@@ -78,7 +78,9 @@ async fn resume_inside_a_batch(bus: &Bus, topic: &str) {
         (m.offset, String::from_utf8(m.payload).unwrap())
     }
     let group = format!("{topic}-g");
-    let mut c = bus.subscribe(&group, &[topic]).unwrap();
+    // Read as the services read their own topics (holes read again): resuming
+    // and seeking back and forth inside a batch is not taken for a hole.
+    let mut c = bus.subscribe(&group, &[topic]).unwrap().contiguous();
     assert_eq!(next(&mut c).await, (0, "r0".to_string()));
     c.commit(topic, 0, 40).unwrap();
     drop(c);
@@ -86,7 +88,7 @@ async fn resume_inside_a_batch(bus: &Bus, topic: &str) {
     // with nothing at all, so the consumer learns of the skipped rest of that
     // batch only when a later batch arrives; it then reads back.)
     bus.send(topic, Some(0), None, b"r100", &[]).await.unwrap();
-    let mut c = bus.subscribe(&group, &[topic]).unwrap();
+    let mut c = bus.subscribe(&group, &[topic]).unwrap().contiguous();
     assert_eq!(next(&mut c).await, (40, "r40".to_string()), "resumed at the committed offset");
     assert_eq!(next(&mut c).await, (41, "r41".to_string()));
     c.seek(topic, 0, 70).await.unwrap();
@@ -94,6 +96,10 @@ async fn resume_inside_a_batch(bus: &Bus, topic: &str) {
     c.seek(topic, 0, 5).await.unwrap();
     assert_eq!(next(&mut c).await, (5, "r5".to_string()));
     assert_eq!(next(&mut c).await, (6, "r6".to_string()));
+    // And on to the end, each record once.
+    for i in 7..=100 {
+        assert_eq!(next(&mut c).await, (i, format!("r{i}")));
+    }
 }
 
 #[tokio::test]
@@ -124,3 +130,4 @@ async fn a_failed_subscribe_does_not_join_the_group() {
     got.sort();
     assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()], "the only member reads every partition");
 }
+
