@@ -221,6 +221,7 @@ async fn main() -> anyhow::Result<()> {
         matched0 += scrape(&http, s, "cepheid_shard_matches_total").await?;
     }
     let dedup0 = scrape_max(&http, &a.notifier, "cepheid_notifier_deduplicated_total").await;
+    let read0 = scrape_max(&http, &a.notifier, "cepheid_notifier_records_total").await;
     // The alert file is followed from its current end (read incrementally, so
     // that the driver's own CPU use stays small next to the cluster's).
     let seen0 = std::fs::metadata(&a.alerts).map(|m| m.len()).unwrap_or(0);
@@ -342,6 +343,8 @@ async fn main() -> anyhow::Result<()> {
         matched += scrape(&http, s, "cepheid_shard_matches_total").await?;
     }
     let deduplicated = scrape_max(&http, &a.notifier, "cepheid_notifier_deduplicated_total").await - dedup0;
+    // Match records the notifier read (matches and timeouts; a record read again counts again).
+    let notifier_records = scrape_max(&http, &a.notifier, "cepheid_notifier_records_total").await - read0;
     if deduplicated > 0.0 {
         eprintln!("warning: the notifier dropped {deduplicated} match record(s) of this run as duplicates; unless a shard restarted or partitions moved, alerts are missing");
     }
@@ -436,7 +439,7 @@ async fn main() -> anyhow::Result<()> {
         "start_wall_ms": start_wall_ms,
         "post_seconds": posted.as_secs_f64(), "through_seconds": done.as_secs_f64(), "events_per_second": eps,
         "alerts_measured": lat.len(),
-        "shard_matches": matched, "notifier_deduplicated": deduplicated,
+        "shard_matches": matched, "notifier_deduplicated": deduplicated, "notifier_records": notifier_records,
         "latency_ms": {"p50": pct(&lat, 0.5), "p95": pct(&lat, 0.95), "p99": pct(&lat, 0.99)},
         "beyond_lateness_measured": beyond.len(),
         "beyond_lateness_ms": {"p50": pct(&beyond, 0.5), "p95": pct(&beyond, 0.95), "p99": pct(&beyond, 0.99)},

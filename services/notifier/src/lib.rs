@@ -100,7 +100,7 @@ pub fn prometheus(m: &cepheid_notify::Metrics) -> String {
     out
 }
 
-fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::AtomicU64>) -> axum::Router {
+fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::AtomicU64>, read: Arc<std::sync::atomic::AtomicU64>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -119,10 +119,14 @@ fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::Atomic
         .route("/metrics", get(move || {
             let n = n.clone();
             let lag = lag.load(std::sync::atomic::Ordering::Relaxed);
+            let read = read.load(std::sync::atomic::Ordering::Relaxed);
             async move {
                 let mut text = prometheus(&n.metrics());
                 text.push_str(&format!(
                     "# HELP cepheid_notifier_consumer_lag Match records of the assigned partitions after the committed offsets.\n# TYPE cepheid_notifier_consumer_lag gauge\ncepheid_notifier_consumer_lag {lag}\n"
+                ));
+                text.push_str(&format!(
+                    "# HELP cepheid_notifier_records_total Records read from the matches topic (a record read again after a reassignment counts again).\n# TYPE cepheid_notifier_records_total counter\ncepheid_notifier_records_total {read}\n"
                 ));
                 text
             }
@@ -164,8 +168,9 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
     // Only shards write the matches topic: a hole in its offsets is records not readable yet.
     let mut consumer = deps.bus.subscribe(&service.group, &[&service.matches_topic])?.contiguous();
     let lag: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let read: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let server = deps.http.map(|l| {
-        let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone(), lag.clone());
+        let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone(), lag.clone(), read.clone());
         tokio::spawn(async move { axum::serve(l, app).await })
     });
     let mut rules: HashMap<(String, u64), Option<RuleSpec>> = HashMap::new();
@@ -181,6 +186,10 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
         tokio::select! {
             _ = &mut shutdown => break,
             _ = poll.tick() => {
+                if let Some(a) = consumer.assignment_changed() {
+                    // Records after the last commit come again after a reassignment (dropped as duplicates).
+                    tracing::info!("notifier: assigned {a:?}");
+                }
                 lag.store(consumer.lag().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
                 n.poll_delayed().await.ok();
                 if !uncommitted.is_empty() {
@@ -199,6 +208,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                     Err(e) => return Err(e.into()),
                 };
                 report.records += 1;
+                read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 uncommitted.insert(m.partition, m.offset + 1);
                 let record = std::str::from_utf8(&m.payload).ok().and_then(|s| MatchRecord::from_json_line(s).ok());
                 match record {

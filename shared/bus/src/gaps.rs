@@ -36,6 +36,9 @@ pub(crate) enum Check {
     ReadAgain { from: i64, wait: Duration },
     /// Deliver it, passing over `from..` it: still missing after `tries` attempts.
     PassOver { from: i64, tries: u32 },
+    /// Deliver it, though it comes again: the client went back by itself to
+    /// before `expected` (records from it on are delivered a second time).
+    Again { expected: i64 },
 }
 
 impl Gaps {
@@ -77,9 +80,12 @@ impl Gaps {
             p.tries = 0;
             return Check::PassOver { from, tries };
         }
-        // The next one, or (unusual: the client went back by itself) an earlier one.
+        let expected = p.next;
         p.next = offset + 1;
         p.tries = 0;
+        if offset < expected {
+            return Check::Again { expected };
+        }
         Check::Next
     }
 }
@@ -104,6 +110,9 @@ mod tests {
         assert_eq!(g.check("t", 1, 100), Check::Next);
         assert_eq!(g.check("u", 0, 5), Check::Next);
         assert_eq!(g.check("t", 0, 14), Check::Next);
+        // Going back is told too (records delivered a second time).
+        assert_eq!(g.check("t", 0, 12), Check::Again { expected: 15 });
+        assert_eq!(g.check("t", 0, 13), Check::Next);
     }
 
     #[test]

@@ -394,7 +394,12 @@ impl KafkaConsumer {
         }
         match g.check(topic, partition, offset) {
             crate::gaps::Check::Next => Ok(false),
+            crate::gaps::Check::Again { expected } => {
+                tracing::info!("bus: {topic}/{partition}: the client went back from offset {expected} to {offset}: records from it on come a second time");
+                Ok(false)
+            }
             crate::gaps::Check::ReadAgain { from, wait } => {
+                tracing::info!("bus: {topic}/{partition}: offsets {from}..{offset} are missing; reading them again in {} ms", wait.as_millis());
                 tokio::time::sleep(wait).await;
                 consumer.seek(topic, partition, Offset::Offset(from), Duration::from_secs(10)).map_err(classify)?;
                 Ok(true)
