@@ -7,7 +7,7 @@ use std::time::Duration;
 pub(crate) const TRIES: u32 = 4;
 
 /// The wait before attempt `n` (0-based): 2, 8, 32, 128 ms (170 ms in all).
-fn wait(n: u32) -> Duration {
+pub(crate) fn wait(n: u32) -> Duration {
     Duration::from_millis(2u64 << (2 * n))
 }
 

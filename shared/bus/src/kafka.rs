@@ -294,6 +294,9 @@ struct Resume {
     from: i64,
     /// A record before `target` was read: the next ones are contiguous.
     found: bool,
+    /// Reads again after the record at `target` did not come though the ones
+    /// before it did (consumers with [`KafkaConsumer::contiguous`] only).
+    tries: u32,
 }
 
 impl KafkaConsumer {
@@ -321,7 +324,7 @@ impl KafkaConsumer {
                 // The first record since this partition was assigned: it must be the committed one.
                 self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
                 if let Some(c) = self.committed(topic, partition)?.filter(|c| offset > *c) {
-                    self.resume.push(Resume { topic: topic.to_string(), partition, target: c, from: c, found: false });
+                    self.resume.push(Resume { topic: topic.to_string(), partition, target: c, from: c, found: false, tries: 0 });
                 }
             }
             let Some(i) = self.resume.iter().position(|r| r.topic == topic && r.partition == partition) else {
@@ -334,6 +337,16 @@ impl KafkaConsumer {
             if offset < r.target {
                 r.found = true;
                 continue; // before the resume point: not this consumer's to deliver
+            }
+            if offset > r.target && r.found && self.gaps.is_some() && r.tries < crate::gaps::TRIES {
+                // The records before the resume point came, the one at it did not: on a
+                // topic without holes, not readable yet (see `contiguous`). Again from `from`.
+                let wait = crate::gaps::wait(r.tries);
+                r.tries += 1;
+                tracing::info!("bus: {topic}/{partition}: offsets {}..{offset} are missing after a resume; reading them again in {} ms", r.target, wait.as_millis());
+                tokio::time::sleep(wait).await;
+                self.consumer.seek(topic, partition, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
+                continue;
             }
             if offset > r.target && !r.found {
                 if r.from > 0 {
@@ -420,7 +433,7 @@ impl KafkaConsumer {
         self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(classify)?;
         self.fresh.lock().unwrap().retain(|(t, p)| !(t == topic && *p == partition));
         self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
-        self.resume.push(Resume { topic: topic.to_string(), partition, target: offset, from: offset, found: false });
+        self.resume.push(Resume { topic: topic.to_string(), partition, target: offset, from: offset, found: false, tries: 0 });
         if let Some(g) = &mut self.gaps {
             g.forget(topic, partition);
         }
