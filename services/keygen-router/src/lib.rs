@@ -415,6 +415,8 @@ pub struct Report {
     pub rules: u64,
     /// Events of the assigned partitions not yet committed.
     pub consumer_lag: u64,
+    /// Times an events partition was read again for a hole in its offsets (a broker quirk; 0 on Kafka).
+    pub holes_read_again: u64,
 }
 
 impl Report {
@@ -431,6 +433,7 @@ impl Report {
             ("cepheid_router_watermarks_total", "counter", "Watermark records sent.", self.watermarks_sent),
             ("cepheid_router_rules", "gauge", "Enabled rules loaded.", self.rules),
             ("cepheid_router_consumer_lag", "gauge", "Events of the assigned events partitions after the committed offsets.", self.consumer_lag),
+            ("cepheid_router_holes_read_again_total", "counter", "Times an events partition was read again for a hole in its offsets (0 on Kafka).", self.holes_read_again),
         ] {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
         }
@@ -504,6 +507,7 @@ pub async fn run(
         report.rules = router.rule_count() as u64;
         report.watermarks_sent += std::mem::take(&mut out.watermark_records);
         report.consumer_lag = consumer.lag().unwrap_or(0);
+        report.holes_read_again = consumer.holes_read_again();
         *shared.lock().unwrap() = report.clone();
         tokio::select! {
             biased;

@@ -204,6 +204,8 @@ pub struct Report {
     pub rule_evals: Vec<(String, u64, u64, u64)>,
     /// Records of the assigned partitions not read yet.
     pub consumer_lag: u64,
+    /// Times a keyed partition was read again for a hole in its offsets (a broker quirk; 0 on Kafka).
+    pub holes_read_again: u64,
 }
 
 impl Report {
@@ -235,6 +237,7 @@ impl Report {
             ("cepheid_shard_pending_events", "gauge", "Events waiting for the watermark.", self.pending_events),
             ("cepheid_shard_rules", "gauge", "Enabled rules loaded.", self.rules),
             ("cepheid_shard_consumer_lag", "gauge", "Records of the assigned keyed partitions not read yet.", self.consumer_lag),
+            ("cepheid_shard_holes_read_again_total", "counter", "Times a keyed partition was read again for a hole in its offsets (0 on Kafka).", self.holes_read_again),
         ] {
             let v = if name == "cepheid_shard_checkpoint_seconds_total" {
                 format!("{:.6}", self.checkpoint_micros_total as f64 / 1e6)
@@ -1553,6 +1556,7 @@ pub async fn run(
                 },
                 _ = tick.tick() => {
                     shard.report.consumer_lag = consumer.lag().unwrap_or(0);
+                    shard.report.holes_read_again = consumer.holes_read_again();
                     shard.publish_tick();
                     shard.expire_routers().await?;
                     let ids: Vec<i32> = shard.parts.keys().copied().collect();

@@ -100,7 +100,7 @@ pub fn prometheus(m: &cepheid_notify::Metrics) -> String {
     out
 }
 
-fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::AtomicU64>, read: Arc<std::sync::atomic::AtomicU64>) -> axum::Router {
+fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::AtomicU64>, read: Arc<std::sync::atomic::AtomicU64>, holes: Arc<std::sync::atomic::AtomicU64>) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -120,6 +120,7 @@ fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::Atomic
             let n = n.clone();
             let lag = lag.load(std::sync::atomic::Ordering::Relaxed);
             let read = read.load(std::sync::atomic::Ordering::Relaxed);
+            let holes = holes.load(std::sync::atomic::Ordering::Relaxed);
             async move {
                 let mut text = prometheus(&n.metrics());
                 text.push_str(&format!(
@@ -127,6 +128,9 @@ fn http(n: Notifier, bus: Bus, topic: String, lag: Arc<std::sync::atomic::Atomic
                 ));
                 text.push_str(&format!(
                     "# HELP cepheid_notifier_records_total Records read from the matches topic (a record read again after a reassignment counts again).\n# TYPE cepheid_notifier_records_total counter\ncepheid_notifier_records_total {read}\n"
+                ));
+                text.push_str(&format!(
+                    "# HELP cepheid_notifier_holes_read_again_total Times the matches partition was read again for a hole in its offsets (0 on Kafka).\n# TYPE cepheid_notifier_holes_read_again_total counter\ncepheid_notifier_holes_read_again_total {holes}\n"
                 ));
                 text
             }
@@ -169,8 +173,9 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
     let mut consumer = deps.bus.subscribe(&service.group, &[&service.matches_topic])?.contiguous();
     let lag: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let read: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let holes: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let server = deps.http.map(|l| {
-        let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone(), lag.clone(), read.clone());
+        let app = http(n.clone(), deps.bus.clone(), service.matches_topic.clone(), lag.clone(), read.clone(), holes.clone());
         tokio::spawn(async move { axum::serve(l, app).await })
     });
     let mut rules: HashMap<(String, u64), Option<RuleSpec>> = HashMap::new();
@@ -191,6 +196,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                     tracing::info!("notifier: assigned {a:?}");
                 }
                 lag.store(consumer.lag().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+                holes.store(consumer.holes_read_again(), std::sync::atomic::Ordering::Relaxed);
                 n.poll_delayed().await.ok();
                 if !uncommitted.is_empty() {
                     commit(&n, &consumer, &service.matches_topic, &mut uncommitted, &mut submitting).await;

@@ -15,6 +15,8 @@ pub(crate) fn wait(n: u32) -> Duration {
 #[derive(Debug, Default)]
 pub(crate) struct Gaps {
     parts: Vec<Part>,
+    /// Times a partition was read again for a hole (here or at a resume).
+    pub(crate) reread: u64,
 }
 
 #[derive(Debug)]
@@ -73,7 +75,9 @@ impl Gaps {
             if p.tries < TRIES {
                 let w = wait(p.tries);
                 p.tries += 1;
-                return Check::ReadAgain { from: p.next, wait: w };
+                let from = p.next;
+                self.reread += 1;
+                return Check::ReadAgain { from, wait: w };
             }
             let (from, tries) = (p.next, p.tries);
             p.next = offset + 1;
@@ -106,6 +110,7 @@ mod tests {
         assert_eq!(g.check("t", 0, 12), Check::Next);
         assert_eq!(g.check("t", 0, 13), Check::Next);
         assert_eq!(g.check("t", 0, 15), Check::ReadAgain { from: 14, wait: Duration::from_millis(2) });
+        assert_eq!(g.reread, 3);
         // Other partitions and topics are counted apart.
         assert_eq!(g.check("t", 1, 100), Check::Next);
         assert_eq!(g.check("u", 0, 5), Check::Next);

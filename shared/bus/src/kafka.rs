@@ -338,11 +338,12 @@ impl KafkaConsumer {
                 r.found = true;
                 continue; // before the resume point: not this consumer's to deliver
             }
-            if offset > r.target && r.found && self.gaps.is_some() && r.tries < crate::gaps::TRIES {
+            if let Some(g) = self.gaps.as_mut().filter(|_| offset > r.target && r.found && r.tries < crate::gaps::TRIES) {
                 // The records before the resume point came, the one at it did not: on a
                 // topic without holes, not readable yet (see `contiguous`). Again from `from`.
                 let wait = crate::gaps::wait(r.tries);
                 r.tries += 1;
+                g.reread += 1;
                 tracing::info!("bus: {topic}/{partition}: offsets {}..{offset} are missing after a resume; reading them again in {} ms", r.target, wait.as_millis());
                 tokio::time::sleep(wait).await;
                 self.consumer.seek(topic, partition, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
@@ -390,6 +391,11 @@ impl KafkaConsumer {
     /// passed over, with a warning.
     pub fn contiguous(&mut self) {
         self.gaps.get_or_insert_with(crate::gaps::Gaps::default);
+    }
+
+    /// Times a partition was read again for a hole (see [`KafkaConsumer::contiguous`]).
+    pub fn holes_read_again(&self) -> u64 {
+        self.gaps.as_ref().map_or(0, |g| g.reread)
     }
 
     /// True when the record at `offset` comes after a hole: the partition is

@@ -190,6 +190,15 @@ impl Consumer {
         self
     }
 
+    /// Times a partition was read again because of a hole in its offsets
+    /// (see [`Consumer::contiguous`]; 0 on the memory bus).
+    pub fn holes_read_again(&self) -> u64 {
+        match self {
+            Consumer::Memory(_) => 0,
+            Consumer::Kafka(k) => k.holes_read_again(),
+        }
+    }
+
     /// The partitions assigned to this member, when a rebalance changed them
     /// since the last call (the first call after joining reports the first
     /// assignment once it is known). A member that kept state for a partition

@@ -100,6 +100,7 @@ async fn resume_inside_a_batch(bus: &Bus, topic: &str) {
     for i in 7..=100 {
         assert_eq!(next(&mut c).await, (i, format!("r{i}")));
     }
+    assert_eq!(c.holes_read_again(), 0, "no resume or seek above is a hole");
 }
 
 #[tokio::test]
