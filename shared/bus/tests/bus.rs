@@ -93,6 +93,7 @@ async fn resume_inside_a_batch(bus: &Bus, topic: &str) {
     assert_eq!(next(&mut c).await, (41, "r41".to_string()));
     c.seek(topic, 0, 70).await.unwrap();
     assert_eq!(next(&mut c).await, (70, "r70".to_string()), "read on from the sought offset");
+    assert_eq!(next(&mut c).await, (71, "r71".to_string()));
     c.seek(topic, 0, 5).await.unwrap();
     assert_eq!(next(&mut c).await, (5, "r5".to_string()));
     assert_eq!(next(&mut c).await, (6, "r6".to_string()));
