@@ -336,8 +336,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await; // let the last alerts through the notifier
     // Matches the shards decided in the run, and match records the notifier
     // dropped as already delivered: with no shard restarted or rebalanced
-    // (whose replays send matches again), a duplicate means a match record
-    // carried another match's id, and that match is missing.
+    // (whose replays send matches again), a duplicate has come with a match
+    // record the notifier's consumer passed over (BENCHMARKS.md, "The broker
+    // skips a match record"), and that match is missing.
     let mut matched = -matched0;
     for s in &shards {
         matched += scrape(&http, s, "cepheid_shard_matches_total").await?;

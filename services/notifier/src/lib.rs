@@ -213,7 +213,6 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
                     }
                     Err(e) => return Err(e.into()),
                 };
-                report.records += 1;
                 read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 uncommitted.insert(m.partition, m.offset + 1);
                 let record = std::str::from_utf8(&m.payload).ok().and_then(|s| MatchRecord::from_json_line(s).ok());
@@ -291,6 +290,7 @@ pub async fn run(service: ServiceConfig, notifier: NotifierConfig, deps: Deps, s
     if let Some(s) = server {
         s.abort();
     }
+    report.records = read.load(std::sync::atomic::Ordering::Relaxed);
     Ok(report)
 }
 
