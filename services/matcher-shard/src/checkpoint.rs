@@ -104,17 +104,55 @@ pub type Stamp = (i64, u64);
 /// A stored cell's prefix: the magic bytes `C5 01`, then the epoch and the
 /// checkpoint number that staged it (LEB128 varints).
 pub fn stamp(epoch: i64, seq: u64, cell: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(cell.len() + 16);
-    out.extend_from_slice(&STAMP);
-    for mut x in [epoch as u64, seq] {
-        while x >= 0x80 {
-            out.push((x as u8) | 0x80);
-            x >>= 7;
-        }
-        out.push(x as u8);
-    }
+    let (head, n) = stamp_head(epoch, seq);
+    let mut out = Vec::with_capacity(n + cell.len());
+    out.extend_from_slice(&head[..n]);
     out.extend_from_slice(cell);
     out
+}
+
+/// The stamp's bytes (at most 2 + 10 + 10) and how many of them are used.
+fn stamp_head(epoch: i64, seq: u64) -> ([u8; 22], usize) {
+    let mut head = [0u8; 22];
+    head[..2].copy_from_slice(&STAMP);
+    let mut n = 2;
+    for mut x in [epoch as u64, seq] {
+        while x >= 0x80 {
+            head[n] = (x as u8) | 0x80;
+            n += 1;
+            x >>= 7;
+        }
+        head[n] = x as u8;
+        n += 1;
+    }
+    (head, n)
+}
+
+/// A cell as one Redis argument, [`stamp`]ed: written straight into the
+/// command, with no stamped copy of the cell in between (a checkpoint stages
+/// megabytes of cells).
+struct Stamped<'a> {
+    head: ([u8; 22], usize),
+    cell: &'a [u8],
+}
+
+impl<'a> Stamped<'a> {
+    fn new(epoch: i64, seq: u64, cell: &'a [u8]) -> Self {
+        Stamped { head: stamp_head(epoch, seq), cell }
+    }
+    fn len(&self) -> usize {
+        self.head.1 + self.cell.len()
+    }
+}
+
+impl redis::ToRedisArgs for Stamped<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut w = out.writer_for_next_arg();
+        // Writes into an in-memory command buffer: they cannot fail.
+        let _ = w.write_all(&self.head.0[..self.head.1]);
+        let _ = w.write_all(self.cell);
+    }
 }
 
 /// Splits a stored cell into its stamp (`None`: a cell of an earlier version,
@@ -305,7 +343,7 @@ impl Checkpoints {
                         let Ok(doc) = w.snapshot.await else {
                             return Err(CheckpointError::Incomplete(format!("key {}: its actor stopped before its snapshot", w.key)));
                         };
-                        let doc = stamp(job.epoch, job.meta.seq, &doc);
+                        let doc = Stamped::new(job.epoch, job.meta.seq, &doc);
                         bytes += doc.len();
                         inv.arg(field(&w.key, w.slot)).arg(doc);
                         superseded.push(field(&w.key, 1 - w.slot));
@@ -566,6 +604,18 @@ mod tests {
         assert_eq!(unstamp(&s).unwrap(), (Some((300, 1 << 40)), &b"\xCE\x50cell"[..]));
         assert_eq!(unstamp(b"\xCE\x50cell").unwrap(), (None, &b"\xCE\x50cell"[..]));
         assert!(unstamp(&s[..3]).is_err());
+    }
+
+    #[test]
+    fn a_stamped_argument_is_the_stamped_cell() {
+        use redis::ToRedisArgs;
+        for (epoch, seq) in [(0, 0), (1, 1), (300, 1 << 40), (i64::MAX, u64::MAX)] {
+            let cell = b"\xCE\x50cell";
+            let args = Stamped::new(epoch, seq, cell).to_redis_args();
+            assert_eq!(args, vec![stamp(epoch, seq, cell)]);
+            assert_eq!(Stamped::new(epoch, seq, cell).len(), args[0].len());
+            assert_eq!(unstamp(&args[0]).unwrap(), (Some((epoch, seq)), &cell[..]));
+        }
     }
 
     #[test]
