@@ -186,6 +186,9 @@ struct Running {
 /// One key's automata, one per rule of its signature holding state.
 pub struct KeyCell {
     key: Option<KeyVals>,
+    /// `key` as the JSON text a snapshot holds (every checkpoint writes it;
+    /// made once, when the key is set).
+    key_json: Option<Box<str>>,
     running: Vec<Running>,
     cache: CondCache,
     out: Vec<NfaOutput>,
@@ -273,14 +276,14 @@ impl Default for KeyCell {
 
 impl KeyCell {
     pub fn new() -> KeyCell {
-        KeyCell { key: None, running: Vec::new(), cache: CondCache::new(0), out: Vec::new() }
+        KeyCell { key: None, key_json: None, running: Vec::new(), cache: CondCache::new(0), out: Vec::new() }
     }
 
     /// Restores a cell from its snapshot. States of rules no longer in
     /// `rules` (removed, or at another version) are dropped and reported.
     pub fn restore(snap: CellSnapshot, rules: &SigRules, book: &RuleBook) -> (KeyCell, Vec<String>) {
         let mut cell = KeyCell::new();
-        cell.key = Some(key_from_json(&snap.key));
+        cell.set_key(Some(key_from_json(&snap.key)));
         let mut dropped = Vec::new();
         for r in snap.rules {
             let Some((slot, rule)) = rules.find(&r.id, r.version) else {
@@ -320,13 +323,24 @@ impl KeyCell {
     /// The cell in its compact binary form ([`crate::cellcodec`]); reads back
     /// with [`crate::cellcodec::decode`] as the [`KeyCell::snapshot`] of this cell.
     pub fn encode(&self) -> Vec<u8> {
-        let key = self.key.as_ref().map(key_to_json).unwrap_or_default();
+        self.encode_as(crate::cellcodec::CELL_FORMAT)
+    }
+
+    /// [`KeyCell::encode`] in an earlier binary format (2), as checkpoints of
+    /// earlier versions hold it: for tests that those still read.
+    #[doc(hidden)]
+    pub fn encode_as(&self, format: u8) -> Vec<u8> {
         let views: Vec<crate::cellcodec::RuleView<'_>> = self
             .running
             .iter()
             .map(|r| crate::cellcodec::RuleView { id: r.rule.id(), version: r.rule.version(), automaton: &r.rule.automaton, state: &r.nfa })
             .collect();
-        crate::cellcodec::encode(&key, &views)
+        crate::cellcodec::encode_as(format, self.key_json.as_deref().unwrap_or("[]"), &views)
+    }
+
+    fn set_key(&mut self, key: Option<KeyVals>) {
+        self.key_json = key.as_ref().map(|k| serde_json::to_string(&key_to_json(k)).expect("key values serialise").into());
+        self.key = key;
     }
 
     /// Partial matches held, over all rules.
@@ -377,7 +391,7 @@ impl KeyCell {
                     }
                 }
                 if self.key.is_none() {
-                    self.key = KeyVals::of(ev, &rule.rule.key_by);
+                    self.set_key(KeyVals::of(ev, &rule.rule.key_by));
                 }
                 self.out.clear();
                 let started = timed_now();

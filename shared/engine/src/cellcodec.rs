@@ -6,26 +6,37 @@
 //! checkpoint writes every key that changed, so shards store this compact
 //! form instead: varints, no field names, and each event's text once per
 //! cell (the rules of a key usually hold the same events). It is written
-//! straight from the live cell ([`encode`]) and read back into the same
+//! straight from the live cell ([`crate::cell::KeyCell::encode`]) and read back into the same
 //! [`CellSnapshot`] the JSON form gives ([`decode`]), so restoring does not
 //! depend on which form was stored; [`decode`] also accepts the JSON form
 //! (checkpoints written before this format).
 //!
-//! Layout (format 2; `v` = unsigned LEB128 varint, `z` = zigzag varint,
-//! `s` = `v` length then UTF-8 bytes, `o` = a byte 0/1 then the value):
+//! Layout (format 3; `v` = unsigned LEB128 varint, `z` = zigzag varint,
+//! `s` = `v` length then UTF-8 bytes, `o` = a byte 0/1 then the value,
+//! `f` = an f64's 8 bytes, little-endian):
 //!
 //! ```text
 //! cell     = 0xCE 0x50 format:u8 key:s(JSON array) v(rules) rule*
 //! rule     = id:s version:v automaton:s next_seq:v v(n) cs* v(n) cs* v(n) event* v(n) node*
-//! cs       = state:v o(node_id) dewey start_ts:z prev_ts:z o(event_id) o(aggs:s JSON) o(deadline:z)
+//! cs       = state:v o(node_id) dewey start_ts:z prev_ts:z o(event_id) o(aggs) o(deadline:z)
+//! aggs     = v(n) agg*
+//! agg      = 0 count:v | 1 int:z float:f is_float:u8 n:v | 2 o(value) | 3 o(value)
+//!          | 4 keep:v v(n) value*          -- count, sum, min/max, first, last
+//! value    = 0 | 1 | 2 | 3 z | 4 f | 5 s   -- null, false, true, int, float, string
 //! event    = event_id refs:v time:z text
 //! text     = v(0) s              -- new text, numbered in order of appearance from 1
 //!          | v(n)                -- the n-th text of this cell again
 //! node     = node_id refs:v v(n) (o(node_id) dewey refs:v)*
 //! event_id = t:z seq:v           node_id = event_id page:v        dewey = v(n) v*
 //! ```
+//!
+//! Format 2 differs only in `aggs`: the aggregate states as JSON text (`s`),
+//! which cost a checkpoint more than any other part of a cell to write; it
+//! still reads.
 
 use rustc_hash::FxHashMap;
+
+use cepheid_rules::{AggState, SerValue};
 
 use crate::cell::{CellRuleSnapshot, CellSnapshot};
 use crate::nfa::buffer::{EventId, NodeId};
@@ -33,10 +44,13 @@ use crate::nfa::run::Cs;
 use crate::snapshot::{CsSnap, EdgeSnap, EventSnap, KeySnapshot, NodeSnap, SnapshotError, FORMAT};
 
 const MAGIC: [u8; 2] = [0xCE, 0x50];
-/// The binary cell format (the JSON form is format 1).
-pub const CELL_FORMAT: u8 = 2;
+/// The binary cell format written (the JSON form is format 1; format 2, with
+/// aggregate states as JSON text, still reads).
+pub const CELL_FORMAT: u8 = 3;
+/// The oldest binary format that reads.
+const OLDEST_BINARY: u8 = 2;
 
-/// What [`encode`] needs of one running rule.
+/// What [`encode_as`] needs of one running rule.
 pub(crate) struct RuleView<'a> {
     pub id: &'a str,
     pub version: u64,
@@ -46,6 +60,8 @@ pub(crate) struct RuleView<'a> {
 
 struct Writer<'a> {
     out: Vec<u8>,
+    /// The format written ([`CELL_FORMAT`]; 2 only in tests of reading it).
+    format: u8,
     /// Texts written so far, by address: the rules of a key share their
     /// events (one allocation each), so hashing the address finds a repeat
     /// without hashing its text. (A text held twice in separate allocations
@@ -105,6 +121,65 @@ impl<'a> Writer<'a> {
             }
         }
     }
+    fn f(&mut self, x: f64) {
+        self.out.extend_from_slice(&x.to_bits().to_le_bytes());
+    }
+    fn value(&mut self, x: &SerValue) {
+        match x {
+            SerValue::Null => self.out.push(0),
+            SerValue::Bool(false) => self.out.push(1),
+            SerValue::Bool(true) => self.out.push(2),
+            SerValue::Int(i) => {
+                self.out.push(3);
+                self.z(*i);
+            }
+            SerValue::Float(f) => {
+                self.out.push(4);
+                self.f(*f);
+            }
+            SerValue::Str(t) => {
+                self.out.push(5);
+                self.s(t);
+            }
+        }
+    }
+    fn opt_value(&mut self, x: &Option<SerValue>) {
+        self.flag(x.is_some());
+        if let Some(x) = x {
+            self.value(x);
+        }
+    }
+    fn agg(&mut self, a: &AggState) {
+        match a {
+            AggState::Count(c) => {
+                self.out.push(0);
+                self.v(*c);
+            }
+            AggState::Sum { int, float, is_float, n } => {
+                self.out.push(1);
+                self.z(*int);
+                self.f(*float);
+                self.flag(*is_float);
+                self.v(*n);
+            }
+            AggState::MinMax(x) => {
+                self.out.push(2);
+                self.opt_value(x);
+            }
+            AggState::First(x) => {
+                self.out.push(3);
+                self.opt_value(x);
+            }
+            AggState::Last { keep, values } => {
+                self.out.push(4);
+                self.v(u64::from(*keep));
+                self.v(values.len() as u64);
+                for x in values {
+                    self.value(x);
+                }
+            }
+        }
+    }
     fn cs(&mut self, c: &Cs) {
         self.v(c.state as u64);
         self.opt_node(&c.node);
@@ -117,7 +192,14 @@ impl<'a> Writer<'a> {
         }
         self.flag(c.aggs.is_some());
         if let Some(a) = &c.aggs {
-            self.s(&serde_json::to_string(a.as_ref()).expect("aggregate state serialises"));
+            if self.format == 2 {
+                self.s(&serde_json::to_string(a.as_ref()).expect("aggregate state serialises"));
+            } else {
+                self.v(a.len() as u64);
+                for x in a.iter() {
+                    self.agg(x);
+                }
+            }
         }
         self.flag(c.deadline.is_some());
         if let Some(d) = c.deadline {
@@ -126,12 +208,15 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// Encodes a cell: its key (as the JSON array [`CellSnapshot::key`] holds) and its running rules.
-pub(crate) fn encode(key: &[serde_json::Value], rules: &[RuleView<'_>]) -> Vec<u8> {
-    let mut w = Writer { out: Vec::with_capacity(1024), texts: FxHashMap::default(), _texts: std::marker::PhantomData };
+/// Encodes a cell in binary format `format` ([`CELL_FORMAT`]; 2 only to test
+/// that it still reads): its key (the JSON text of the array
+/// [`CellSnapshot::key`] holds) and its running rules.
+pub(crate) fn encode_as(format: u8, key: &str, rules: &[RuleView<'_>]) -> Vec<u8> {
+    assert!((OLDEST_BINARY..=CELL_FORMAT).contains(&format), "binary cell format {format} is not written");
+    let mut w = Writer { out: Vec::with_capacity(1024), format, texts: FxHashMap::default(), _texts: std::marker::PhantomData };
     w.out.extend_from_slice(&MAGIC);
-    w.out.push(CELL_FORMAT);
-    w.s(&serde_json::to_string(key).expect("key values serialise"));
+    w.out.push(format);
+    w.s(key);
     w.v(rules.len() as u64);
     for r in rules {
         let st = r.state;
@@ -175,6 +260,7 @@ pub(crate) fn encode(key: &[serde_json::Value], rules: &[RuleView<'_>]) -> Vec<u
 struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
+    format: u8,
     texts: Vec<String>,
 }
 
@@ -266,6 +352,40 @@ impl Reader<'_> {
             n => self.texts.get(n - 1).cloned().ok_or_else(|| bad(at, "refers to an event text not seen yet")),
         }
     }
+    fn f(&mut self) -> Result<f64, SnapshotError> {
+        let bytes = self.buf.get(self.at..self.at + 8).ok_or_else(|| bad(self.at, "ends early"))?;
+        self.at += 8;
+        Ok(f64::from_bits(u64::from_le_bytes(bytes.try_into().expect("8 bytes"))))
+    }
+    fn value(&mut self) -> Result<SerValue, SnapshotError> {
+        let at = self.at;
+        Ok(match self.byte()? {
+            0 => SerValue::Null,
+            1 => SerValue::Bool(false),
+            2 => SerValue::Bool(true),
+            3 => SerValue::Int(self.z()?),
+            4 => SerValue::Float(self.f()?),
+            5 => SerValue::Str(self.s()?),
+            t => return Err(bad(at, &format!("unknown value tag {t}"))),
+        })
+    }
+    fn opt_value(&mut self) -> Result<Option<SerValue>, SnapshotError> {
+        Ok(if self.flag()? { Some(self.value()?) } else { None })
+    }
+    fn agg(&mut self) -> Result<AggState, SnapshotError> {
+        let at = self.at;
+        Ok(match self.byte()? {
+            0 => AggState::Count(self.v()?),
+            1 => AggState::Sum { int: self.z()?, float: self.f()?, is_float: self.flag()?, n: self.v()? },
+            2 => AggState::MinMax(self.opt_value()?),
+            3 => AggState::First(self.opt_value()?),
+            4 => {
+                let keep = self.v32()?;
+                AggState::Last { keep, values: self.seq(Self::value)?.into() }
+            }
+            t => return Err(bad(at, &format!("unknown aggregate tag {t}"))),
+        })
+    }
     fn cs(&mut self) -> Result<CsSnap, SnapshotError> {
         let state = self.v32()?;
         let node = self.opt_node()?;
@@ -273,12 +393,14 @@ impl Reader<'_> {
         let start_ts = self.z()?;
         let prev_ts = self.z()?;
         let start_id = if self.flag()? { Some(self.event_id()?) } else { None };
-        let aggs = if self.flag()? {
+        let aggs = if !self.flag()? {
+            None
+        } else if self.format == 2 {
             let at = self.at;
             let text = self.s()?;
             Some(serde_json::from_str(&text).map_err(|e| bad(at, &format!("aggregate state: {e}")))?)
         } else {
-            None
+            Some(self.seq(Self::agg)?)
         };
         let deadline = if self.flag()? { Some(self.z()?) } else { None };
         Ok(CsSnap { state, node, version, start_ts, prev_ts, start_id, aggs, deadline })
@@ -293,10 +415,13 @@ pub fn decode(buf: &[u8]) -> Result<CellSnapshot, SnapshotError> {
     if buf.len() < 3 || buf[..2] != MAGIC {
         return Err(bad(0, "not a cell snapshot (neither the binary form nor JSON)"));
     }
-    if buf[2] != CELL_FORMAT {
+    if buf[2] > CELL_FORMAT {
         return Err(SnapshotError::NewerFormat(buf[2] as u32));
     }
-    let mut r = Reader { buf, at: 3, texts: Vec::new() };
+    if buf[2] < OLDEST_BINARY {
+        return Err(bad(2, &format!("unknown binary format {}", buf[2])));
+    }
+    let mut r = Reader { buf, at: 3, format: buf[2], texts: Vec::new() };
     let at = r.at;
     let key: Vec<serde_json::Value> = serde_json::from_str(&r.s()?).map_err(|e| bad(at, &format!("key: {e}")))?;
     let rules = r.seq(|r| {
@@ -332,15 +457,16 @@ mod tests {
         let e = decode(&[0xCE, 0x50, CELL_FORMAT, 5, b'[']).unwrap_err().to_string();
         assert!(e.contains("byte 3"), "{e}");
         assert!(matches!(decode(&[0xCE, 0x50, 9]), Err(SnapshotError::NewerFormat(9))));
+        assert!(decode(&[0xCE, 0x50, 1, 2, b'[', b']', 0]).unwrap_err().to_string().contains("unknown binary format 1"));
     }
 
     #[test]
     fn varints_round_trip() {
         for x in [0i64, 1, -1, 63, -64, 64, i64::MAX, i64::MIN, 1_795_364_993_084] {
-            let mut w = Writer { out: Vec::new(), texts: FxHashMap::default(), _texts: std::marker::PhantomData };
+            let mut w = Writer { out: Vec::new(), format: CELL_FORMAT, texts: FxHashMap::default(), _texts: std::marker::PhantomData };
             w.z(x);
             w.v(x as u64);
-            let mut r = Reader { buf: &w.out, at: 0, texts: Vec::new() };
+            let mut r = Reader { buf: &w.out, at: 0, format: CELL_FORMAT, texts: Vec::new() };
             assert_eq!(r.z().unwrap(), x);
             assert_eq!(r.v().unwrap(), x as u64);
             assert_eq!(r.at, w.out.len());

@@ -66,6 +66,11 @@ fn engine_outputs(rules: &[RuleSpec], lines: &[String], cfg: &EngineConfig, sour
     ids
 }
 
+thread_local! {
+    /// Cells that went through their stored form holding aggregate states (per test: each runs on its own thread).
+    static STORED_WITH_AGGREGATES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// `every`: events between watermarks. `stored`: after every step each key
 /// goes through its stored (binary) form and on from the restored cell, as
 /// if it had been passivated.
@@ -124,6 +129,10 @@ fn cell_outputs(rules: &[RuleSpec], lines: &[String], cfg: &EngineConfig, source
                 let bytes = cell.encode();
                 let back = cepheid_engine::cellcodec::decode(&bytes).unwrap_or_else(|e| panic!("key {key}: {e}"));
                 assert_eq!(back, cell.snapshot(), "key {key}: the binary form reads back as the snapshot");
+                assert_eq!(cepheid_engine::cellcodec::decode(&cell.encode_as(2)).unwrap(), back, "key {key}: binary format 2 (aggregates as JSON) still reads");
+                if back.rules.iter().any(|r| r.state.partial.iter().chain(&r.state.completed).any(|c| c.aggs.is_some())) {
+                    STORED_WITH_AGGREGATES.with(|n| n.set(n.get() + 1));
+                }
                 let json = serde_json::to_vec(&back).unwrap();
                 assert_eq!(cepheid_engine::cellcodec::decode(&json).unwrap(), back, "key {key}: the JSON form of earlier checkpoints still reads");
                 let (restored, dropped) = KeyCell::restore(back, rules, &book);
@@ -216,6 +225,9 @@ fn key_cells_give_the_engines_records_on_every_conformance_case() {
         compared += 1;
     }
     assert!(compared > 600, "{compared} cases compared");
+    // The aggregate rules among them went through the stored form holding aggregate states.
+    let with_aggs = STORED_WITH_AGGREGATES.with(|n| n.get());
+    assert!(with_aggs > 50, "only {with_aggs} stored cells held aggregate states");
     assert!(skipped.len() < 20, "skipped (refused by key cells): {skipped:?}");
     assert!(failed.is_empty(), "{} of {compared} cases differ:\n{}", failed.len(), failed.join("\n"));
 }

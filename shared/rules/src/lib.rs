@@ -15,7 +15,7 @@ mod duration;
 mod expr;
 mod spec;
 
-pub use agg::{AggKind, AggSpec, AggState};
+pub use agg::{AggKind, AggSpec, AggState, SerValue};
 pub use compile::{compile, AfterMatch, CompiledRule, CompiledStage, LeafStage, StageBody};
 pub use diag::{Diagnostic, Diagnostics};
 pub use duration::{format_duration, parse_duration};
