@@ -1,6 +1,7 @@
 //! Memory per open partial match and per key, and of the example rules over
-//! the load generator's clickstream, measured with a counting allocator (heap
-//! bytes live, not RSS).
+//! the load generator's clickstream, in the engine and in key cells as matcher
+//! shards hold them, measured with a counting allocator (heap bytes live, not
+//! RSS).
 //! `cargo run --release -p cepheid-loadtest --bin memory`
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -71,6 +72,102 @@ fn main() {
         total as f64 / 200_000.0,
         total as f64 / partials as f64
     );
+    let (total, partials, keys) = key_cells(200_000);
+    println!(
+        "memory: the same in key cells, as matcher shards hold them (an event decoded once per key it goes to; no actors): {:.1} MB live ({:.0} bytes per event; {partials} partial matches over {keys} keys with state, {:.0} bytes per key)",
+        total as f64 / 1e6,
+        total as f64 / 200_000.0,
+        total as f64 / keys.max(1) as f64
+    );
+}
+
+/// [`example_rules`] the way matcher shards run them: per signature
+/// (`key_by`), one key cell per key; each event decoded once for every key it
+/// goes to, held until the watermark (2 s behind the newest event) passes it,
+/// then released to its key's cell a thousand events at a time, keys with a
+/// deadline due stepping too; cells without state dropped. The live heap
+/// after `n` events, and the partial matches and keys with state then.
+fn key_cells(n: usize) -> (isize, usize, usize) {
+    use cepheid_engine::cell::{KeyCell, Released, RuleBook};
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, HashMap};
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules/examples");
+    let mut files: Vec<_> = std::fs::read_dir(&root).expect("rules/examples").flatten().map(|e| e.path()).collect();
+    files.sort();
+    let mut book = RuleBook::new(EngineConfig::default());
+    let mut sigs: Vec<Vec<String>> = Vec::new();
+    for p in files {
+        let fmt = match p.extension().and_then(|x| x.to_str()) {
+            Some("yaml") => cepheid_rules::RuleFormat::Yaml,
+            Some("json") => cepheid_rules::RuleFormat::Json,
+            _ => continue,
+        };
+        let spec = cepheid_rules::parse_rule_str(&std::fs::read_to_string(&p).expect("a rule file"), fmt).expect("an example rule");
+        if !sigs.contains(&spec.key_by) {
+            sigs.push(spec.key_by.clone());
+        }
+        book.upsert(&spec).expect("an example rule runs in key cells");
+    }
+    let params = cepheid_loadtest::clickstream::Params { events: n, users: 20_000, products: 5_000, ..Default::default() };
+    let lines = cepheid_loadtest::clickstream::generate(&params);
+    // Per event, the keys it goes to (worked out before measuring: the router's part).
+    let keyed: Vec<(i64, Vec<String>)> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a generated event");
+            let keys = sigs
+                .iter()
+                .filter_map(|sig| {
+                    let vals: Option<Vec<String>> = sig.iter().map(|f| v.get(f).filter(|x| !x.is_null()).map(|x| x.to_string())).collect();
+                    vals.map(|vals| format!("{}|{}", sig.join(","), vals.join("|")))
+                })
+                .collect();
+            (v["eventTime"].as_i64().expect("an event time"), keys)
+        })
+        .collect();
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut cells: HashMap<String, (KeyCell, Option<i64>)> = HashMap::new();
+    let mut pending: BinaryHeap<Reverse<(i64, usize, usize)>> = BinaryHeap::new();
+    let mut newest = i64::MIN;
+    let release = |w: i64, pending: &mut BinaryHeap<Reverse<(i64, usize, usize)>>, cells: &mut HashMap<String, (KeyCell, Option<i64>)>| {
+        let mut batches: HashMap<String, Vec<Released>> = HashMap::new();
+        while pending.peek().is_some_and(|Reverse((t, _, _))| *t < w) {
+            let Reverse((t, i, k)) = pending.pop().expect("peeked");
+            let key = keyed[i].1[k].clone();
+            let event = book.decode("clickstream", &lines[i], t).expect("a generated event");
+            batches.entry(key).or_default().push(Released { source: "clickstream".into(), event });
+        }
+        for (k, (_, d)) in cells.iter() {
+            if d.is_some_and(|d| d <= w) && !batches.contains_key(k) {
+                batches.insert(k.clone(), Vec::new());
+            }
+        }
+        for (key, evs) in batches {
+            let sig = key.split('|').next().unwrap_or_default();
+            let Some(rules) = book.signature(sig) else { continue };
+            let (cell, deadline) = cells.entry(key.clone()).or_default();
+            let out = cell.step(rules, &evs, Some(w), w);
+            *deadline = out.deadline;
+            if out.idle {
+                cells.remove(&key);
+            }
+        }
+    };
+    for (i, (t, keys)) in keyed.iter().enumerate() {
+        newest = newest.max(*t);
+        for k in 0..keys.len() {
+            pending.push(Reverse((*t, i, k)));
+        }
+        if i % 1000 == 999 {
+            release(newest - 2_000, &mut pending, &mut cells);
+        }
+    }
+    release(newest - 2_000, &mut pending, &mut cells);
+    // What is still waiting for the watermark is the shard's reorder buffer, not the cells'.
+    drop(pending);
+    let total = LIVE.load(Ordering::Relaxed) - before;
+    let partials = cells.values().map(|(c, _)| c.partial_count()).sum();
+    (total, partials, cells.len())
 }
 
 /// The rules of `rules/examples` over the load generator's clickstream (as
