@@ -382,7 +382,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(x) = beyond_of(st) {
                 let seen_ms = st.1.saturating_duration_since(start).as_secs_f64() * 1e3;
                 // When the shard decided it, on the same scale (wall clocks of one machine).
-                let detected_ms = (st.2 > 0).then(|| st.2 as f64 - start_wall_ms);
+                let detected_ms = (st.2 > 0).then_some(st.2 as f64 - start_wall_ms);
                 writeln!(f, "{}", serde_json::json!({"seen_ms": seen_ms, "beyond_ms": x, "rule": st.3, "detected_ms": detected_ms, "decided_event_ms": decided_of(st)}))?;
             }
         }
