@@ -77,12 +77,23 @@ impl KafkaBus {
     pub fn new(cfg: &KafkaConfig) -> Result<KafkaBus, BusError> {
         // Defaults that `[kafka.properties]` may override. Records already go in
         // frames (many events each), so waiting 1 ms for more (librdkafka: 5) buys
-        // little batching and costs latency at every hop. Not idempotent: with
-        // `enable.idempotence` on, the broker-outage test (`broker_down_and_back_loses_nothing`,
+        // little batching and costs latency at every hop. One request in flight per
+        // broker: a request retried after a transient error cannot land after the
+        // ones sent later, so a partition keeps the order its records were sent in
+        // (a router's frame carries the watermark that follows its events; written
+        // after a later frame, its events would count as late). Not idempotent,
+        // which would keep the order with more in flight: with `enable.idempotence`
+        // on, the broker-outage test (`broker_down_and_back_loses_nothing`,
         // librdkafka's mock cluster) delivered two alerts more than `cepheid run`
-        // gives, in the one CI run tried (BENCHMARKS.md, "Idempotent producers").
+        // gives, in the one CI run tried (BENCHMARKS.md, "Idempotent producers, tried").
         let producer: FutureProducer = cfg
-            .client_with(&[("acks", "all"), ("enable.idempotence", "false"), ("message.timeout.ms", "60000"), ("linger.ms", "1")])
+            .client_with(&[
+                ("acks", "all"),
+                ("enable.idempotence", "false"),
+                ("max.in.flight.requests.per.connection", "1"),
+                ("message.timeout.ms", "60000"),
+                ("linger.ms", "1"),
+            ])
             .create()
             .map_err(classify)?;
         let admin = cfg.client().create().map_err(classify)?;
