@@ -213,11 +213,17 @@ impl<'a> Writer<'a> {
 /// [`CellSnapshot::key`] holds) and its running rules.
 pub(crate) fn encode_as(format: u8, key: &str, rules: &[RuleView<'_>]) -> Vec<u8> {
     assert!((OLDEST_BINARY..=CELL_FORMAT).contains(&format), "binary cell format {format} is not written");
-    let mut w = Writer { out: Vec::with_capacity(1024), format, texts: FxHashMap::default(), _texts: std::marker::PhantomData };
+    // At most one text per event held (the rules of a key share most of theirs).
+    let held = rules.iter().map(|r| r.state.buffer.events.len()).max().unwrap_or(0);
+    let mut texts = FxHashMap::default();
+    texts.reserve(held);
+    let mut w = Writer { out: Vec::with_capacity(1024), format, texts, _texts: std::marker::PhantomData };
     w.out.extend_from_slice(&MAGIC);
     w.out.push(format);
     w.s(key);
     w.v(rules.len() as u64);
+    // Sorting lists, one allocation each for all the cell's rules.
+    let (mut events, mut nodes) = (Vec::new(), Vec::new());
     for r in rules {
         let st = r.state;
         w.s(r.id);
@@ -231,19 +237,21 @@ pub(crate) fn encode_as(format: u8, key: &str, rules: &[RuleView<'_>]) -> Vec<u8
             }
         }
         // Sorted as the JSON form is, so that equal states encode equally.
-        let mut events: Vec<_> = st.buffer.events.iter().collect();
+        events.clear();
+        events.extend(st.buffer.events.iter());
         events.sort_unstable_by_key(|(id, _)| **id);
         w.v(events.len() as u64);
-        for (id, (ev, refs)) in events {
+        for &(id, (ev, refs)) in &events {
             w.event_id(id);
             w.v(*refs as u64);
             w.z(ev.time());
             w.text(ev.raw());
         }
-        let mut nodes: Vec<_> = st.buffer.nodes.iter().collect();
+        nodes.clear();
+        nodes.extend(st.buffer.nodes.iter());
         nodes.sort_unstable_by_key(|(id, _)| (id.event, id.page));
         w.v(nodes.len() as u64);
-        for (id, n) in nodes {
+        for &(id, n) in &nodes {
             w.node_id(id);
             w.v(n.refs as u64);
             w.v(n.edges.len() as u64);
