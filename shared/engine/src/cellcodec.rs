@@ -213,7 +213,7 @@ impl<'a> Writer<'a> {
 /// [`CellSnapshot::key`] holds) and its running rules.
 pub(crate) fn encode_as(format: u8, key: &str, rules: &[RuleView<'_>]) -> Vec<u8> {
     assert!((OLDEST_BINARY..=CELL_FORMAT).contains(&format), "binary cell format {format} is not written");
-    // At most one text per event held (the rules of a key share most of theirs).
+    // As many texts as the rule holding the most events, about (the rules of a key share most of theirs).
     let held = rules.iter().map(|r| r.state.buffer.events.len()).max().unwrap_or(0);
     let mut texts = FxHashMap::default();
     texts.reserve(held);
