@@ -359,8 +359,8 @@ impl KafkaConsumer {
                 r.tries += 1;
                 g.reread += 1;
                 tracing::info!("bus: {topic}/{partition}: offsets {}..{offset} are missing after a resume; reading them again in {} ms", r.target, wait.as_millis());
-                tokio::time::sleep(wait).await;
-                self.consumer.seek(topic, partition, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
+                let from = r.from;
+                Self::read_again(&self.consumer, (topic, partition, from), wait).await?;
                 continue;
             }
             if offset > r.target && !r.found {
@@ -412,6 +412,14 @@ impl KafkaConsumer {
         self.gaps.as_ref().map_or(0, |g| g.reread)
     }
 
+    /// Reads `partition` again from `from` after `wait`: records a broker listed
+    /// before they were readable (see [`KafkaConsumer::contiguous`]), by a live
+    /// read or at a resume.
+    async fn read_again(consumer: &StreamConsumer<GroupContext>, (topic, partition, from): (&str, i32, i64), wait: Duration) -> Result<(), BusError> {
+        tokio::time::sleep(wait).await;
+        consumer.seek(topic, partition, Offset::Offset(from), Duration::from_secs(10)).map_err(classify)
+    }
+
     /// True when the record at `offset` comes after a hole: the partition is
     /// read again from the hole (after a short wait) and the record dropped.
     async fn skipped(
@@ -433,8 +441,7 @@ impl KafkaConsumer {
             }
             crate::gaps::Check::ReadAgain { from, wait } => {
                 tracing::info!("bus: {topic}/{partition}: offsets {from}..{offset} are missing; reading them again in {} ms", wait.as_millis());
-                tokio::time::sleep(wait).await;
-                consumer.seek(topic, partition, Offset::Offset(from), Duration::from_secs(10)).map_err(classify)?;
+                Self::read_again(consumer, (topic, partition, from), wait).await?;
                 Ok(true)
             }
             crate::gaps::Check::PassOver { from, tries } => {

@@ -132,4 +132,3 @@ async fn a_failed_subscribe_does_not_join_the_group() {
     got.sort();
     assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()], "the only member reads every partition");
 }
-
