@@ -147,20 +147,9 @@ fn many_rules(c: &mut Criterion) {
 /// cluster runs them) over a steady clickstream, each key's events stepped in
 /// time order with the watermark 2 s behind the stream's newest event.
 fn shard_cells() -> Vec<cepheid_engine::cell::KeyCell> {
-    use cepheid_engine::cell::{KeyCell, Released, RuleBook};
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules/examples");
-    let mut book = RuleBook::new(EngineConfig::default());
-    let mut sigs: Vec<Vec<String>> = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
-    files.sort();
-    for f in files {
-        let name = f.file_name().unwrap().to_str().unwrap().to_string();
-        let spec = example(&name);
-        if !sigs.contains(&spec.key_by) {
-            sigs.push(spec.key_by.clone());
-        }
-        book.upsert(&spec).unwrap();
-    }
+    use cepheid_engine::cell::{KeyCell, Released};
+    let shard = cepheid_loadtest::examples::ShardRules::examples();
+    let book = &shard.book;
     let lines = generate(&Params { events: 60_000, users: 20_000, warm_ms: 900_000, ..Params::default() });
     let mut groups: std::collections::HashMap<(String, String), Vec<(i64, String)>> = Default::default();
     let mut newest = i64::MIN;
@@ -168,11 +157,8 @@ fn shard_cells() -> Vec<cepheid_engine::cell::KeyCell> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else { continue };
         let Some(t) = v["eventTime"].as_i64() else { continue };
         newest = newest.max(t);
-        for sig in &sigs {
-            let vals: Option<Vec<String>> = sig.iter().map(|f| v.get(f).filter(|x| !x.is_null()).map(|x| x.to_string())).collect();
-            if let Some(vals) = vals {
-                groups.entry((sig.join(","), vals.join("|"))).or_default().push((t, l.clone()));
-            }
+        for (sig, key) in shard.keys_of(&v) {
+            groups.entry((sig, key)).or_default().push((t, l.clone()));
         }
     }
     let mut cells = Vec::new();

@@ -8,4 +8,5 @@
 //! committed under `samples/` is reproducible byte for byte.
 
 pub mod clickstream;
+pub mod examples;
 pub mod rng;

@@ -88,26 +88,11 @@ fn main() {
 /// deadline due stepping too; cells without state dropped. The live heap
 /// after `n` events, and the partial matches and keys with state then.
 fn key_cells(n: usize) -> (isize, usize, usize) {
-    use cepheid_engine::cell::{KeyCell, Released, RuleBook};
+    use cepheid_engine::cell::{KeyCell, Released};
     use std::cmp::Reverse;
     use std::collections::{BinaryHeap, HashMap};
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules/examples");
-    let mut files: Vec<_> = std::fs::read_dir(&root).expect("rules/examples").flatten().map(|e| e.path()).collect();
-    files.sort();
-    let mut book = RuleBook::new(EngineConfig::default());
-    let mut sigs: Vec<Vec<String>> = Vec::new();
-    for p in files {
-        let fmt = match p.extension().and_then(|x| x.to_str()) {
-            Some("yaml") => cepheid_rules::RuleFormat::Yaml,
-            Some("json") => cepheid_rules::RuleFormat::Json,
-            _ => continue,
-        };
-        let spec = cepheid_rules::parse_rule_str(&std::fs::read_to_string(&p).expect("a rule file"), fmt).expect("an example rule");
-        if !sigs.contains(&spec.key_by) {
-            sigs.push(spec.key_by.clone());
-        }
-        book.upsert(&spec).expect("an example rule runs in key cells");
-    }
+    let shard = cepheid_loadtest::examples::ShardRules::examples();
+    let book = &shard.book;
     let params = cepheid_loadtest::clickstream::Params { events: n, users: 20_000, products: 5_000, ..Default::default() };
     let lines = cepheid_loadtest::clickstream::generate(&params);
     // Per event, the keys it goes to (worked out before measuring: the router's part).
@@ -115,13 +100,7 @@ fn key_cells(n: usize) -> (isize, usize, usize) {
         .iter()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("a generated event");
-            let keys = sigs
-                .iter()
-                .filter_map(|sig| {
-                    let vals: Option<Vec<String>> = sig.iter().map(|f| v.get(f).filter(|x| !x.is_null()).map(|x| x.to_string())).collect();
-                    vals.map(|vals| format!("{}|{}", sig.join(","), vals.join("|")))
-                })
-                .collect();
+            let keys = shard.keys_of(&v).into_iter().map(|(_, k)| k).collect();
             (v["eventTime"].as_i64().expect("an event time"), keys)
         })
         .collect();
@@ -174,18 +153,9 @@ fn key_cells(n: usize) -> (isize, usize, usize) {
 /// the `embedded` benchmark runs them): the live heap after `n` events, the
 /// partial matches and keys then, and what one decoded event holds alone.
 fn example_rules(n: usize) -> (isize, usize, usize, f64) {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules/examples");
-    let mut files: Vec<_> = std::fs::read_dir(&root).expect("rules/examples").flatten().map(|e| e.path()).collect();
-    files.sort();
     let mut e = Engine::new(EngineConfig::default(), Arc::new(ManualClock::new(0)));
-    for p in files {
-        let fmt = match p.extension().and_then(|x| x.to_str()) {
-            Some("yaml") => cepheid_rules::RuleFormat::Yaml,
-            Some("json") => cepheid_rules::RuleFormat::Json,
-            _ => continue,
-        };
-        let text = std::fs::read_to_string(&p).expect("a rule file");
-        e.upsert_rule(&cepheid_rules::parse_rule_str(&text, fmt).expect("an example rule")).expect("an example rule compiles");
+    for spec in cepheid_loadtest::examples::rules() {
+        e.upsert_rule(&spec).expect("an example rule compiles");
     }
     let params = cepheid_loadtest::clickstream::Params { events: n, users: 20_000, products: 5_000, ..Default::default() };
     let lines = cepheid_loadtest::clickstream::generate(&params);

@@ -1,11 +1,34 @@
-//! What one key's actor costs before it holds any state: resident memory
-//! and start time of an idle ractor actor (its mailboxes and task), the floor
-//! under the shard's memory per key with live state (BENCHMARKS.md).
+//! What one key's actor costs before it holds any state: resident memory,
+//! heap allocations and start time of an idle ractor actor (its mailboxes and
+//! task), the floor under the shard's memory per key with live state
+//! (BENCHMARKS.md).
 //! `cargo run --release -p cepheid-matcher-shard --example actor_cost`
 
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+/// mimalloc, as the shard runs, counting what is allocated while `COUNTING`.
+struct Counting;
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            BYTES.fetch_add(l.size() as u64, Ordering::Relaxed);
+        }
+        unsafe { mimalloc::MiMalloc.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(p, l) }
+    }
+}
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Counting = Counting;
+
 struct A;
 impl Actor for A {
     type Msg = u32;
@@ -22,10 +45,12 @@ fn rss() -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n = 30_000;
+    let mut v = Vec::with_capacity(n);
     let r0 = rss();
     let t = std::time::Instant::now();
-    let mut v = Vec::new();
+    COUNTING.store(true, Ordering::SeqCst);
     for _ in 0..n { v.push(Actor::spawn(None, A, ()).await.unwrap().0); }
+    COUNTING.store(false, Ordering::SeqCst);
     let dt = t.elapsed();
     let r1 = rss();
     let t = std::time::Instant::now();
@@ -34,8 +59,20 @@ async fn main() {
     let dt2 = t.elapsed();
     println!(
         "{n} idle actors: started in {dt:?} ({:?} each), {} bytes resident each; a message to each: {:?} per send",
-        dt / n,
+        dt / n as u32,
         (r1 - r0) / n as u64,
-        dt2 / n
+        dt2 / n as u32
+    );
+    // A tokio unbounded channel allocates its first block of 32 slots when it
+    // is made; ractor makes two per actor (supervision events, and messages:
+    // a `BoxedMessage` in ractor's internal enum, one word more).
+    let block = |slot: usize| 32 * slot + 32;
+    println!(
+        "heap per actor: {:.1} allocations, {} bytes; of them the two mailboxes' first blocks about {} (supervision, {} bytes a slot) + {} (messages)",
+        ALLOCS.load(Ordering::SeqCst) as f64 / n as f64,
+        BYTES.load(Ordering::SeqCst) / n as u64,
+        block(std::mem::size_of::<ractor::SupervisionEvent>()),
+        std::mem::size_of::<ractor::SupervisionEvent>(),
+        block(std::mem::size_of::<ractor::message::BoxedMessage>() + 8)
     );
 }
