@@ -208,7 +208,7 @@ impl KafkaBus {
             .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer: Arc::new(consumer), assignment, fresh, lag, resume: Vec::new(), gaps: None })
+        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: Vec::new(), gaps: None })
     }
 }
 
@@ -283,9 +283,7 @@ impl ConsumerContext for GroupContext {
 }
 
 pub struct KafkaConsumer {
-    /// Shared with the blocking threads that wait for the broker's answers
-    /// ([`KafkaConsumer::bounds`], the committed offsets).
-    consumer: Arc<StreamConsumer<GroupContext>>,
+    consumer: StreamConsumer<GroupContext>,
     assignment: Assignment,
     fresh: Arc<Mutex<Vec<(String, i32)>>>,
     lag: Arc<std::sync::atomic::AtomicI64>,
@@ -339,7 +337,7 @@ impl KafkaConsumer {
             if fresh {
                 // The first record since this partition was assigned: it must be the committed one.
                 self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
-                if let Some(c) = self.committed(topic, partition).await?.filter(|c| offset > *c) {
+                if let Some(c) = self.committed(topic, partition)?.filter(|c| offset > *c) {
                     self.resume.push(Resume { topic: topic.to_string(), partition, target: c, from: c, found: false, tries: 0 });
                 }
             }
@@ -477,11 +475,11 @@ impl KafkaConsumer {
     }
 
     /// The group's committed offset for a partition (None when it has none).
-    async fn committed(&self, topic: &str, partition: i32) -> Result<Option<i64>, BusError> {
+    fn committed(&self, topic: &str, partition: i32) -> Result<Option<i64>, BusError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition);
         // Once per partition and rebalance; a round trip to the group coordinator.
-        let got = self.blocking(move |c| c.committed_offsets(tpl, Duration::from_secs(10))).await?;
+        let got = self.consumer.committed_offsets(tpl, Duration::from_secs(10)).map_err(classify)?;
         Ok(got.find_partition(topic, partition).and_then(|e| match e.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
@@ -489,24 +487,8 @@ impl KafkaConsumer {
     }
 
     /// The partition's low and high watermarks (rare: when a partition is taken).
-    pub async fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
-        let topic = topic.to_string();
-        self.blocking(move |c| c.fetch_watermarks(&topic, partition, Duration::from_secs(10))).await
-    }
-
-    /// A librdkafka call that waits for the broker, on a blocking thread: the
-    /// runtime's threads (a shard's only one, by default) go on with the
-    /// other partitions, the actors and the metrics endpoint meanwhile, for
-    /// as long as a slow broker takes (up to the call's timeout).
-    async fn blocking<T: Send + 'static>(
-        &self,
-        call: impl FnOnce(&StreamConsumer<GroupContext>) -> rdkafka::error::KafkaResult<T> + Send + 'static,
-    ) -> Result<T, BusError> {
-        let c = self.consumer.clone();
-        match tokio::task::spawn_blocking(move || call(&c)).await {
-            Ok(r) => r.map_err(classify),
-            Err(e) => Err(BusError::Transient(format!("a broker call's thread failed: {e}"))),
-        }
+    pub fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
+        self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(classify)
     }
 
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {
