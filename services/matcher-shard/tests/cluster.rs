@@ -173,7 +173,9 @@ impl Cluster {
 
     async fn start_with(bus: Bus, tag: &str, opts: Opts) -> Cluster {
         let redis = opts.redis.as_str();
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
+        // `CEPHEID_TEST_LOG` (a tracing filter, e.g. `warn,cepheid_bus=info`) to see more.
+        let filter = std::env::var("CEPHEID_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(filter).try_init();
         let tag = format!("{tag}-{}", std::process::id());
         let prefix = format!("cepheid-test:cluster-{tag}");
         cepheid_state::delete_prefix(redis, &prefix).await.unwrap();
