@@ -3,7 +3,10 @@
 //! `key_by` whose fields the event has, named as shards name keys
 //! (`signature|value|…`).
 
-use cepheid_engine::cell::RuleBook;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use cepheid_engine::cell::{KeyCell, Released, RuleBook};
 use cepheid_engine::engine::EngineConfig;
 use cepheid_rules::{parse_rule_str, RuleFormat, RuleSpec};
 
@@ -56,5 +59,60 @@ impl ShardRules {
                 vals.map(|vals| (s.clone(), format!("{s}|{}", vals.join("|"))))
             })
             .collect()
+    }
+}
+
+/// Key cells as a shard holds them, and the events waiting for the watermark.
+#[derive(Default)]
+pub struct Cells {
+    /// Per key, its cell and its earliest deadline.
+    pub cells: HashMap<String, (KeyCell, Option<i64>)>,
+    /// `(time, event, key)`: the `key`-th key of event `event` (as
+    /// [`ShardRules::route`] lists them), waiting for the watermark.
+    pub pending: BinaryHeap<Reverse<(i64, usize, usize)>>,
+}
+
+impl ShardRules {
+    /// Per event of `lines`: its time and the keys it goes to (the router's part).
+    pub fn route(&self, lines: &[String]) -> Vec<(i64, Vec<String>)> {
+        lines
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a generated event");
+                let keys = self.keys_of(&v).into_iter().map(|(_, k)| k).collect();
+                (v["eventTime"].as_i64().expect("an event time"), keys)
+            })
+            .collect()
+    }
+
+    /// A shard's release at watermark `w`: the waiting events before it, each
+    /// decoded for its key, stepped in their keys' cells, and the keys with a
+    /// deadline due stepped too; cells left without state dropped. Answers
+    /// the keys stepped, and whether each was dropped.
+    pub fn release(&self, w: i64, lines: &[String], routed: &[(i64, Vec<String>)], c: &mut Cells) -> Vec<(String, bool)> {
+        let mut batches: HashMap<String, Vec<Released>> = HashMap::new();
+        while c.pending.peek().is_some_and(|Reverse((t, _, _))| *t < w) {
+            let Reverse((t, i, k)) = c.pending.pop().expect("peeked");
+            let event = self.book.decode("clickstream", &lines[i], t).expect("a generated event");
+            batches.entry(routed[i].1[k].clone()).or_default().push(Released { source: "clickstream".into(), event });
+        }
+        for (k, (_, d)) in c.cells.iter() {
+            if d.is_some_and(|d| d <= w) && !batches.contains_key(k) {
+                batches.insert(k.clone(), Vec::new());
+            }
+        }
+        let mut stepped = Vec::with_capacity(batches.len());
+        for (key, evs) in batches {
+            let sig = key.split('|').next().unwrap_or_default();
+            let Some(rules) = self.book.signature(sig) else { continue };
+            let (cell, deadline) = c.cells.entry(key.clone()).or_default();
+            let out = cell.step(rules, &evs, Some(w), w);
+            *deadline = out.deadline;
+            if out.idle {
+                c.cells.remove(&key);
+            }
+            stepped.push((key, out.idle));
+        }
+        stepped
     }
 }

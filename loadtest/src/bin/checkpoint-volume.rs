@@ -14,12 +14,12 @@
 //! `cargo run --release -p cepheid-loadtest --bin checkpoint-volume -- --help`
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
-use cepheid_engine::cell::{CellSnapshot, KeyCell, Released};
+use cepheid_engine::cell::CellSnapshot;
 use cepheid_engine::snapshot::KeySnapshot;
 use cepheid_loadtest::clickstream::{generate, Params};
-use cepheid_loadtest::examples::ShardRules;
+use cepheid_loadtest::examples::{Cells, ShardRules};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -70,18 +70,11 @@ fn main() {
     let a = Args::parse();
     let shard = ShardRules::examples();
     let lines = generate(&Params { events: a.events, users: a.users, products: a.products, rate: a.rate, warm_ms: a.warm_s * 1000, ..Params::default() });
-    let routed: Vec<(i64, Vec<(String, String)>)> = lines
-        .iter()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("a generated event");
-            (v["eventTime"].as_i64().expect("an event time"), shard.keys_of(&v))
-        })
-        .collect();
-    let mut cells: HashMap<String, (KeyCell, Option<i64>)> = HashMap::new();
+    let routed = shard.route(&lines);
+    let mut c = Cells::default();
     // Per key: what its last checkpoint wrote.
     let mut written: HashMap<String, CellSnapshot> = HashMap::new();
     let mut dirty: HashSet<String> = HashSet::new();
-    let mut pending: BinaryHeap<Reverse<(i64, usize, usize)>> = BinaryHeap::new();
     let mut tot = Totals::default();
     let (mut newest, mut next_ckpt, mut n_ckpt) = (i64::MIN, None::<i64>, 0);
     println!("checkpoint  keys written  of them new  bytes written  of them new keys'");
@@ -89,30 +82,12 @@ fn main() {
         newest = newest.max(*t);
         let next = *next_ckpt.get_or_insert(newest + a.interval_ms);
         for k in 0..keys.len() {
-            pending.push(Reverse((*t, i, k)));
+            c.pending.push(Reverse((*t, i, k)));
         }
         let last = i + 1 == routed.len();
         if i % a.release_every == a.release_every - 1 || last {
-            let w = newest - 2_000;
-            let mut batches: HashMap<String, Vec<Released>> = HashMap::new();
-            while pending.peek().is_some_and(|Reverse((t, _, _))| *t < w) {
-                let Reverse((t, i, k)) = pending.pop().expect("peeked");
-                let event = shard.book.decode("clickstream", &lines[i], t).expect("a generated event");
-                batches.entry(routed[i].1[k].1.clone()).or_default().push(Released { source: "clickstream".into(), event });
-            }
-            for (k, (_, d)) in cells.iter() {
-                if d.is_some_and(|d| d <= w) && !batches.contains_key(k) {
-                    batches.insert(k.clone(), Vec::new());
-                }
-            }
-            for (key, evs) in batches {
-                let sig = key.split('|').next().unwrap_or_default();
-                let Some(rules) = shard.book.signature(sig) else { continue };
-                let (cell, deadline) = cells.entry(key.clone()).or_default();
-                let out = cell.step(rules, &evs, Some(w), w);
-                *deadline = out.deadline;
-                if out.idle {
-                    cells.remove(&key);
+            for (key, dropped) in shard.release(newest - 2_000, &lines, &routed, &mut c) {
+                if dropped {
                     dirty.remove(&key);
                     written.remove(&key);
                 } else {
@@ -125,7 +100,7 @@ fn main() {
             n_ckpt += 1;
             let before = (tot.writes, tot.new_writes, tot.bytes, tot.new_bytes);
             for key in dirty.drain() {
-                let cell = &cells[&key].0;
+                let cell = &c.cells[&key].0;
                 let bytes = cell.encode().len() as u64;
                 let snap = cell.snapshot();
                 tot.writes += 1;
@@ -178,7 +153,7 @@ fn main() {
     for (sig, b) in &tot.by_signature {
         println!("  bytes of keys by `{sig}`: {b} ({:.1} %)", pct(*b, tot.bytes));
     }
-    println!("  key cells with state at the end: {}", cells.len());
+    println!("  key cells with state at the end: {}", c.cells.len());
 }
 
 /// Adds what `now` holds that `prev` (the key's previous write) held already.

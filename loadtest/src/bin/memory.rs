@@ -88,65 +88,30 @@ fn main() {
 /// deadline due stepping too; cells without state dropped. The live heap
 /// after `n` events, and the partial matches and keys with state then.
 fn key_cells(n: usize) -> (isize, usize, usize) {
-    use cepheid_engine::cell::{KeyCell, Released};
     use std::cmp::Reverse;
-    use std::collections::{BinaryHeap, HashMap};
     let shard = cepheid_loadtest::examples::ShardRules::examples();
-    let book = &shard.book;
     let params = cepheid_loadtest::clickstream::Params { events: n, users: 20_000, products: 5_000, ..Default::default() };
     let lines = cepheid_loadtest::clickstream::generate(&params);
     // Per event, the keys it goes to (worked out before measuring: the router's part).
-    let keyed: Vec<(i64, Vec<String>)> = lines
-        .iter()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("a generated event");
-            let keys = shard.keys_of(&v).into_iter().map(|(_, k)| k).collect();
-            (v["eventTime"].as_i64().expect("an event time"), keys)
-        })
-        .collect();
+    let keyed = shard.route(&lines);
     let before = LIVE.load(Ordering::Relaxed);
-    let mut cells: HashMap<String, (KeyCell, Option<i64>)> = HashMap::new();
-    let mut pending: BinaryHeap<Reverse<(i64, usize, usize)>> = BinaryHeap::new();
+    let mut c = cepheid_loadtest::examples::Cells::default();
     let mut newest = i64::MIN;
-    let release = |w: i64, pending: &mut BinaryHeap<Reverse<(i64, usize, usize)>>, cells: &mut HashMap<String, (KeyCell, Option<i64>)>| {
-        let mut batches: HashMap<String, Vec<Released>> = HashMap::new();
-        while pending.peek().is_some_and(|Reverse((t, _, _))| *t < w) {
-            let Reverse((t, i, k)) = pending.pop().expect("peeked");
-            let key = keyed[i].1[k].clone();
-            let event = book.decode("clickstream", &lines[i], t).expect("a generated event");
-            batches.entry(key).or_default().push(Released { source: "clickstream".into(), event });
-        }
-        for (k, (_, d)) in cells.iter() {
-            if d.is_some_and(|d| d <= w) && !batches.contains_key(k) {
-                batches.insert(k.clone(), Vec::new());
-            }
-        }
-        for (key, evs) in batches {
-            let sig = key.split('|').next().unwrap_or_default();
-            let Some(rules) = book.signature(sig) else { continue };
-            let (cell, deadline) = cells.entry(key.clone()).or_default();
-            let out = cell.step(rules, &evs, Some(w), w);
-            *deadline = out.deadline;
-            if out.idle {
-                cells.remove(&key);
-            }
-        }
-    };
     for (i, (t, keys)) in keyed.iter().enumerate() {
         newest = newest.max(*t);
         for k in 0..keys.len() {
-            pending.push(Reverse((*t, i, k)));
+            c.pending.push(Reverse((*t, i, k)));
         }
         if i % 1000 == 999 {
-            release(newest - 2_000, &mut pending, &mut cells);
+            shard.release(newest - 2_000, &lines, &keyed, &mut c);
         }
     }
-    release(newest - 2_000, &mut pending, &mut cells);
+    shard.release(newest - 2_000, &lines, &keyed, &mut c);
     // What is still waiting for the watermark is the shard's reorder buffer, not the cells'.
-    drop(pending);
+    c.pending = Default::default();
     let total = LIVE.load(Ordering::Relaxed) - before;
-    let partials = cells.values().map(|(c, _)| c.partial_count()).sum();
-    (total, partials, cells.len())
+    let partials = c.cells.values().map(|(c, _)| c.partial_count()).sum();
+    (total, partials, c.cells.len())
 }
 
 /// The rules of `rules/examples` over the load generator's clickstream (as
