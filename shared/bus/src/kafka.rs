@@ -208,7 +208,7 @@ impl KafkaBus {
             .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: Vec::new(), gaps: None })
+        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: Vec::new(), gaps: None, held: None })
     }
 }
 
@@ -292,6 +292,25 @@ pub struct KafkaConsumer {
     resume: Vec<Resume>,
     /// With [`KafkaConsumer::contiguous`]: where each partition must go on.
     gaps: Option<crate::gaps::Gaps>,
+    /// The first record of a fresh partition, read but not delivered because
+    /// its committed offset could not be looked up (broker unreachable).
+    held: Option<Message>,
+}
+
+/// A consumed record, copied out of librdkafka's buffer.
+fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    let headers = m
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
+        .unwrap_or_default();
+    Message {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers,
+    }
 }
 
 /// A partition to be read from `target` on. Some brokers answer a fetch
@@ -326,18 +345,38 @@ impl KafkaConsumer {
     }
 
     pub async fn recv(&mut self) -> Result<Message, BusError> {
-        let m = loop {
-            let m = self.consumer.recv().await.map_err(classify)?;
-            let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
-            let fresh = {
-                let mut f = self.fresh.lock().unwrap();
-                let i = f.iter().position(|(t, p)| t == topic && *p == partition);
-                i.map(|i| f.swap_remove(i)).is_some()
+        loop {
+            let held = self.held.take().filter(|m| {
+                // (Unless a rebalance took the partition away meanwhile.)
+                self.assignment.lock().unwrap().0.iter().any(|(t, p)| *t == m.topic && *p == m.partition)
+            });
+            let (m, fresh) = match held {
+                // A record whose partition's committed offset could not be looked up: again.
+                Some(m) => (m, true),
+                None => {
+                    let m = owned(&self.consumer.recv().await.map_err(classify)?);
+                    let fresh = {
+                        let mut f = self.fresh.lock().unwrap();
+                        let i = f.iter().position(|(t, p)| *t == m.topic && *p == m.partition);
+                        i.map(|i| f.swap_remove(i)).is_some()
+                    };
+                    (m, fresh)
+                }
             };
+            let (topic, partition, offset) = (m.topic.as_str(), m.partition, m.offset);
             if fresh {
                 // The first record since this partition was assigned: it must be the committed one.
                 self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
-                if let Some(c) = self.committed(topic, partition)?.filter(|c| offset > *c) {
+                let committed = match self.committed(topic, partition) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The consumer's position is past this record already: keep it
+                        // for the next call rather than lose it.
+                        self.held = Some(m);
+                        return Err(e);
+                    }
+                };
+                if let Some(c) = committed.filter(|c| offset > *c) {
                     self.resume.push(Resume { topic: topic.to_string(), partition, target: c, from: c, found: false, tries: 0 });
                 }
             }
@@ -345,7 +384,7 @@ impl KafkaConsumer {
                 if Self::skipped(&mut self.gaps, &self.consumer, (topic, partition, offset), fresh).await? {
                     continue;
                 }
-                break m;
+                return Ok(m);
             };
             let r = &mut self.resume[i];
             if offset < r.target {
@@ -378,20 +417,8 @@ impl KafkaConsumer {
             if let Some(g) = &mut self.gaps {
                 g.restart(topic, partition, offset);
             }
-            break m;
-        };
-        let headers = m
-            .headers()
-            .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
-            .unwrap_or_default();
-        Ok(Message {
-            topic: m.topic().to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            headers,
-        })
+            return Ok(m);
+        }
     }
 
     /// Checks every later record of each partition against the one before
@@ -459,6 +486,9 @@ impl KafkaConsumer {
         // Rare (after taking a partition); librdkafka answers quickly.
         self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(classify)?;
         self.fresh.lock().unwrap().retain(|(t, p)| !(t == topic && *p == partition));
+        if self.held.as_ref().is_some_and(|m| m.topic == topic && m.partition == partition) {
+            self.held = None;
+        }
         self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
         self.resume.push(Resume { topic: topic.to_string(), partition, target: offset, from: offset, found: false, tries: 0 });
         if let Some(g) = &mut self.gaps {
@@ -480,10 +510,13 @@ impl KafkaConsumer {
         tpl.add_partition(topic, partition);
         // Once per partition and rebalance; a round trip to the group coordinator.
         let got = self.consumer.committed_offsets(tpl, Duration::from_secs(10)).map_err(classify)?;
-        Ok(got.find_partition(topic, partition).and_then(|e| match e.offset() {
+        let Some(e) = got.find_partition(topic, partition) else { return Ok(None) };
+        // An error for the partition leaves its offset unset: not "nothing committed".
+        e.error().map_err(|e| BusError::Transient(format!("committed offset of {topic}/{partition}: {e}")))?;
+        Ok(match e.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
-        }))
+        })
     }
 
     /// The partition's low and high watermarks (rare: when a partition is taken).

@@ -132,3 +132,35 @@ async fn a_failed_subscribe_does_not_join_the_group() {
     got.sort();
     assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()], "the only member reads every partition");
 }
+
+/// The first record of a freshly assigned partition is checked against the
+/// group's committed offset; when that lookup fails (the coordinator
+/// unreachable), the record must come again at the next `recv`, not be lost.
+/// librdkafka's mock cluster fails the lookup: the first OffsetFetch (the
+/// consumer's own, at assignment) answers, the next ones (the bus's lookup)
+/// get an error.
+#[tokio::test]
+async fn a_failed_committed_lookup_loses_no_record() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).unwrap();
+    let bus = Bus::kafka(&KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
+    mock.create_topic("t", 1, 1).unwrap(); // (the mock broker cannot create topics through the admin API)
+    for i in 0..5 {
+        bus.send("t", Some(0), None, format!("r{i}").as_bytes(), &[]).await.unwrap();
+    }
+    mock.request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
+        ],
+    );
+    let mut c = bus.subscribe("g", &["t"]).unwrap();
+    let first = c.recv().await;
+    assert!(first.is_err(), "the lookup was to fail once: {first:?}");
+    for i in 0..5 {
+        let m = c.recv().await.unwrap();
+        assert_eq!((m.offset, m.payload), (i, format!("r{i}").into_bytes()), "record {i}");
+    }
+}
