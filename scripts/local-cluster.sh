@@ -8,6 +8,9 @@
 #   scripts/local-cluster.sh status   # the probes of every service
 #   scripts/local-cluster.sh stop     # stops everything (alerts and logs stay)
 #   CEPHEID_BIN_DIR=DIR scripts/local-cluster.sh start   # the binaries in DIR, not built
+#   CEPHEID_TANSU=PATH CEPHEID_BROKER_STORAGE=URL scripts/local-cluster.sh start
+#       # another tansu binary, another storage engine (default memory://tansu/;
+#       # e.g. sqlite://tansu.db with a tansu built with --features libsql)
 #
 # Each start uses a Redis prefix of its own (.local-cluster/prefix): the broker
 # keeps nothing between starts, so neither may the checkpoints.
@@ -63,12 +66,13 @@ start() {
   if [ -z "${CEPHEID_BIN_DIR:-}" ]; then
     cargo build --release --bin cepheid --bin cepheid-ingest --bin cepheid-keygen-router --bin cepheid-matcher-shard --bin cepheid-notifier
   fi
-  if ! command -v tansu >/dev/null 2>&1; then
+  tansu=${CEPHEID_TANSU:-tansu}
+  if [ -z "${CEPHEID_TANSU:-}" ] && ! command -v tansu >/dev/null 2>&1; then
     echo "installing tansu (a Kafka-protocol broker; 15-40 minutes the first time)"
     cargo install tansu --locked --features dynostore
   fi
-  (cd "$dir/broker" && exec tansu broker --listener-url tcp://127.0.0.1:9092 \
-      --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/) >"$dir/broker.log" 2>&1 &
+  (cd "$dir/broker" && exec "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+      --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine "${CEPHEID_BROKER_STORAGE:-memory://tansu/}") >"$dir/broker.log" 2>&1 &
   echo $! >"$dir/broker.pid"
   wait_port 127.0.0.1:9092 broker
 

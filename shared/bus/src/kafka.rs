@@ -208,7 +208,7 @@ impl KafkaBus {
             .create_with_context(ctx)
             .map_err(classify)?;
         consumer.subscribe(topics).map_err(classify)?;
-        Ok(KafkaConsumer { consumer, assignment, fresh, lag, resume: Vec::new(), gaps: None, held: None })
+        Ok(KafkaConsumer { consumer: Arc::new(consumer), assignment, fresh, lag, resume: Vec::new(), gaps: None, held: None, reread: None })
     }
 }
 
@@ -283,7 +283,9 @@ impl ConsumerContext for GroupContext {
 }
 
 pub struct KafkaConsumer {
-    consumer: StreamConsumer<GroupContext>,
+    /// Shared with the blocking threads that wait for the broker's answers
+    /// (the committed offsets, [`KafkaConsumer::bounds`]).
+    consumer: Arc<StreamConsumer<GroupContext>>,
     assignment: Assignment,
     fresh: Arc<Mutex<Vec<(String, i32)>>>,
     lag: Arc<std::sync::atomic::AtomicI64>,
@@ -292,9 +294,50 @@ pub struct KafkaConsumer {
     resume: Vec<Resume>,
     /// With [`KafkaConsumer::contiguous`]: where each partition must go on.
     gaps: Option<crate::gaps::Gaps>,
-    /// The first record of a fresh partition, read but not delivered because
-    /// its committed offset could not be looked up (broker unreachable).
-    held: Option<Message>,
+    /// The record [`KafkaConsumer::recv`] is deciding about (kept across a
+    /// cancelled call, and across a failed lookup of the committed offset).
+    held: Option<Held>,
+    /// A partition to read again after a short wait (see `contiguous`).
+    reread: Option<ReadAgain>,
+}
+
+/// The group's committed offset for a partition (None when it has none): a
+/// round trip to the group coordinator, once per partition and assignment, on
+/// a blocking thread (see [`KafkaConsumer::recv`]).
+fn committed(consumer: &StreamConsumer<GroupContext>, topic: &str, partition: i32) -> Result<Option<i64>, BusError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let got = consumer.committed_offsets(tpl, Duration::from_secs(10)).map_err(classify)?;
+    let Some(e) = got.find_partition(topic, partition) else { return Ok(None) };
+    // An error for the partition leaves its offset unset: not "nothing committed".
+    e.error().map_err(|e| BusError::Transient(format!("committed offset of {topic}/{partition}: {e}")))?;
+    Ok(match e.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    })
+}
+
+/// A record taken from librdkafka and not yet delivered or dropped.
+struct Held {
+    m: Message,
+    /// The first record of its partition since the partition was assigned.
+    first: bool,
+    /// The committed-offset lookup such a record waits for.
+    lookup: Option<Lookup>,
+}
+
+enum Lookup {
+    Due,
+    Asked(tokio::task::JoinHandle<Result<Option<i64>, BusError>>),
+}
+
+/// A partition to read again from `from` at `at` (a hole in its offsets).
+#[derive(Debug)]
+struct ReadAgain {
+    topic: String,
+    partition: i32,
+    from: i64,
+    at: tokio::time::Instant,
 }
 
 /// A consumed record, copied out of librdkafka's buffer.
@@ -344,51 +387,72 @@ impl KafkaConsumer {
         }
     }
 
+    /// The next record to deliver.
+    ///
+    /// Cancellation-safe (services call it in `tokio::select!`): a record
+    /// taken from librdkafka stays in `self.held` until it is delivered or
+    /// dropped on purpose, a lookup of the committed offset or a wait before
+    /// reading a hole again goes on where it was when the next call comes. A
+    /// record taken and then lost to a dropped future is gone for good (the
+    /// consumer's position has moved past it).
     pub async fn recv(&mut self) -> Result<Message, BusError> {
         loop {
-            let held = self.held.take().filter(|m| {
-                // (Unless a rebalance took the partition away meanwhile.)
-                self.assignment.lock().unwrap().0.iter().any(|(t, p)| *t == m.topic && *p == m.partition)
-            });
-            let (m, fresh) = match held {
-                // A record whose partition's committed offset could not be looked up: again.
-                Some(m) => (m, true),
-                None => {
-                    let m = owned(&self.consumer.recv().await.map_err(classify)?);
-                    let fresh = {
-                        let mut f = self.fresh.lock().unwrap();
-                        let i = f.iter().position(|(t, p)| *t == m.topic && *p == m.partition);
-                        i.map(|i| f.swap_remove(i)).is_some()
-                    };
-                    (m, fresh)
-                }
-            };
-            let (topic, partition, offset) = (m.topic.as_str(), m.partition, m.offset);
-            if fresh {
+            if let Some(r) = &mut self.reread {
+                // A partition to read again from `from` once the wait is over.
+                tokio::time::sleep_until(r.at).await;
+                let r = self.reread.take().expect("a pending read-again");
+                self.consumer.seek(&r.topic, r.partition, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
+            }
+            if self.held.as_ref().is_some_and(|h| !self.assignment.lock().unwrap().0.iter().any(|(t, p)| *t == h.m.topic && *p == h.m.partition)) {
+                self.held = None; // a rebalance took the partition away meanwhile
+            }
+            if self.held.is_none() {
+                let m = owned(&self.consumer.recv().await.map_err(classify)?);
+                let first = {
+                    let mut f = self.fresh.lock().unwrap();
+                    let i = f.iter().position(|(t, p)| *t == m.topic && *p == m.partition);
+                    i.map(|i| f.swap_remove(i)).is_some()
+                };
+                self.held = Some(Held { m, first, lookup: first.then_some(Lookup::Due) });
+            }
+            let h = self.held.as_mut().expect("a held record");
+            let (topic, partition, offset) = (h.m.topic.as_str(), h.m.partition, h.m.offset);
+            if let Some(lookup) = &mut h.lookup {
                 // The first record since this partition was assigned: it must be the committed one.
-                self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
-                let committed = match self.committed(topic, partition) {
+                if let Lookup::Due = lookup {
+                    let c = self.consumer.clone();
+                    let (t, p) = (topic.to_string(), partition);
+                    *lookup = Lookup::Asked(tokio::task::spawn_blocking(move || committed(&c, &t, p)));
+                }
+                let Lookup::Asked(task) = lookup else { unreachable!() };
+                let got = task.await.unwrap_or_else(|e| Err(BusError::Transient(format!("the committed-offset lookup's thread failed: {e}"))));
+                h.lookup = None;
+                let committed = match got {
                     Ok(c) => c,
                     Err(e) => {
-                        // The consumer's position is past this record already: keep it
-                        // for the next call rather than lose it.
-                        self.held = Some(m);
+                        // Kept: the next call looks again.
+                        h.lookup = Some(Lookup::Due);
                         return Err(e);
                     }
                 };
+                self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
                 if let Some(c) = committed.filter(|c| offset > *c) {
                     self.resume.push(Resume { topic: topic.to_string(), partition, target: c, from: c, found: false, tries: 0 });
                 }
             }
+            let first = h.first;
             let Some(i) = self.resume.iter().position(|r| r.topic == topic && r.partition == partition) else {
-                if Self::skipped(&mut self.gaps, &self.consumer, (topic, partition, offset), fresh).await? {
+                if let Some(again) = Self::skipped(&mut self.gaps, (topic, partition, offset), first) {
+                    self.reread = Some(again);
+                    self.held = None;
                     continue;
                 }
-                return Ok(m);
+                return Ok(self.held.take().expect("a held record").m);
             };
             let r = &mut self.resume[i];
             if offset < r.target {
                 r.found = true;
+                self.held = None;
                 continue; // before the resume point: not this consumer's to deliver
             }
             if let Some(g) = self.gaps.as_mut().filter(|_| offset > r.target && r.found && r.tries < crate::gaps::TRIES) {
@@ -398,14 +462,15 @@ impl KafkaConsumer {
                 r.tries += 1;
                 g.reread += 1;
                 tracing::info!("bus: {topic}/{partition}: offsets {}..{offset} are missing after a resume; reading them again in {} ms", r.target, wait.as_millis());
-                let from = r.from;
-                Self::read_again(&self.consumer, (topic, partition, from), wait).await?;
+                self.reread = Some(ReadAgain { topic: topic.to_string(), partition, from: r.from, at: tokio::time::Instant::now() + wait });
+                self.held = None;
                 continue;
             }
             if offset > r.target && !r.found {
                 if r.from > 0 {
                     r.from = (r.target - 2 * (r.target - r.from).max(512)).max(0);
                     self.consumer.seek(topic, partition, Offset::Offset(r.from), Duration::from_secs(10)).map_err(classify)?;
+                    self.held = None;
                     continue;
                 }
                 tracing::warn!(
@@ -417,7 +482,7 @@ impl KafkaConsumer {
             if let Some(g) = &mut self.gaps {
                 g.restart(topic, partition, offset);
             }
-            return Ok(m);
+            return Ok(self.held.take().expect("a held record").m);
         }
     }
 
@@ -439,43 +504,29 @@ impl KafkaConsumer {
         self.gaps.as_ref().map_or(0, |g| g.reread)
     }
 
-    /// Reads `partition` again from `from` after `wait`: records a broker listed
-    /// before they were readable (see [`KafkaConsumer::contiguous`]), by a live
-    /// read or at a resume.
-    async fn read_again(consumer: &StreamConsumer<GroupContext>, (topic, partition, from): (&str, i32, i64), wait: Duration) -> Result<(), BusError> {
-        tokio::time::sleep(wait).await;
-        consumer.seek(topic, partition, Offset::Offset(from), Duration::from_secs(10)).map_err(classify)
-    }
-
-    /// True when the record at `offset` comes after a hole: the partition is
-    /// read again from the hole (after a short wait) and the record dropped.
-    async fn skipped(
-        gaps: &mut Option<crate::gaps::Gaps>,
-        consumer: &StreamConsumer<GroupContext>,
-        (topic, partition, offset): (&str, i32, i64),
-        fresh: bool,
-    ) -> Result<bool, BusError> {
-        let Some(g) = gaps else { return Ok(false) };
-        if fresh {
+    /// `Some` when the record at `offset` comes after a hole: the record is
+    /// dropped and the partition read again from the hole after a short wait.
+    fn skipped(gaps: &mut Option<crate::gaps::Gaps>, (topic, partition, offset): (&str, i32, i64), first: bool) -> Option<ReadAgain> {
+        let g = gaps.as_mut()?;
+        if first {
             g.restart(topic, partition, offset);
-            return Ok(false);
+            return None;
         }
         match g.check(topic, partition, offset) {
-            crate::gaps::Check::Next => Ok(false),
+            crate::gaps::Check::Next => None,
             crate::gaps::Check::Again { expected } => {
                 tracing::info!("bus: {topic}/{partition}: the client went back from offset {expected} to {offset}: records from it on come a second time");
-                Ok(false)
+                None
             }
             crate::gaps::Check::ReadAgain { from, wait } => {
                 tracing::info!("bus: {topic}/{partition}: offsets {from}..{offset} are missing; reading them again in {} ms", wait.as_millis());
-                Self::read_again(consumer, (topic, partition, from), wait).await?;
-                Ok(true)
+                Some(ReadAgain { topic: topic.to_string(), partition, from, at: tokio::time::Instant::now() + wait })
             }
             crate::gaps::Check::PassOver { from, tries } => {
                 tracing::warn!(
                     "bus: {topic}/{partition}: offsets {from}..{offset} could not be read ({tries} attempts; the broker skipped them, or they were deleted); going on at {offset}"
                 );
-                Ok(false)
+                None
             }
         }
     }
@@ -486,8 +537,11 @@ impl KafkaConsumer {
         // Rare (after taking a partition); librdkafka answers quickly.
         self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)).map_err(classify)?;
         self.fresh.lock().unwrap().retain(|(t, p)| !(t == topic && *p == partition));
-        if self.held.as_ref().is_some_and(|m| m.topic == topic && m.partition == partition) {
+        if self.held.as_ref().is_some_and(|h| h.m.topic == topic && h.m.partition == partition) {
             self.held = None;
+        }
+        if self.reread.as_ref().is_some_and(|r| r.topic == topic && r.partition == partition) {
+            self.reread = None;
         }
         self.resume.retain(|r| !(r.topic == topic && r.partition == partition));
         self.resume.push(Resume { topic: topic.to_string(), partition, target: offset, from: offset, found: false, tries: 0 });
@@ -504,24 +558,15 @@ impl KafkaConsumer {
         (l >= 0).then_some(l as u64)
     }
 
-    /// The group's committed offset for a partition (None when it has none).
-    fn committed(&self, topic: &str, partition: i32) -> Result<Option<i64>, BusError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
-        // Once per partition and rebalance; a round trip to the group coordinator.
-        let got = self.consumer.committed_offsets(tpl, Duration::from_secs(10)).map_err(classify)?;
-        let Some(e) = got.find_partition(topic, partition) else { return Ok(None) };
-        // An error for the partition leaves its offset unset: not "nothing committed".
-        e.error().map_err(|e| BusError::Transient(format!("committed offset of {topic}/{partition}: {e}")))?;
-        Ok(match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        })
-    }
-
-    /// The partition's low and high watermarks (rare: when a partition is taken).
-    pub fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
-        self.consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(classify)
+    /// The partition's low and high watermarks (rare: when a partition is
+    /// taken), awaited on a blocking thread: the runtime's threads (a shard's
+    /// only one, by default) go on meanwhile, for as long as a slow broker takes.
+    pub async fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
+        let (c, topic) = (self.consumer.clone(), topic.to_string());
+        match tokio::task::spawn_blocking(move || c.fetch_watermarks(&topic, partition, Duration::from_secs(10))).await {
+            Ok(r) => r.map_err(classify),
+            Err(e) => Err(BusError::Transient(format!("the watermark lookup's thread failed: {e}"))),
+        }
     }
 
     pub fn commit(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), BusError> {

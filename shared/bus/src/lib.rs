@@ -238,7 +238,7 @@ impl Consumer {
     pub async fn bounds(&self, topic: &str, partition: i32) -> Result<(i64, i64), BusError> {
         match self {
             Consumer::Memory(m) => Ok(m.bounds(topic, partition)),
-            Consumer::Kafka(k) => k.bounds(topic, partition),
+            Consumer::Kafka(k) => k.bounds(topic, partition).await,
         }
     }
 

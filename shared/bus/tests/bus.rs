@@ -164,3 +164,54 @@ async fn a_failed_committed_lookup_loses_no_record() {
         assert_eq!((m.offset, m.payload), (i, format!("r{i}").into_bytes()), "record {i}");
     }
 }
+
+/// Services call `recv` inside `tokio::select!`, which drops the call when
+/// another branch is ready first. A call dropped while the first record of a
+/// fresh partition waits for the group's committed offset (a round trip to
+/// the broker, made slow here) must not lose that record: the next call goes
+/// on with it. Every call below is cut off after 20 ms; the broker answers
+/// each request 100 ms late.
+#[tokio::test]
+async fn a_cancelled_recv_loses_no_record() {
+    use rdkafka::mocking::MockCluster;
+    use std::time::{Duration, Instant};
+    let mock = MockCluster::new(1).unwrap();
+    let bus = Bus::kafka(&KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
+    mock.create_topic("t", 1, 1).unwrap(); // (the mock broker cannot create topics through the admin API)
+    for i in 0..5 {
+        bus.send("t", Some(0), None, format!("r{i}").as_bytes(), &[]).await.unwrap();
+    }
+    mock.broker_round_trip_time(1, Duration::from_millis(100)).unwrap();
+    let mut c = bus.subscribe("g", &["t"]).unwrap();
+    let (start, mut got, mut cut) = (Instant::now(), Vec::new(), 0);
+    while got.last() != Some(&4) {
+        assert!(start.elapsed() < Duration::from_secs(60), "only {got:?} after 60 s ({cut} calls cut off)");
+        match tokio::time::timeout(Duration::from_millis(20), c.recv()).await {
+            Ok(m) => got.push(m.unwrap().offset),
+            Err(_) => cut += 1,
+        }
+    }
+    assert_eq!(got, vec![0, 1, 2, 3, 4], "a record was lost to a call cut off");
+    assert!(cut > 0);
+}
+
+/// A call that waits for the broker (a partition's bounds, at every partition
+/// a shard takes; the committed offsets inside `recv`) leaves the runtime's
+/// thread to the other tasks meanwhile: on this single-threaded runtime, a
+/// task spawned just before the call runs before the call returns. (Made on
+/// the calling thread, the call would return first: nothing else runs until
+/// it yields.)
+#[tokio::test]
+async fn broker_calls_do_not_hold_the_thread() {
+    use rdkafka::mocking::MockCluster;
+    let mock = MockCluster::new(1).unwrap();
+    let bus = Bus::kafka(&KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
+    mock.create_topic("t", 1, 1).unwrap();
+    bus.send("t", Some(0), None, b"r0", &[]).await.unwrap();
+    let c = bus.subscribe("g", &["t"]).unwrap();
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = ran.clone();
+    tokio::spawn(async move { r.store(true, std::sync::atomic::Ordering::SeqCst) });
+    assert_eq!(c.bounds("t", 0).await.unwrap(), (0, 1));
+    assert!(ran.load(std::sync::atomic::Ordering::SeqCst), "the runtime's thread was held while the broker answered");
+}
