@@ -141,14 +141,8 @@ async fn a_failed_subscribe_does_not_join_the_group() {
 /// get an error.
 #[tokio::test]
 async fn a_failed_committed_lookup_loses_no_record() {
-    use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let mock = MockCluster::new(1).unwrap();
-    let bus = Bus::kafka(&KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
-    mock.create_topic("t", 1, 1).unwrap(); // (the mock broker cannot create topics through the admin API)
-    for i in 0..5 {
-        bus.send("t", Some(0), None, format!("r{i}").as_bytes(), &[]).await.unwrap();
-    }
+    let (mock, bus) = mock_with_records(5).await;
     mock.request_errors(
         RDKafkaApiKey::OffsetFetch,
         &[
@@ -173,14 +167,8 @@ async fn a_failed_committed_lookup_loses_no_record() {
 /// each request 100 ms late.
 #[tokio::test]
 async fn a_cancelled_recv_loses_no_record() {
-    use rdkafka::mocking::MockCluster;
     use std::time::{Duration, Instant};
-    let mock = MockCluster::new(1).unwrap();
-    let bus = Bus::kafka(&KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
-    mock.create_topic("t", 1, 1).unwrap(); // (the mock broker cannot create topics through the admin API)
-    for i in 0..5 {
-        bus.send("t", Some(0), None, format!("r{i}").as_bytes(), &[]).await.unwrap();
-    }
+    let (mock, bus) = mock_with_records(5).await;
     mock.broker_round_trip_time(1, Duration::from_millis(100)).unwrap();
     let mut c = bus.subscribe("g", &["t"]).unwrap();
     let (start, mut got, mut cut) = (Instant::now(), Vec::new(), 0);
@@ -203,15 +191,23 @@ async fn a_cancelled_recv_loses_no_record() {
 /// it yields.)
 #[tokio::test]
 async fn broker_calls_do_not_hold_the_thread() {
-    use rdkafka::mocking::MockCluster;
-    let mock = MockCluster::new(1).unwrap();
-    let bus = Bus::kafka(&KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
-    mock.create_topic("t", 1, 1).unwrap();
-    bus.send("t", Some(0), None, b"r0", &[]).await.unwrap();
+    let (_mock, bus) = mock_with_records(1).await;
     let c = bus.subscribe("g", &["t"]).unwrap();
     let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let r = ran.clone();
     tokio::spawn(async move { r.store(true, std::sync::atomic::Ordering::SeqCst) });
     assert_eq!(c.bounds("t", 0).await.unwrap(), (0, 1));
     assert!(ran.load(std::sync::atomic::Ordering::SeqCst), "the runtime's thread was held while the broker answered");
+}
+
+/// librdkafka's mock cluster with topic `t` (one partition) holding records
+/// `r0`, `r1`, … (the mock broker cannot create topics through the admin API).
+async fn mock_with_records(n: usize) -> (rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>, Bus) {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let bus = Bus::kafka(&KafkaConfig { bootstrap: mock.bootstrap_servers(), properties: vec![] }).unwrap();
+    mock.create_topic("t", 1, 1).unwrap();
+    for i in 0..n {
+        bus.send("t", Some(0), None, format!("r{i}").as_bytes(), &[]).await.unwrap();
+    }
+    (mock, bus)
 }
