@@ -28,9 +28,13 @@ export CEPHEID__KAFKA__BOOTSTRAP=${CEPHEID__KAFKA__BOOTSTRAP:-127.0.0.1:9092}
 # topic and one notifier the matches topic, so each has one partition; the
 # keyed topic keeps the default eight, for the shards (two here, more can
 # join). A partition costs the broker on every post and every fetch (tansu
-# lists a partition's stored batches at each fetch), and one events partition
-# keeps every key's events in posting order (docs/cluster.md, "Sizing the
-# topics"). Each can be overridden from the environment.
+# lists a partition's stored batches at each fetch that finds new data there),
+# and one events partition keeps every key's events in posting order
+# (docs/cluster.md, "Sizing the topics"). Each can be overridden from the
+# environment: CEPHEID__SHARD__MATCHES_PARTITIONS=8 gave a lower latency tail
+# at moderate rates (a shard's release writes its matches to one matches
+# partition, so a fetch lists an eighth of the batches) and no better
+# saturated throughput (BENCHMARKS.md, "Matches by keyed partition").
 export CEPHEID__INGEST__EVENTS_PARTITIONS=${CEPHEID__INGEST__EVENTS_PARTITIONS:-1}
 export CEPHEID__ROUTER__EVENTS_PARTITIONS=${CEPHEID__ROUTER__EVENTS_PARTITIONS:-$CEPHEID__INGEST__EVENTS_PARTITIONS}
 export CEPHEID__SHARD__MATCHES_PARTITIONS=${CEPHEID__SHARD__MATCHES_PARTITIONS:-1}

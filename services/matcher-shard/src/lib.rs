@@ -563,6 +563,10 @@ struct Shard {
     release_wanted: bool,
     /// When the key gauges of the report were last computed.
     gauges_at: Option<Instant>,
+    /// Partitions of the matches topic as it exists (it may predate the
+    /// configured count): the matches of keyed partition `p` go to partition
+    /// `p % matches_partitions` (see [`Shard::matches_partition`]).
+    matches_partitions: i32,
 }
 
 impl Shard {
@@ -1041,13 +1045,14 @@ impl Shard {
         }
         // Handed to the bus now; every match is acknowledged before the next
         // checkpoint is taken (so before anything after it is checkpointed).
+        let to = Some(self.matches_partition(partition));
         for (id, line, tp) in &sends {
             let headers: Vec<(&str, &[u8])> = tp.iter().map(|t| (TRACEPARENT, t.as_bytes())).collect();
-            let d = match self.bus.enqueue(&self.cfg.matches_topic, None, Some(id.as_bytes()), line.as_bytes(), &headers).await {
+            let d = match self.bus.enqueue(&self.cfg.matches_topic, to, Some(id.as_bytes()), line.as_bytes(), &headers).await {
                 Err(e) if e.is_transient() => {
                     // The producer's queue is full: wait for what is in flight, then once more.
                     self.acknowledged().await?;
-                    self.bus.enqueue(&self.cfg.matches_topic, None, Some(id.as_bytes()), line.as_bytes(), &headers).await?
+                    self.bus.enqueue(&self.cfg.matches_topic, to, Some(id.as_bytes()), line.as_bytes(), &headers).await?
                 }
                 other => other?,
             };
@@ -1057,6 +1062,15 @@ impl Shard {
             self.acknowledged().await?;
         }
         Ok(())
+    }
+
+    /// The matches partition of keyed partition `keyed`: all the matches of a
+    /// release go to one partition, so a release is one batch for the broker
+    /// (keyed by `match_id` they were spread over every matches partition,
+    /// a batch each), and the matches of a key stay in order. The notifier
+    /// drops repeats by `match_id` whichever partition they come through.
+    fn matches_partition(&self, keyed: i32) -> i32 {
+        keyed.rem_euclid(self.matches_partitions)
     }
 
     /// Waits until every match record handed to the bus is acknowledged.
@@ -1519,6 +1533,7 @@ pub async fn run(
             sources: Vec::new(),
             release_wanted: false,
             gauges_at: None,
+            matches_partitions: bus.partitions(&cfg.matches_topic).await?.max(1),
         };
     let mut updates = deps.rules.watch("matcher-shard");
     // Every rule before the first record.

@@ -12,7 +12,7 @@
 //! On the in-memory bus always; on Kafka too when `CEPHEID_KAFKA_BOOTSTRAP`
 //! names a broker (`.ci/run` starts one).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -405,6 +405,29 @@ impl Cluster {
         }
     }
 
+    /// Per (rule, key) of the match records in the matches topic (each of
+    /// its 2 partitions read up to its high watermark): the partitions they are in.
+    async fn match_partitions_by_key(&self) -> BTreeMap<(String, String), BTreeSet<i32>> {
+        let mut c = self.bus.subscribe(&format!("reader-{}", self.tag), &[self.matches_topic.as_str()]).unwrap();
+        let mut left = BTreeMap::new();
+        for p in 0..2 {
+            let (low, high) = c.bounds(&self.matches_topic, p).await.unwrap();
+            if high > low {
+                left.insert(p, high - 1);
+            }
+        }
+        let mut by_key: BTreeMap<(String, String), BTreeSet<i32>> = BTreeMap::new();
+        while !left.is_empty() {
+            let m = tokio::time::timeout(Duration::from_secs(60), c.recv()).await.expect("the matches topic read").unwrap();
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            by_key.entry((v["rule_id"].as_str().unwrap().to_string(), v["key"].to_string())).or_default().insert(m.partition);
+            if left.get(&m.partition) == Some(&m.offset) {
+                left.remove(&m.partition);
+            }
+        }
+        by_key
+    }
+
     /// Stops everything (shards cleanly) and returns the delivered alerts, comparable and sorted.
     async fn finish(mut self) -> Vec<String> {
         for s in self.services.drain(..) {
@@ -472,6 +495,13 @@ async fn end_to_end(bus: Bus, tag: &str) {
     let (accepted, rejected) = c.post(&lines).await;
     assert_eq!((accepted as usize, rejected), (lines.len() - 2, 2), "the sample's two malformed lines are refused");
     c.until_delivered(want.len()).await;
+    // A shard sends the matches of a keyed partition to one matches partition
+    // (a release is one batch for the broker): a key's matches stay together.
+    let by_key = c.match_partitions_by_key().await;
+    let spread: Vec<_> = by_key.iter().filter(|(_, ps)| ps.len() > 1).collect();
+    assert!(spread.is_empty(), "matches of one key in several partitions: {spread:?}");
+    let used: BTreeSet<i32> = by_key.values().flatten().copied().collect();
+    assert_eq!(used.len(), 2, "both matches partitions carry matches");
     let got = c.finish().await;
     assert_same(&got, &want);
 }
