@@ -170,6 +170,10 @@ impl Bus {
 
 impl Consumer {
     /// The next record of an assigned partition.
+    ///
+    /// Cancellation-safe, on both buses: a call dropped before it returns
+    /// (another `tokio::select!` branch was ready first) loses no record; the
+    /// next call delivers it.
     pub async fn recv(&mut self) -> Result<Message, BusError> {
         match self {
             Consumer::Memory(m) => m.recv().await,
