@@ -42,6 +42,8 @@
 //! state its successor restored from; what it staged before that is not in
 //! the successor's lineage, so it never counts.
 
+use std::time::Duration;
+
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use serde::{Deserialize, Serialize};
@@ -278,6 +280,10 @@ pub struct Checkpoints {
     reader: ConnectionManager,
 }
 
+/// How long a Redis command of the checkpoint store may take to be
+/// answered before it counts as failed (see [`Checkpoints::connect_with`]).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Something the writer waits for.
 pub type Deferred<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
@@ -304,10 +310,22 @@ pub struct Job<T> {
 pub type Done<T> = (T, Result<(), CheckpointError>);
 
 impl Checkpoints {
+    /// Connects with [`DEFAULT_RESPONSE_TIMEOUT`].
     pub async fn connect(url: &str, prefix: &str) -> Result<Checkpoints, CheckpointError> {
+        Self::connect_with(url, prefix, DEFAULT_RESPONSE_TIMEOUT).await
+    }
+
+    /// Connects; a command not answered within `response_timeout` fails (a
+    /// checkpoint is then taken again whole at the next slot, a key's load is
+    /// retried). The `redis` crate's own default, 500 ms, is far too short for
+    /// a checkpoint: a Redis sharing busy cores with the shard and the broker
+    /// answered staging commands after up to 1.4 s, so every checkpoint of a
+    /// saturated shard failed, none committed, and each next one wrote more.
+    pub async fn connect_with(url: &str, prefix: &str, response_timeout: Duration) -> Result<Checkpoints, CheckpointError> {
         let client = redis::Client::open(url)?;
-        let writer = client.get_connection_manager().await?;
-        let reader = client.get_connection_manager().await?;
+        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(response_timeout));
+        let writer = client.get_connection_manager_with_config(config.clone()).await?;
+        let reader = client.get_connection_manager_with_config(config).await?;
         Ok(Checkpoints { prefix: prefix.to_string(), writer, reader })
     }
 

@@ -81,6 +81,12 @@ pub struct ShardConfig {
     /// A key's actor is stopped (its state stays in Redis) after this long without work.
     #[serde(default = "passivate_ms")]
     pub passivate_after_ms: u64,
+    /// A Redis command of the checkpoints (staging, commit, loading a key)
+    /// not answered within this long (ms) fails and is retried: a Redis on
+    /// busy cores can take seconds, and a checkpoint that times out is
+    /// written again whole.
+    #[serde(default = "redis_timeout")]
+    pub redis_timeout_ms: u64,
     /// A router not heard from for this long no longer holds the watermark back.
     #[serde(default = "router_expiry")]
     pub router_expiry_ms: u64,
@@ -128,6 +134,9 @@ fn ckpt_records() -> u64 {
 }
 fn passivate_ms() -> u64 {
     60_000
+}
+fn redis_timeout() -> u64 {
+    checkpoint::DEFAULT_RESPONSE_TIMEOUT.as_millis() as u64
 }
 fn router_expiry() -> u64 {
     30_000
@@ -1511,7 +1520,7 @@ pub async fn run(
     bus.create_topic(&cfg.keyed_topic, cfg.keyed_partitions).await?;
     bus.create_topic(&cfg.matches_topic, cfg.matches_partitions).await?;
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
-    let ckpt = Checkpoints::connect(&deps.redis_url, &deps.prefix).await?;
+    let ckpt = Checkpoints::connect_with(&deps.redis_url, &deps.prefix, Duration::from_millis(cfg.redis_timeout_ms.max(1))).await?;
     let (jobs, done) = ckpt.start_writer();
     let mut shard =
         Shard {

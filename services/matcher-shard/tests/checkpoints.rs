@@ -8,6 +8,10 @@ use cepheid_matcher_shard::checkpoint::{self, CheckpointError, Checkpoints, Foun
 const REDIS: &str = "redis://127.0.0.1:6379";
 const TOPIC: &str = "keyed";
 
+/// The test that pauses Redis's writers runs alone (its pause would hold
+/// the others' commands back past their connections' timeouts).
+static PAUSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn prefix(name: &str) -> String {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("cepheid-test-ckpt-{name}-{t}")
@@ -44,6 +48,7 @@ async fn load(c: &Checkpoints, key: &str, lineage: &[(i64, u64)], committed: u64
 
 #[tokio::test]
 async fn staged_cells_count_only_once_committed_by_the_owner() {
+    let _shared = PAUSES.read().await;
     let prefix = prefix("staged");
     let mut owner = Checkpoints::connect(REDIS, &prefix).await.unwrap();
     let a = owner.acquire(TOPIC, 0).await.unwrap();
@@ -108,6 +113,7 @@ async fn staged_cells_count_only_once_committed_by_the_owner() {
 
 #[tokio::test]
 async fn cells_of_earlier_versions_without_a_stamp_are_read() {
+    let _shared = PAUSES.read().await;
     let prefix = prefix("legacy");
     let client = redis::Client::open(REDIS).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
@@ -128,6 +134,33 @@ async fn cells_of_earlier_versions_without_a_stamp_are_read() {
     let _: () = redis::cmd("HSET").arg(&state).arg("k").arg(b"\xC5\x01\x80").query_async(&mut c).await.unwrap();
     let e = ck.load(TOPIC, 0, "k", &lineage, 1).await.unwrap_err();
     assert!(e.to_string().contains(" k") && e.to_string().contains("stamp"), "{e}");
+    cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
+}
+
+/// Redis answering slowly (here: every client's writes paused for 1.2 s,
+/// as a Redis on cores busy with the shard and the broker answered staging
+/// commands after up to 1.4 s) delays a checkpoint; it does not fail it.
+/// Under the `redis` crate's default 500 ms response timeout no checkpoint
+/// of a saturated shard committed, and each next one wrote more.
+#[tokio::test]
+async fn a_slow_redis_delays_a_checkpoint_without_failing_it() {
+    let _alone = PAUSES.write().await;
+    let prefix = prefix("slow");
+    let mut ck = Checkpoints::connect(REDIS, &prefix).await.unwrap();
+    let a = ck.acquire(TOPIC, 0).await.unwrap();
+    let lineage = vec![(a.epoch, 1)];
+    let (jobs, mut done) = ck.start_writer::<()>();
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1_200).arg("WRITE").query_async(&mut c).await.unwrap();
+    let started = std::time::Instant::now();
+    jobs.send(job(a.epoch, 1, &lineage, vec![write("k", 0, Some(b"A"))], &[])).unwrap();
+    let result = done.recv().await.unwrap().1;
+    let took = started.elapsed();
+    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query_async(&mut c).await.unwrap();
+    result.unwrap();
+    assert!(took >= std::time::Duration::from_millis(1_000), "the pause held the checkpoint back ({took:?})");
+    assert_eq!(load(&ck, "k", &lineage, 1).await, Some((b"A".to_vec(), 0)));
     cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
 }
 
