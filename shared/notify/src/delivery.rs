@@ -193,7 +193,7 @@ impl Notifier {
         }
         if let Some(window) = action.dedupe {
             let key = format!("dedupe:{}:{}", record.rule_id, serde_json::to_string(&record.key).unwrap_or_default());
-            if !self.inner.store.set_once(&key, window as u64, &*self.inner.clock).await? {
+            if !self.inner.store.set_once(&key, &record.match_id, window as u64, &*self.inner.clock).await? {
                 let mut m = self.inner.metrics.lock().unwrap();
                 for t in &targets {
                     m.entry(t.clone()).or_default().deduplicated += 1;

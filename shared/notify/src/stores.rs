@@ -21,6 +21,8 @@ pub enum Store {
 #[derive(Default)]
 pub struct MemoryStore {
     keys: Mutex<HashMap<String, i64>>,
+    /// Keys set once, with the owner that set them.
+    owned: Mutex<HashMap<String, (i64, String)>>,
     delayed: Mutex<BTreeMap<(i64, u64), String>>,
     seq: Mutex<u64>,
 }
@@ -35,38 +37,45 @@ impl Store {
         Ok(Store::Redis { con: client.get_connection_manager().await?, prefix: prefix.to_string() })
     }
 
-    /// Sets `key` for `ttl_ms` unless it is set: true the first time.
-    pub async fn set_once(&self, key: &str, ttl_ms: u64, clock: &dyn Clock) -> Result<bool, NotifyError> {
+    /// Sets `key` for `ttl_ms`, held by `owner` (e.g. a match id), unless it
+    /// is set: true the first time, and again for the same owner (a retry
+    /// whose first attempt was carried out but not answered must not find
+    /// the key "taken" by itself), false for anyone else.
+    pub async fn set_once(&self, key: &str, owner: &str, ttl_ms: u64, clock: &dyn Clock) -> Result<bool, NotifyError> {
         match self {
             Store::Memory(m) => {
                 let now = clock.now();
-                let mut keys = m.keys.lock().unwrap();
+                let mut keys = m.owned.lock().unwrap();
                 if keys.len() > 100_000 {
-                    keys.retain(|_, exp| *exp > now);
+                    keys.retain(|_, (exp, _)| *exp > now);
                 }
                 match keys.get(key) {
-                    Some(exp) if *exp > now => Ok(false),
+                    Some((exp, held)) if *exp > now => Ok(held == owner),
                     _ => {
-                        keys.insert(key.to_string(), now + ttl_ms as i64);
+                        keys.insert(key.to_string(), (now + ttl_ms as i64, owner.to_string()));
                         Ok(true)
                     }
                 }
             }
             Store::Redis { con, prefix } => {
-                let r: Option<String> = redis::cmd("SET")
+                // `GET` returns what was there: nothing (set now) or the owner
+                // that set it, which is this caller again when a first attempt
+                // was carried out but its answer lost (a timeout, a dropped
+                // connection) — then the window is still this caller's.
+                let before: Option<String> = redis::cmd("SET")
                     .arg(format!("{prefix}:notify:{key}"))
-                    .arg(1)
+                    .arg(owner)
                     .arg("NX")
+                    .arg("GET")
                     .arg("PX")
                     .arg(ttl_ms.max(1))
                     .query_async(&mut con.clone())
                     .await?;
-                Ok(r.is_some())
+                Ok(before.is_none_or(|b| b == owner))
             }
         }
     }
 
-    /// Is `key` set (and not expired)?
     pub async fn is_set(&self, key: &str, clock: &dyn Clock) -> Result<bool, NotifyError> {
         match self {
             Store::Memory(m) => Ok(m.keys.lock().unwrap().get(key).is_some_and(|exp| *exp > clock.now())),

@@ -234,6 +234,33 @@ async fn dedupe_by_match_id_and_by_window() {
     assert_eq!(m.lock().unwrap().got.len(), 5);
 }
 
+/// A dedupe window is taken by the match that opened it, and a second try of
+/// that same match (its first attempt carried out in Redis, the answer lost
+/// to a timeout, the call retried) still finds it its own, in both stores;
+/// before, the retry found the window "taken" and the alert was dropped.
+#[tokio::test]
+async fn a_dedupe_window_stays_its_openers_on_a_retry() {
+    let clock = ManualClock::new(T0);
+    let prefix = format!("cepheid-test:notify-once:{}:{}", std::process::id(), T0);
+    for store in [Store::memory(), Store::redis("redis://127.0.0.1:6379", &prefix).await.unwrap()] {
+        assert!(store.set_once("dedupe:r:u1", "m1", 60_000, &clock).await.unwrap(), "free: taken by m1");
+        assert!(store.set_once("dedupe:r:u1", "m1", 60_000, &clock).await.unwrap(), "m1 again: still its own");
+        assert!(!store.set_once("dedupe:r:u1", "m2", 60_000, &clock).await.unwrap(), "m2: within m1's window");
+        assert!(store.set_once("dedupe:r:u2", "m2", 60_000, &clock).await.unwrap(), "another key");
+    }
+    cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    // Through the notifier: the opener submitted twice gets its one alert.
+    let m = mock(&clock, None, &[]);
+    let addr = serve(m.clone()).await;
+    let n = start(vec![("bot", feishu(addr, None, FeishuFormat::Text))], &clock, Arc::new(ClockSleeper(clock.clone())), Store::memory(), |_| {}).await;
+    let windowed = ActionSpec { dedupe: Some(3_600_000), ..action(&["feishu:bot"], None) };
+    assert_eq!(n.submit(&record("w1", "u2", "p1"), "r", &windowed).await.unwrap(), Submitted::Queued(1));
+    assert_eq!(n.submit(&record("w1", "u2", "p1"), "r", &windowed).await.unwrap(), Submitted::Queued(1));
+    assert_eq!(n.submit(&record("w2", "u2", "p1"), "r", &windowed).await.unwrap(), Submitted::Deduplicated);
+    n.idle().await;
+    assert_eq!(m.lock().unwrap().got.len(), 1, "the repeat of w1 is dropped by its match id");
+}
+
 #[tokio::test]
 async fn dead_letter_after_n_attempts_and_a_failing_target_does_not_delay_another() {
     let clock = ManualClock::new(T0);
