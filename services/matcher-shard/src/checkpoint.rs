@@ -427,31 +427,54 @@ impl Checkpoints {
     /// checkpoint counts by `meta`'s lineage and number ([`valid`]).
     /// `Err(Corrupt)` when a slot's stamp is unreadable.
     pub async fn load(&self, topic: &str, partition: i32, key: &str, lineage: &[(i64, u64)], committed: u64) -> Result<Found, CheckpointError> {
+        self.load_many(topic, partition, &[key], lineage, committed).await?.pop().expect("one key asked")
+    }
+
+    /// [`Checkpoints::load`] for many keys of a partition in one round trip
+    /// (a pipeline of `HMGET`s), answered in the order asked: the outer error
+    /// is the round trip's, an inner one a key's unreadable stamp.
+    pub async fn load_many(
+        &self,
+        topic: &str,
+        partition: i32,
+        keys: &[&str],
+        lineage: &[(i64, u64)],
+        committed: u64,
+    ) -> Result<Vec<Result<Found, CheckpointError>>, CheckpointError> {
         let mut c = self.reader.clone();
         let state = format!("{}:state", self.base(topic, partition));
-        let slots: (Option<Vec<u8>>, Option<Vec<u8>>) = redis::cmd("HMGET").arg(&state).arg(field(key, 0)).arg(field(key, 1)).query_async(&mut c).await?;
-        let mut best: Option<(u64, Loaded)> = None;
-        let mut found = false;
-        for (slot, doc) in [(0u8, slots.0), (1u8, slots.1)] {
-            let Some(doc) = doc else { continue };
-            found = true;
-            let (st, cell) = unstamp(&doc).map_err(|e| CheckpointError::Corrupt(format!("{state} {key}"), e))?;
-            let seq = match st {
-                // A cell of an earlier version: older than any stamped one.
-                None => 0,
-                Some((e, s)) if valid(lineage, committed, e, s) => s,
-                Some(_) => continue,
-            };
-            if best.as_ref().is_none_or(|(b, _)| seq > *b) {
-                best = Some((seq, Loaded { cell: cell.to_vec(), slot }));
-            }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HMGET").arg(&state).arg(field(key, 0)).arg(field(key, 1));
         }
-        Ok(match best {
-            Some((_, l)) => Found::Cell(l),
-            None if found => Found::Uncommitted,
-            None => Found::Missing,
-        })
+        let answers: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = pipe.query_async(&mut c).await?;
+        Ok(keys.iter().zip(answers).map(|(key, slots)| pick(&state, key, slots, lineage, committed)).collect())
     }
+}
+
+/// Of a key's two slots, the newest cell that counts under `lineage`.
+fn pick(state: &str, key: &str, slots: (Option<Vec<u8>>, Option<Vec<u8>>), lineage: &[(i64, u64)], committed: u64) -> Result<Found, CheckpointError> {
+    let mut best: Option<(u64, Loaded)> = None;
+    let mut found = false;
+    for (slot, doc) in [(0u8, slots.0), (1u8, slots.1)] {
+        let Some(doc) = doc else { continue };
+        found = true;
+        let (st, cell) = unstamp(&doc).map_err(|e| CheckpointError::Corrupt(format!("{state} {key}"), e))?;
+        let seq = match st {
+            // A cell of an earlier version: older than any stamped one.
+            None => 0,
+            Some((e, s)) if valid(lineage, committed, e, s) => s,
+            Some(_) => continue,
+        };
+        if best.as_ref().is_none_or(|(b, _)| seq > *b) {
+            best = Some((seq, Loaded { cell: cell.to_vec(), slot }));
+        }
+    }
+    Ok(match best {
+        Some((_, l)) => Found::Cell(l),
+        None if found => Found::Uncommitted,
+        None => Found::Missing,
+    })
 }
 
 /// Runs command ARGV[2] on the state hash (KEYS[2]) with ARGV[3..] — staging

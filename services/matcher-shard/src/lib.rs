@@ -135,6 +135,9 @@ fn ckpt_records() -> u64 {
 fn passivate_ms() -> u64 {
     60_000
 }
+/// Passivated keys read from Redis per round trip when a release brings them back.
+const RESTORE_CHUNK: usize = 256;
+
 fn redis_timeout() -> u64 {
     checkpoint::DEFAULT_RESPONSE_TIMEOUT.as_millis() as u64
 }
@@ -955,6 +958,18 @@ impl Shard {
         let mut born: Vec<(Arc<str>, KeyCell)> = Vec::new();
         // The checkpoint in flight's snapshots not asked yet (no checkpoint starts during a release).
         let unasked = self.parts[&partition].unasked.clone();
+        // Passivated keys come back together, before any steps.
+        let passivated: Vec<(Arc<str>, Arc<SigRules>)> = {
+            let p = &self.parts[&partition];
+            order
+                .iter()
+                .filter(|k| p.keys.get(*k).is_some_and(|s| s.actor.is_none()))
+                .filter_map(|k| Some((k.clone(), self.book.signature(k.split('|').next().unwrap_or_default())?.clone())))
+                .collect()
+        };
+        if !passivated.is_empty() {
+            self.restore_passivated(partition, &passivated).await?;
+        }
         for key in order {
             let events = batches.remove(&key).unwrap_or_default();
             let sig = key.split('|').next().unwrap_or_default();
@@ -1109,13 +1124,44 @@ impl Shard {
         if let Some(a) = &slot.actor {
             return Ok(a.clone());
         }
-        let loaded = self.load_retrying(partition, key).await;
+        self.restore_passivated(partition, &[(key.clone(), rules.clone())]).await?;
+        let p = self.parts.get_mut(&partition).expect("held");
+        Ok(p.keys.get(key).and_then(|s| s.actor.clone()).expect("restored"))
+    }
+
+    /// Brings back the passivated keys among `keys` (state in Redis, no
+    /// actor): their cells read in one round trip per [`RESTORE_CHUNK`] keys,
+    /// their actors started together. A release that wakes many keys at
+    /// once (users coming back after a quiet minute) waited for one round
+    /// trip per key before.
+    async fn restore_passivated(&mut self, partition: i32, keys: &[(Arc<str>, Arc<cepheid_engine::cell::SigRules>)]) -> anyhow::Result<()> {
+        let p = &self.parts[&partition];
+        let wanted: Vec<&(Arc<str>, Arc<cepheid_engine::cell::SigRules>)> =
+            keys.iter().filter(|(k, _)| p.keys.get(k).is_some_and(|s| s.actor.is_none())).collect();
+        for chunk in wanted.chunks(RESTORE_CHUNK) {
+            let names: Vec<&str> = chunk.iter().map(|(k, _)| &**k).collect();
+            let found = self.load_retrying(partition, &names).await;
+            let mut cells = Vec::with_capacity(chunk.len());
+            for ((key, rules), loaded) in chunk.iter().zip(found) {
+                cells.push(self.cell_from(partition, key, rules, loaded));
+            }
+            let started = futures_util::future::join_all(cells.into_iter().map(|c| Actor::spawn(None, KeyActor, c))).await;
+            for ((key, _), a) in chunk.iter().zip(started) {
+                let (actor, _) = a.map_err(|e| anyhow::anyhow!("starting the actor of key {key}: {e}"))?;
+                self.register_actor(partition, key, actor);
+            }
+        }
+        Ok(())
+    }
+
+    /// A passivated key's cell from what Redis holds for it.
+    fn cell_from(&mut self, partition: i32, key: &Arc<str>, rules: &Arc<cepheid_engine::cell::SigRules>, loaded: checkpoint::Found) -> KeyCell {
         if let checkpoint::Found::Cell(l) = &loaded {
             if let Some(s) = self.parts.get_mut(&partition).and_then(|p| p.keys.get_mut(key)) {
                 s.slot = l.slot;
             }
         }
-        let cell = match loaded {
+        match loaded {
             checkpoint::Found::Cell(checkpoint::Loaded { cell: doc, .. }) => match cepheid_engine::cellcodec::decode(&doc) {
                 Ok(snap) => {
                     let (cell, dropped) = KeyCell::restore(snap, rules, &self.book);
@@ -1140,37 +1186,38 @@ impl Shard {
                 tracing::warn!("matcher-shard: partition {partition} key {key}: stored state missing; starting afresh");
                 KeyCell::new()
             }
-        };
-        self.spawn_actor(partition, key, cell).await
+        }
     }
 
-    /// A passivated key's state. While Redis is unreachable the partition
-    /// waits (back-pressure: nothing further is read), retrying with backoff.
-    async fn load_retrying(&mut self, partition: i32, key: &str) -> checkpoint::Found {
+    /// Passivated keys' states, in the order asked. While Redis is
+    /// unreachable the partition waits (back-pressure: nothing further is
+    /// read), retrying with backoff.
+    async fn load_retrying(&mut self, partition: i32, keys: &[&str]) -> Vec<checkpoint::Found> {
         let mut backoff = cepheid_state::Backoff::default();
         let (lineage, committed) = self.parts.get(&partition).map(|p| (p.lineage.clone(), p.seq)).unwrap_or_default();
         loop {
-            match self.ckpt.load(&self.cfg.keyed_topic, partition, key, &lineage, committed).await {
-                Ok(doc) => return doc,
-                Err(e @ checkpoint::CheckpointError::Corrupt(..)) => {
-                    tracing::warn!("matcher-shard: partition {partition} key {key}: {e}");
-                    return checkpoint::Found::Missing;
+            match self.ckpt.load_many(&self.cfg.keyed_topic, partition, keys, &lineage, committed).await {
+                Ok(found) => {
+                    return found
+                        .into_iter()
+                        .zip(keys)
+                        .map(|(f, key)| {
+                            f.unwrap_or_else(|e| {
+                                tracing::warn!("matcher-shard: partition {partition} key {key}: {e}");
+                                checkpoint::Found::Missing
+                            })
+                        })
+                        .collect();
                 }
                 Err(e) => {
                     self.report.redis_errors += 1;
                     self.publish();
                     let wait = backoff.next_wait();
-                    tracing::warn!("matcher-shard: partition {partition} key {key}: loading its state: {e}; retrying in {wait:?}");
+                    tracing::warn!("matcher-shard: partition {partition}: loading the state of {} keys: {e}; retrying in {wait:?}", keys.len());
                     tokio::time::sleep(wait).await;
                 }
             }
         }
-    }
-
-    async fn spawn_actor(&mut self, partition: i32, key: &Arc<str>, cell: KeyCell) -> anyhow::Result<ActorRef<KeyMsg>> {
-        let (actor, _) = Actor::spawn(None, KeyActor, cell).await.map_err(|e| anyhow::anyhow!("starting the actor of key {key}: {e}"))?;
-        self.register_actor(partition, key, actor.clone());
-        Ok(actor)
     }
 
     /// Records the running actor of a key (its slot made if new).

@@ -164,6 +164,38 @@ async fn a_slow_redis_delays_a_checkpoint_without_failing_it() {
     cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
 }
 
+/// Many passivated keys come back in one round trip: answered in the order
+/// asked, each key on its own (a missing key, an unreadable stamp, a cell
+/// staged but never committed do not fail the others).
+#[tokio::test]
+async fn many_keys_load_in_one_round_trip_each_on_its_own() {
+    let _shared = PAUSES.read().await;
+    let prefix = prefix("many");
+    let mut ck = Checkpoints::connect(REDIS, &prefix).await.unwrap();
+    let a = ck.acquire(TOPIC, 0).await.unwrap();
+    let lineage = vec![(a.epoch, 1)];
+    let (jobs, mut done) = ck.start_writer::<()>();
+    jobs.send(job(a.epoch, 1, &lineage, vec![write("a", 0, Some(b"A")), write("b", 1, Some(b"B"))], &[])).unwrap();
+    done.recv().await.unwrap().1.unwrap();
+    // Checkpoint 2 stages `c` and fails before its commit (a snapshot missing).
+    let mut states = vec![write("c", 0, Some(b"C"))];
+    states.extend((0..100).map(|i| write(&format!("f{i}"), 0, Some(b"F"))));
+    states.push(write("z", 0, None));
+    jobs.send(job(a.epoch, 2, &lineage, states, &[])).unwrap();
+    assert!(done.recv().await.unwrap().1.is_err());
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let state = format!("{prefix}:shard:{{{TOPIC}-0}}:state");
+    let _: () = redis::cmd("HSET").arg(&state).arg(checkpoint::field("bad", 0)).arg(b"\xC5\x01\x80").query_async(&mut c).await.unwrap();
+    let got = ck.load_many(TOPIC, 0, &["b", "nobody", "a", "c", "bad"], &lineage, 1).await.unwrap();
+    assert!(matches!(&got[0], Ok(Found::Cell(Loaded { cell, slot: 1 })) if cell == b"B"), "{:?}", got[0]);
+    assert!(matches!(&got[1], Ok(Found::Missing)), "{:?}", got[1]);
+    assert!(matches!(&got[2], Ok(Found::Cell(Loaded { cell, slot: 0 })) if cell == b"A"), "{:?}", got[2]);
+    assert!(matches!(&got[3], Ok(Found::Uncommitted)), "{:?}", got[3]);
+    assert!(matches!(&got[4], Err(CheckpointError::Corrupt(..))), "{:?}", got[4]);
+    cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
+}
+
 #[test]
 fn the_meta_names_its_checkpoint_and_lineage() {
     let m = Meta { seq: 7, lineage: vec![(3, 1), (5, 6)], ..Meta::default() };
