@@ -10,6 +10,9 @@ use redis::aio::ConnectionManager;
 
 use crate::NotifyError;
 
+/// How long a command of the Redis store may take to be answered.
+pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Memory or Redis.
 #[derive(Clone)]
 pub enum Store {
@@ -32,9 +35,15 @@ impl Store {
         Store::Memory(Arc::new(MemoryStore::default()))
     }
 
+    /// Commands not answered within [`RESPONSE_TIMEOUT`] fail. (Not the
+    /// `redis` crate's 500 ms: a Redis on cores kept busy by the shards and
+    /// the broker answered after more than a second, and a delivered-ids
+    /// lookup that fails counts as "not delivered", so every timeout was a
+    /// chance to deliver an alert twice. Redis down fails at once all the same.)
     pub async fn redis(url: &str, prefix: &str) -> Result<Store, NotifyError> {
         let client = redis::Client::open(url)?;
-        Ok(Store::Redis { con: client.get_connection_manager().await?, prefix: prefix.to_string() })
+        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+        Ok(Store::Redis { con: client.get_connection_manager_with_config(config).await?, prefix: prefix.to_string() })
     }
 
     /// Sets `key` for `ttl_ms`, held by `owner` (e.g. a match id), unless it

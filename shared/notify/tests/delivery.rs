@@ -240,6 +240,7 @@ async fn dedupe_by_match_id_and_by_window() {
 /// before, the retry found the window "taken" and the alert was dropped.
 #[tokio::test]
 async fn a_dedupe_window_stays_its_openers_on_a_retry() {
+    let _shared = PAUSES.read().await;
     let clock = ManualClock::new(T0);
     let prefix = format!("cepheid-test:notify-once:{}:{}", std::process::id(), T0);
     for store in [Store::memory(), Store::redis("redis://127.0.0.1:6379", &prefix).await.unwrap()] {
@@ -259,6 +260,32 @@ async fn a_dedupe_window_stays_its_openers_on_a_retry() {
     assert_eq!(n.submit(&record("w2", "u2", "p1"), "r", &windowed).await.unwrap(), Submitted::Deduplicated);
     n.idle().await;
     assert_eq!(m.lock().unwrap().got.len(), 1, "the repeat of w1 is dropped by its match id");
+}
+
+/// The test that pauses Redis runs alone (its pause would hold the other
+/// tests' Redis commands back past their timeouts).
+static PAUSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// A slow Redis (every client paused 1.2 s) delays the delivered-ids lookup;
+/// it does not fail it. Failed, it counts as "nothing delivered yet", and
+/// the alerts of the batch would go out again.
+#[tokio::test]
+async fn a_slow_redis_delays_the_delivered_lookup_without_failing_it() {
+    let _alone = PAUSES.write().await;
+    let clock = ManualClock::new(T0);
+    let prefix = format!("cepheid-test:notify-slow:{}:{}", std::process::id(), T0);
+    let store = Store::redis("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    store.set_all(&["delivered:bot:m1".to_string()], 60_000, &clock).await.unwrap();
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1_200).arg("ALL").query_async(&mut c).await.unwrap();
+    let started = std::time::Instant::now();
+    let seen = store.which_set(&["delivered:bot:m1".to_string(), "delivered:bot:m2".to_string()], &clock).await;
+    let took = started.elapsed();
+    // (The pause ends by itself: under `ALL` even `CLIENT UNPAUSE` waits for it.)
+    assert_eq!(seen.unwrap(), vec![true, false]);
+    assert!(took >= std::time::Duration::from_millis(1_000), "the pause held the lookup back ({took:?})");
+    cepheid_state::delete_prefix("redis://127.0.0.1:6379", &prefix).await.unwrap();
 }
 
 #[tokio::test]
@@ -312,6 +339,7 @@ async fn dead_letter_after_n_attempts_and_a_failing_target_does_not_delay_anothe
 
 #[tokio::test]
 async fn delay_survives_a_notifier_restart() {
+    let _shared = PAUSES.read().await;
     let clock = ManualClock::new(T0);
     let m = mock(&clock, None, &[]);
     let addr = serve(m.clone()).await;
@@ -337,6 +365,7 @@ async fn delay_survives_a_notifier_restart() {
 
 #[tokio::test]
 async fn enrichment_hit_miss_and_timeout() {
+    let _shared = PAUSES.read().await;
     let clock = ManualClock::new(T0);
     let m = mock(&clock, None, &[]);
     let addr = serve(m.clone()).await;
