@@ -164,11 +164,11 @@ async fn a_slow_redis_delays_a_checkpoint_without_failing_it() {
     cepheid_state::delete_prefix(REDIS, &prefix).await.unwrap();
 }
 
-/// Many passivated keys come back in one round trip: answered in the order
-/// asked, each key on its own (a missing key, an unreadable stamp, a cell
-/// staged but never committed do not fail the others).
+/// Many passivated keys are read together (one pipeline): answered in the
+/// order asked, each key on its own (a missing key, an unreadable stamp, a
+/// cell staged but never committed do not fail the others).
 #[tokio::test]
-async fn many_keys_load_in_one_round_trip_each_on_its_own() {
+async fn many_keys_load_together_each_on_its_own() {
     let _shared = PAUSES.read().await;
     let prefix = prefix("many");
     let mut ck = Checkpoints::connect(REDIS, &prefix).await.unwrap();
