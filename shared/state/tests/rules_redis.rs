@@ -20,12 +20,38 @@ async fn cleanup(prefix: &str) {
     cepheid_state::delete_prefix(URL, prefix).await.unwrap();
 }
 
+/// The test that pauses Redis's writers runs alone (its pause would hold the
+/// others' commands back past their connections' timeouts).
+static PAUSES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// A slow Redis (every client's writes paused 1.2 s) delays a rule change;
+/// it does not fail it (with the `redis` crate's 500 ms the change was
+/// reported as failed, and carried out once the pause ended).
+#[tokio::test]
+async fn a_slow_redis_delays_a_rule_change_without_failing_it() {
+    let _alone = PAUSES.write().await;
+    let p = prefix("slow");
+    let store = RedisRuleStore::connect(URL, &p).await.unwrap();
+    let client = redis::Client::open(URL).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1_200).arg("WRITE").query_async(&mut c).await.unwrap();
+    let started = std::time::Instant::now();
+    let applied = store.apply(&rule(1, "x = 1")).await;
+    let took = started.elapsed();
+    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query_async(&mut c).await.unwrap();
+    applied.unwrap();
+    assert!(took >= Duration::from_millis(1_000), "the pause held the change back ({took:?})");
+    assert_eq!(store.get("r1").await.unwrap().map(|r| r.version), Some(1));
+    cleanup(&p).await;
+}
+
 fn rule(version: u64, cond: &str) -> cepheid_rules::RuleSpec {
     parse_rule_json(&format!(r#"{{"id":"r1","version":{version},"pattern":[{{"name":"a","where":"{cond}"}}]}}"#)).unwrap()
 }
 
 #[tokio::test]
 async fn versions_history_disable_delete() {
+    let _shared = PAUSES.read().await;
     let p = prefix("crud");
     let store = RedisRuleStore::connect(URL, &p).await.unwrap();
     store.apply(&rule(1, "x = 1")).await.unwrap();
@@ -60,6 +86,7 @@ async fn versions_history_disable_delete() {
 
 #[tokio::test]
 async fn changes_are_published() {
+    let _shared = PAUSES.read().await;
     let p = prefix("feed");
     let store = RedisRuleStore::connect(URL, &p).await.unwrap();
     let mut feed = Box::pin(store.subscribe().await.unwrap());
