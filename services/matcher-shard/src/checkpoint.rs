@@ -323,9 +323,8 @@ impl Checkpoints {
     /// saturated shard failed, none committed, and each next one wrote more.
     pub async fn connect_with(url: &str, prefix: &str, response_timeout: Duration) -> Result<Checkpoints, CheckpointError> {
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(response_timeout));
-        let writer = client.get_connection_manager_with_config(config.clone()).await?;
-        let reader = client.get_connection_manager_with_config(config).await?;
+        let writer = cepheid_state::connection_manager(&client, response_timeout).await?;
+        let reader = cepheid_state::connection_manager(&client, response_timeout).await?;
         Ok(Checkpoints { prefix: prefix.to_string(), writer, reader })
     }
 

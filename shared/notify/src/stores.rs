@@ -10,9 +10,6 @@ use redis::aio::ConnectionManager;
 
 use crate::NotifyError;
 
-/// How long a command of the Redis store may take to be answered.
-pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Memory or Redis.
 #[derive(Clone)]
 pub enum Store {
@@ -35,15 +32,13 @@ impl Store {
         Store::Memory(Arc::new(MemoryStore::default()))
     }
 
-    /// Commands not answered within [`RESPONSE_TIMEOUT`] fail. (Not the
-    /// `redis` crate's 500 ms: a Redis on cores kept busy by the shards and
-    /// the broker answered after more than a second, and a delivered-ids
-    /// lookup that fails counts as "not delivered", so every timeout was a
-    /// chance to deliver an alert twice. Redis down fails at once all the same.)
+    /// Commands not answered within [`cepheid_state::RESPONSE_TIMEOUT`] fail
+    /// (with the `redis` crate's 500 ms, a delivered-ids lookup that timed out
+    /// on a busy Redis counted as "not delivered": an alert twice). Redis down
+    /// fails at once all the same.
     pub async fn redis(url: &str, prefix: &str) -> Result<Store, NotifyError> {
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
-        Ok(Store::Redis { con: client.get_connection_manager_with_config(config).await?, prefix: prefix.to_string() })
+        Ok(Store::Redis { con: cepheid_state::connection_manager(&client, cepheid_state::RESPONSE_TIMEOUT).await?, prefix: prefix.to_string() })
     }
 
     /// Sets `key` for `ttl_ms`, held by `owner` (e.g. a match id), unless it

@@ -7,6 +7,21 @@
 
 pub mod rules;
 
+/// How long a Redis command of a service may take to be answered before it
+/// counts as failed, unless the service configures its own. Not the `redis`
+/// crate's 500 ms: a Redis sharing busy cores with shards and a broker
+/// answered after more than a second, and a command that times out may still
+/// have been carried out (a rule change reported failed, a delivered-ids
+/// lookup taken as "not delivered", a checkpoint written again whole).
+pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A connection that reconnects by itself after Redis restarts or the
+/// network drops, its commands failing when not answered within `timeout`.
+pub async fn connection_manager(client: &redis::Client, timeout: std::time::Duration) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+    let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(timeout));
+    client.get_connection_manager_with_config(config).await
+}
+
 /// Errors of the state layer, classified by what the caller should do.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

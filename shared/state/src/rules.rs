@@ -86,17 +86,13 @@ redis.call('PUBLISH', ARGV[2], cjson.encode({seq = seq, op = 'delete', id = ARGV
 return {1, seq}
 "#;
 
-/// How long a command of the rule store may take to be answered.
-pub const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl RedisRuleStore {
-    /// Connects; a command not answered within [`RESPONSE_TIMEOUT`] fails
-    /// (not the `redis` crate's 500 ms, which a Redis on busy cores exceeds:
-    /// `cepheid rules apply` would report a change as failed that is carried out).
+    /// Connects; a command not answered within [`crate::RESPONSE_TIMEOUT`]
+    /// fails (with the `redis` crate's 500 ms, `cepheid rules apply` against a
+    /// busy Redis reported changes as failed that were carried out).
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisRuleStore, StateError> {
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let con = client.get_connection_manager_with_config(config).await?;
+        let con = crate::connection_manager(&client, crate::RESPONSE_TIMEOUT).await?;
         Ok(RedisRuleStore { client, con, prefix: prefix.to_string() })
     }
 
