@@ -39,6 +39,33 @@ fn job(epoch: i64, seq: u64, lineage: &[(i64, u64)], states: Vec<KeyWrite>, dele
     }
 }
 
+/// A shard that took partition 0 under `prefix`: its store, epoch, lineage
+/// (its epoch owning checkpoint 1 on) and checkpoint writer.
+struct Owner {
+    ck: Checkpoints,
+    epoch: i64,
+    lineage: Vec<(i64, u64)>,
+    jobs: tokio::sync::mpsc::UnboundedSender<Job<()>>,
+    done: tokio::sync::mpsc::UnboundedReceiver<checkpoint::Done<()>>,
+}
+
+async fn owner(prefix: &str) -> Owner {
+    let mut ck = Checkpoints::connect(REDIS, prefix).await.unwrap();
+    let a = ck.acquire(TOPIC, 0).await.unwrap();
+    assert!(a.meta.is_none() && a.keys.is_empty(), "a fresh prefix");
+    let (jobs, done) = ck.start_writer::<()>();
+    Owner { ck, epoch: a.epoch, lineage: vec![(a.epoch, 1)], jobs, done }
+}
+
+/// A checkpoint's writes that fail half-way: `first` and enough more keys
+/// for a staging command to be sent are staged, then a snapshot is missing.
+fn cut_short(first: KeyWrite) -> Vec<KeyWrite> {
+    let mut states = vec![first];
+    states.extend((0..100).map(|i| write(&format!("f{i}"), 0, Some(b"F"))));
+    states.push(write("z", 0, None));
+    states
+}
+
 async fn load(c: &Checkpoints, key: &str, lineage: &[(i64, u64)], committed: u64) -> Option<(Vec<u8>, u8)> {
     match c.load(TOPIC, 0, key, lineage, committed).await.unwrap() {
         Found::Cell(Loaded { cell, slot }) => Some((cell, slot)),
@@ -50,24 +77,15 @@ async fn load(c: &Checkpoints, key: &str, lineage: &[(i64, u64)], committed: u64
 async fn staged_cells_count_only_once_committed_by_the_owner() {
     let _shared = PAUSES.read().await;
     let prefix = prefix("staged");
-    let mut owner = Checkpoints::connect(REDIS, &prefix).await.unwrap();
-    let a = owner.acquire(TOPIC, 0).await.unwrap();
-    assert!(a.meta.is_none() && a.keys.is_empty());
-    let e1 = a.epoch;
-    let l1 = vec![(e1, 1)];
-    let (jobs, mut done) = owner.start_writer::<()>();
+    let Owner { ck: owner, epoch: e1, lineage: l1, jobs, mut done } = owner(&prefix).await;
 
     // Checkpoint 1: `k` in slot 0.
     jobs.send(job(e1, 1, &l1, vec![write("k", 0, Some(b"A"))], &[])).unwrap();
     done.recv().await.unwrap().1.unwrap();
     assert_eq!(load(&owner, "k", &l1, 1).await, Some((b"A".to_vec(), 0)));
 
-    // Checkpoint 2 fails half-way: `k` and more keys (enough for a staging
-    // command to be sent) are staged in slot 1, then a snapshot is missing.
-    let mut states = vec![write("k", 1, Some(b"B"))];
-    states.extend((0..100).map(|i| write(&format!("f{i}"), 0, Some(b"F"))));
-    states.push(write("z", 0, None));
-    jobs.send(job(e1, 2, &l1, states, &[])).unwrap();
+    // Checkpoint 2 fails half-way, `k` staged in slot 1.
+    jobs.send(job(e1, 2, &l1, cut_short(write("k", 1, Some(b"B"))), &[])).unwrap();
     assert!(matches!(done.recv().await.unwrap().1, Err(CheckpointError::Incomplete(_))));
     // What was staged does not count: the key restores from checkpoint 1.
     assert_eq!(load(&owner, "k", &l1, 1).await, Some((b"A".to_vec(), 0)));
@@ -146,15 +164,12 @@ async fn cells_of_earlier_versions_without_a_stamp_are_read() {
 async fn a_slow_redis_delays_a_checkpoint_without_failing_it() {
     let _alone = PAUSES.write().await;
     let prefix = prefix("slow");
-    let mut ck = Checkpoints::connect(REDIS, &prefix).await.unwrap();
-    let a = ck.acquire(TOPIC, 0).await.unwrap();
-    let lineage = vec![(a.epoch, 1)];
-    let (jobs, mut done) = ck.start_writer::<()>();
+    let Owner { ck, epoch, lineage, jobs, mut done } = owner(&prefix).await;
     let client = redis::Client::open(REDIS).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1_200).arg("WRITE").query_async(&mut c).await.unwrap();
     let started = std::time::Instant::now();
-    jobs.send(job(a.epoch, 1, &lineage, vec![write("k", 0, Some(b"A"))], &[])).unwrap();
+    jobs.send(job(epoch, 1, &lineage, vec![write("k", 0, Some(b"A"))], &[])).unwrap();
     let result = done.recv().await.unwrap().1;
     let took = started.elapsed();
     let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query_async(&mut c).await.unwrap();
@@ -171,17 +186,11 @@ async fn a_slow_redis_delays_a_checkpoint_without_failing_it() {
 async fn many_keys_load_together_each_on_its_own() {
     let _shared = PAUSES.read().await;
     let prefix = prefix("many");
-    let mut ck = Checkpoints::connect(REDIS, &prefix).await.unwrap();
-    let a = ck.acquire(TOPIC, 0).await.unwrap();
-    let lineage = vec![(a.epoch, 1)];
-    let (jobs, mut done) = ck.start_writer::<()>();
-    jobs.send(job(a.epoch, 1, &lineage, vec![write("a", 0, Some(b"A")), write("b", 1, Some(b"B"))], &[])).unwrap();
+    let Owner { ck, epoch, lineage, jobs, mut done } = owner(&prefix).await;
+    jobs.send(job(epoch, 1, &lineage, vec![write("a", 0, Some(b"A")), write("b", 1, Some(b"B"))], &[])).unwrap();
     done.recv().await.unwrap().1.unwrap();
-    // Checkpoint 2 stages `c` and fails before its commit (a snapshot missing).
-    let mut states = vec![write("c", 0, Some(b"C"))];
-    states.extend((0..100).map(|i| write(&format!("f{i}"), 0, Some(b"F"))));
-    states.push(write("z", 0, None));
-    jobs.send(job(a.epoch, 2, &lineage, states, &[])).unwrap();
+    // Checkpoint 2 stages `c` and fails before its commit.
+    jobs.send(job(epoch, 2, &lineage, cut_short(write("c", 0, Some(b"C"))), &[])).unwrap();
     assert!(done.recv().await.unwrap().1.is_err());
     let client = redis::Client::open(REDIS).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
