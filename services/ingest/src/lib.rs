@@ -356,7 +356,7 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
         let time = v.get(&schema.time_field).and_then(Value::as_i64).unwrap_or_default();
         newest = Some(newest.map_or(time, |n| n.max(time)));
         f.frontier = newest;
-        f.writer.push(&Entry { key: key.as_deref().unwrap_or_default().as_bytes(), time, source: &source, trace: traceparent.as_deref(), payload: text.as_bytes() });
+        f.writer.push(&Entry { key: key.as_deref().unwrap_or_default().as_bytes(), time, source: &source, trace: traceparent.as_deref(), payload: text.as_bytes(), origin: None });
         f.lines.push(*line);
         f.traces.extend(trace);
         if f.writer.bytes() >= FRAME_BYTES {

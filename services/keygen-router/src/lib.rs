@@ -10,7 +10,10 @@
 //!
 //! The events bound for one keyed partition travel together in one record, a
 //! frame ([`cepheid_bus::frame`]: per event its key `signature|key`, event
-//! time, source, traceparent and the event as received), sent when the events
+//! time, source, traceparent, the event as received and where it was read —
+//! events partition, offset, index in the record — so that a shard takes an
+//! event once when a router that took over an events partition before its
+//! predecessor's commit routes it again), sent when the events
 //! topic has nothing more at the moment, when full, or `frame_linger_ms` after
 //! its first event: a broker's cost is mostly per record. A frame carries the
 //! router's watermark per source as of sending it (`cepheid-watermarks`, a
@@ -537,9 +540,9 @@ pub async fn run(
                 let mut ctx = RouteCtx { router: &mut router, out: &mut out, report: &mut report, bus: &bus, cfg: &cfg, telemetry: &telemetry, partitions, router_id: &router_id, key: String::new() };
                 if m.header(FRAME_HEADER).is_some() {
                     // Ingest's frame: the events of one post bound for this partition.
-                    for e in frame::entries(&m.payload) {
+                    for (index, e) in frame::entries(&m.payload).enumerate() {
                         match e {
-                            Ok(e) => ctx.route(&input, e.source, e.trace.map(str::as_bytes), e.payload).await?,
+                            Ok(e) => ctx.route(&input, index as u32, e.source, e.trace.map(str::as_bytes), e.payload).await?,
                             Err(e) => {
                                 ctx.report.rejected += 1;
                                 tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "router: unreadable frame: {e}; the rest of the record is dropped");
@@ -558,7 +561,7 @@ pub async fn run(
                     }
                 } else {
                     let source = m.header("cepheid-source").map(String::from_utf8_lossy).unwrap_or(std::borrow::Cow::Borrowed("default"));
-                    ctx.route(&input, &source, m.header(TRACEPARENT), &m.payload).await?;
+                    ctx.route(&input, 0, &source, m.header(TRACEPARENT), &m.payload).await?;
                 }
                 out.done(&m.topic, m.partition, m.offset + 1);
                 // Waited long enough (a steady stream never pauses for the idle branch below).
@@ -612,9 +615,11 @@ struct RouteCtx<'a> {
 }
 
 impl RouteCtx<'_> {
-    /// Routes one event: into the frames of its keys' partitions, or to the
-    /// dead-letter topic when late; an event that cannot be decoded is counted and logged.
-    async fn route(&mut self, input: &Input<'_>, source: &str, traceparent_in: Option<&[u8]>, payload: &[u8]) -> anyhow::Result<()> {
+    /// Routes one event, the `index`th of its record: into the frames of its
+    /// keys' partitions (each entry carrying where it was read, so that a
+    /// shard takes it once should it be routed again), or to the dead-letter
+    /// topic when late; an event that cannot be decoded is counted and logged.
+    async fn route(&mut self, input: &Input<'_>, index: u32, source: &str, traceparent_in: Option<&[u8]>, payload: &[u8]) -> anyhow::Result<()> {
         self.report.events += 1;
         let trace = self.telemetry.continue_trace("router.route", Kind::Consumer, traceparent_in);
         let traceparent = trace.as_ref().map(Traced::traceparent);
@@ -643,7 +648,8 @@ impl RouteCtx<'_> {
                     self.key.push_str(&r.signature);
                     self.key.push('|');
                     self.key.push_str(&r.key);
-                    let e = Entry { key: self.key.as_bytes(), time, source, trace: traceparent.as_deref(), payload };
+                    let origin = Some(frame::Origin { partition: input.partition, offset: input.offset, index });
+                    let e = Entry { key: self.key.as_bytes(), time, source, trace: traceparent.as_deref(), payload, origin };
                     full |= self.out.frame(self.partitions, &e, self.cfg);
                     self.report.routed += 1;
                 }
@@ -879,7 +885,7 @@ mod tests {
         let cfg = RouterConfig::default();
         let mut out = Outbox::new(3);
         let every = Duration::from_millis(200);
-        let event = Entry { key: b"userId|7", time: 10_000, source: "clickstream", trace: None, payload: b"{}" };
+        let event = Entry { key: b"userId|7", time: 10_000, source: "clickstream", trace: None, payload: b"{}", origin: None };
         let framed = partition_for(event.key, 3);
         let others: Vec<i32> = (0..3).filter(|p| *p != framed).collect();
 

@@ -168,6 +168,9 @@ async fn take(keyed: &mut cepheid_bus::Consumer, wp: &mut std::collections::BTre
             let key = String::from_utf8(e.key.to_vec()).unwrap();
             assert_eq!(partition_for(e.key, 3), m.partition, "{key} framed for the wrong partition");
             assert_eq!(e.source, "clickstream");
+            // Where the router read it: plain records of events partition 0, one event each.
+            let origin = e.origin.expect("the router's entries carry their origin");
+            assert_eq!((origin.partition, origin.index), (0, 0), "{origin:?}");
             out.push((key, m.partition));
         }
     }
@@ -249,16 +252,21 @@ async fn a_moved_watermark_reaches_every_keyed_partition_at_once() {
         }
         tokio::task::yield_now().await;
     };
-    // A post as ingest writes it: one event of user 7 at 10 s on this
+    // A post as ingest writes it: two events of user 7 at 10 s on this
     // partition, the post's newest event (30 s) on another.
     let mut w = frame::FrameWriter::default();
     let payload = br#"{"eventTime":10000,"userId":7}"#;
-    w.push(&frame::Entry { key: b"7", time: 10_000, source: "clickstream", trace: None, payload });
+    w.push(&frame::Entry { key: b"7", time: 10_000, source: "clickstream", trace: None, payload, origin: None });
+    w.push(&frame::Entry { key: b"7", time: 10_000, source: "clickstream", trace: None, payload, origin: None });
     let frontier = br#"{"clickstream":30000}"#;
     bus.send(&cfg.events_topic, Some(0), None, &w.take(), &[(FRAME_HEADER, frame::FRAME_VERSION), (frame::FRONTIER_HEADER, frontier)]).await.unwrap();
     let mut told: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    let mut origins = Vec::new();
     while told.len() < 3 {
         let m = tokio::time::timeout(Duration::from_secs(20), keyed.recv()).await.expect("every keyed partition hears of the watermark").unwrap();
+        if m.header(FRAME_HEADER).is_some() {
+            origins.extend(frame::entries(&m.payload).map(|e| e.unwrap().origin.map(|o| (o.partition, o.offset, o.index))));
+        }
         let w: i64 = match (m.header("cepheid-watermarks"), m.header("cepheid-watermark")) {
             (Some(marks), _) => serde_json::from_slice::<std::collections::BTreeMap<String, i64>>(marks).unwrap()["clickstream"],
             (None, Some(w)) => String::from_utf8_lossy(w).parse().unwrap(),
@@ -267,6 +275,7 @@ async fn a_moved_watermark_reaches_every_keyed_partition_at_once() {
         told.insert(m.partition, w);
     }
     assert_eq!(told.values().copied().collect::<Vec<_>>(), vec![28_000; 3], "the post's frontier less the 2 s bound, on every partition: {told:?}");
+    assert_eq!(origins, vec![Some((0, 0, 0)), Some((0, 0, 1))], "each event of the post with its place in the events topic's record");
     stop.send(()).unwrap();
     let report = handle.await.unwrap().unwrap();
     assert_eq!(report.watermarks_sent, 2, "the two partitions without a frame, each told once: {report:?}");

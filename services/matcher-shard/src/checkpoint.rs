@@ -6,7 +6,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `{p}:shard:{T-n}:epoch` | string | ownership counter, raised by every shard that takes the partition |
-//! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: offsets (where to read again from, what was read), watermarks, the checkpoint's number and its [`Meta::lineage`]; not the reorder buffer, whose records are read again |
+//! | `{p}:shard:{T-n}:meta` | string | JSON [`Meta`]: offsets (where to read again from, what was read), watermarks, the checkpoint's number and its [`Meta::lineage`], the events-topic positions taken ([`Meta::origins`]); not the reorder buffer, whose records are read again |
 //! | `{p}:shard:{T-n}:state` | hash | two slots per key, `signature|key` and `signature|key` + `"\0" "1"`: a [stamp](stamp) then the key's cell in binary form ([`cepheid_engine::cellcodec`]) |
 //! | `{p}:shard:{T-n}:timers` | sorted set | `signature|key` by its earliest deadline |
 //! | `{p}:shard:{T-n}:staging` | string | present from a checkpoint's first staged cells until its commit |
@@ -83,6 +83,12 @@ pub struct Meta {
     /// ascending; each owner's numbers run up to the next entry's first.
     #[serde(default)]
     pub lineage: Vec<(i64, u64)>,
+    /// Per events partition, the latest origin (record offset, index in it)
+    /// of the router frames' entries read up to `read`: an entry at or before
+    /// it was sent again by a router that took over the events partition
+    /// before its predecessor's offsets were committed, and is dropped.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub origins: std::collections::BTreeMap<i32, (i64, u32)>,
 }
 
 /// Does a cell stamped `(epoch, seq)` belong to the checkpoint whose meta has

@@ -198,6 +198,10 @@ pub struct Report {
     /// Events read again after a restore because the checkpoint left them
     /// waiting for the watermark (they are held again).
     pub replayed: u64,
+    /// Events a router sent again (their events-topic position was read
+    /// before: a router took over an events partition whose offsets its
+    /// predecessor had not committed), dropped.
+    pub duplicates: u64,
     pub seeks: u64,
     /// Partitions whose log ended before their checkpoint's read position when
     /// taken (the topic recreated): read from its start as new records.
@@ -240,6 +244,7 @@ impl Report {
             ("cepheid_shard_log_resets_total", "counter", "Partitions taken whose log ended before their checkpoint's read position (topic recreated): read from its start as new records.", self.log_resets),
             ("cepheid_shard_replayed_skipped_total", "counter", "Records (and events of records) read again that the checkpoint already held.", self.replayed_skipped),
             ("cepheid_shard_replayed_total", "counter", "Events read again after a restore that the checkpoint left waiting for the watermark.", self.replayed),
+            ("cepheid_shard_duplicates_total", "counter", "Events a router sent again (an events-topic position already read: a router took over an events partition before its predecessor committed), dropped.", self.duplicates),
             ("cepheid_shard_restored_keys_total", "counter", "Key states loaded from Redis.", self.restored_keys),
             ("cepheid_shard_passivated_total", "counter", "Key actors stopped after idling.", self.passivated),
             ("cepheid_shard_partitions", "gauge", "Partitions held.", self.partitions),
@@ -345,6 +350,18 @@ struct Partition {
     next_seq: u64,
     /// Which epoch wrote which checkpoint numbers ([`Meta::lineage`]), this one's included.
     lineage: Vec<(i64, u64)>,
+    /// Per events partition, the latest origin of the frame entries read
+    /// ([`Meta::origins`]): an entry at or before it is a router's repeat.
+    origins: FxHashMap<i32, (i64, u32)>,
+    /// The same for the records read again after the last restore (before
+    /// `replay_to`), built up as they are read again: `origins` is as of
+    /// `replay_to` and would take every one of them for a repeat. (A repeat
+    /// whose first copy came before the re-read records is not held again
+    /// anyway: it has the time of an event released before the checkpoint.)
+    replay_origins: FxHashMap<i32, (i64, u32)>,
+    /// Repeats dropped in a row, from records at these offsets (logged when
+    /// the run ends).
+    repeats: Option<(u64, i64, i64)>,
     since_checkpoint: u64,
     /// Keys in the last checkpoint (to size the next one's lists).
     dirty_hint: usize,
@@ -454,6 +471,7 @@ impl Partition {
             pending: carried,
             seq,
             lineage: self.lineage.clone(),
+            origins: self.origins.iter().map(|(p, o)| (*p, *o)).collect(),
         }
     }
 
@@ -636,6 +654,9 @@ impl Shard {
                 l.push((a.epoch, meta.seq + 1));
                 l
             },
+            origins: meta.origins.into_iter().collect(),
+            replay_origins: FxHashMap::default(),
+            repeats: None,
             since_checkpoint: 0,
             dirty_hint: 0,
             next_checkpoint: self.next_slot(partition),
@@ -739,6 +760,9 @@ impl Shard {
         let replay = m.offset < p.replay_to;
         if !replay {
             self.report.records += 1;
+            if !p.replay_origins.is_empty() {
+                p.replay_origins = FxHashMap::default();
+            }
         }
         let partition = m.partition;
         let offset = m.offset;
@@ -746,10 +770,28 @@ impl Shard {
             // Many events in one record; the router's watermarks apply after all of them.
             let mut entries = frame::entries(&m.payload);
             let mut i = 0;
+            // The latest origin per events partition of this record's entries: they are
+            // judged against the records before it (an event routed to several key
+            // signatures has one origin for all of them, in one frame).
+            let mut latest: Vec<(i32, (i64, u32))> = Vec::new();
+            let mut repeats = 0;
             while let Some(e) = entries.next() {
                 let origin = || format!("{}/{}/{}#{i}", m.topic, m.partition, m.offset);
                 match e {
                     Ok(e) => {
+                        if let Some(o) = e.origin {
+                            let p = &self.parts[&partition];
+                            let taken = if replay { &p.replay_origins } else { &p.origins };
+                            if taken.get(&o.partition).is_some_and(|t| o.position() <= *t) {
+                                repeats += 1;
+                                i += 1;
+                                continue;
+                            }
+                            match latest.iter_mut().find(|(q, _)| *q == o.partition) {
+                                Some((_, l)) => *l = (*l).max(o.position()),
+                                None => latest.push((o.partition, o.position())),
+                            }
+                        }
                         let source = self.source(e.source.as_bytes());
                         self.hold(partition, (offset, replay), Some(e.key), Some(e.time), source, e.payload, e.trace.map(str::as_bytes), origin).await?;
                     }
@@ -764,6 +806,7 @@ impl Shard {
                 }
                 i += 1;
             }
+            self.taken(partition, m.offset, replay, latest, repeats);
             let marks = m.header("cepheid-watermarks").and_then(|h| {
                 let w = serde_json::from_slice::<std::collections::BTreeMap<String, i64>>(h);
                 if w.is_err() {
@@ -808,6 +851,39 @@ impl Shard {
             self.release_if_due(partition, m.key.is_none()).await?;
         }
         self.maybe_checkpoint(partition).await
+    }
+
+    /// Notes a frame's latest origins as taken, and its `repeats` (entries at or
+    /// before what was taken, dropped); a run of records with repeats is
+    /// logged once it ends.
+    fn taken(&mut self, partition: i32, offset: i64, replay: bool, latest: Vec<(i32, (i64, u32))>, repeats: u64) {
+        let p = self.parts.get_mut(&partition).expect("acquired");
+        let taken = if replay { &mut p.replay_origins } else { &mut p.origins };
+        for (q, pos) in latest {
+            let t = taken.entry(q).or_insert(pos);
+            *t = (*t).max(pos);
+        }
+        if replay {
+            // Dropped the first time too.
+            self.report.replayed_skipped += repeats;
+            return;
+        }
+        self.report.duplicates += repeats;
+        match (&mut p.repeats, repeats) {
+            (Some((n, _, last)), r) if r > 0 => {
+                *n += r;
+                *last = offset;
+            }
+            (None, r) if r > 0 => p.repeats = Some((r, offset, offset)),
+            (Some((n, first, last)), _) => {
+                tracing::info!(
+                    "matcher-shard: {}/{partition}: dropped {n} events a router sent again (records {first}..={last}; their events-topic positions were read before)",
+                    p.topic
+                );
+                p.repeats = None;
+            }
+            (None, _) => {}
+        }
     }
 
     /// The shared name of a source (one allocation per source, not per event).

@@ -136,10 +136,12 @@ struct Cluster {
     /// Where each service serves /healthz, /readyz and /metrics.
     probes: Vec<(String, String)>,
     services: Vec<Svc>,
+    router: Option<Svc>,
     shards: Vec<Svc>,
     /// Why shards stopped on an error (one line each).
     shard_errors: Arc<std::sync::Mutex<Vec<String>>>,
 
+    events_topic: String,
     keyed_topic: String,
     matches_topic: String,
     dead_topic: String,
@@ -214,32 +216,7 @@ impl Cluster {
             .await
             .unwrap();
         }));
-        // keygen-router
-        let rcfg = cepheid_keygen_router::RouterConfig {
-            events_topic: events_topic.clone(),
-            keyed_topic: keyed_topic.clone(),
-            keyed_partitions: 4,
-            group: format!("router-{tag}"),
-            router_id: Some("r1".into()),
-            watermark_interval_ms: 20,
-            listen: "127.0.0.1:0".into(),
-            dead_letter_topic: dead_topic.clone(),
-            idle_partition_ms: 5_000,
-            // Small frames: many of them, also sent in the middle of an ingest frame.
-            frame_max_events: 7,
-            ..Default::default()
-        };
-        let (b, s, t) = (bus.clone(), store.clone(), telemetry("cepheid-keygen-router"));
-        let mut probes = vec![("ingest".to_string(), ingest_url.clone())];
-        let rl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        probes.push(("keygen-router".into(), format!("http://{}", rl.local_addr().unwrap())));
-        services.push(spawn(move |stop| async move {
-            cepheid_keygen_router::run(rcfg, engine(), b, s, t, Some(rl), async move {
-                let _ = stop.await;
-            })
-            .await
-            .unwrap();
-        }));
+        let probes = vec![("ingest".to_string(), ingest_url.clone())];
         // notifier
         let mut ncfg = NotifierConfig::default();
         ncfg.targets.insert("alerts".into(), TargetConfig::File { path: alerts.clone() });
@@ -251,6 +228,7 @@ impl Cluster {
             ..Default::default()
         };
         let nstore = cepheid_notify::stores::Store::redis(redis, &prefix).await.unwrap();
+        let mut probes = probes;
         let deps = cepheid_notifier::Deps {
             bus: bus.clone(),
             rules: store.clone(),
@@ -283,17 +261,54 @@ impl Cluster {
             ingest_url,
             probes,
             services,
+            router: None,
             shards: Vec::new(),
             shard_errors: Arc::default(),
 
+            events_topic,
             keyed_topic,
             matches_topic,
             dead_topic,
         };
+        c.start_router().await;
         for _ in 0..opts.shards {
             c.add_shard().await;
         }
         c
+    }
+
+    /// Starts the keygen-router (`r1`; a successor has the same id, as a
+    /// restarted container has the same host name and pid).
+    async fn start_router(&mut self) {
+        let rcfg = cepheid_keygen_router::RouterConfig {
+            events_topic: self.events_topic.clone(),
+            keyed_topic: self.keyed_topic.clone(),
+            keyed_partitions: 4,
+            group: self.router_group(),
+            router_id: Some("r1".into()),
+            watermark_interval_ms: 20,
+            listen: "127.0.0.1:0".into(),
+            dead_letter_topic: self.dead_topic.clone(),
+            idle_partition_ms: 5_000,
+            // Small frames: many of them, also sent in the middle of an ingest frame.
+            frame_max_events: 7,
+            ..Default::default()
+        };
+        let (b, s, t) = (self.bus.clone(), self.store.clone(), telemetry(&self.otlp, "cepheid-keygen-router"));
+        let rl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.probes.retain(|(name, _)| name != "keygen-router");
+        self.probes.push(("keygen-router".into(), format!("http://{}", rl.local_addr().unwrap())));
+        self.router = Some(spawn(move |stop| async move {
+            cepheid_keygen_router::run(rcfg, engine(), b, s, t, Some(rl), async move {
+                let _ = stop.await;
+            })
+            .await
+            .unwrap();
+        }));
+    }
+
+    fn router_group(&self) -> String {
+        format!("router-{}", self.tag)
     }
 
     fn shard_config(&self) -> ShardConfig {
@@ -429,8 +444,33 @@ impl Cluster {
         by_key
     }
 
+    /// A counter summed over the shards' /metrics.
+    async fn shards_counter(&self, name: &str) -> f64 {
+        let mut sum = 0.0;
+        for (_, url) in self.probes.iter().filter(|(n, _)| n.starts_with("matcher-shard")) {
+            sum += counter(url, name).await;
+        }
+        sum
+    }
+
+    /// The reasons of every record in the dead-letter topic so far.
+    async fn dead_letter_reasons(&self) -> Vec<String> {
+        let mut c = self.bus.subscribe(&format!("dead-reader-{}", self.tag), &[self.dead_topic.as_str()]).unwrap();
+        let (low, high) = c.bounds(&self.dead_topic, 0).await.unwrap();
+        let mut reasons = Vec::new();
+        for _ in low..high {
+            let m = tokio::time::timeout(Duration::from_secs(60), c.recv()).await.expect("the dead-letter topic read").unwrap();
+            reasons.push(String::from_utf8_lossy(m.header("cepheid-reason").unwrap_or_default()).into_owned());
+        }
+        reasons
+    }
+
     /// Stops everything (shards cleanly) and returns the delivered alerts, comparable and sorted.
     async fn finish(mut self) -> Vec<String> {
+        // Ingest and the router first, so that everything they took reaches the shards.
+        if let Some(r) = self.router.take() {
+            self.services.insert(1, r);
+        }
         for s in self.services.drain(..) {
             s.stop().await;
         }
@@ -538,6 +578,45 @@ async fn shard_killed_and_restarted_loses_and_repeats_nothing() {
     c.add_shard().await;
     c.post(&lines[half + 2000..]).await;
     c.until_delivered(want.len()).await;
+    let got = c.finish().await;
+    assert_same(&got, &want);
+}
+
+/// The keygen-router killed mid-stream, and its successor reading the events
+/// topic again from further back than what the killed one had sent (as after
+/// a crash between its frames' acknowledgement and the commit of their
+/// events; here the group's offset is set back to the topic's start by hand,
+/// the one way to have that crash at a known point): the shards take each
+/// event once, nothing is dead-lettered as late, and the alerts are those
+/// of `cepheid run`, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_killed_and_reading_again_repeats_nothing() {
+    let lines = input();
+    let want = embedded_alerts(&lines);
+    let mut c = Cluster::start(Bus::memory(), "router-kill", 2).await;
+    let half = lines.len() / 2;
+    c.post(&lines[..half]).await;
+    c.until_delivered(want.len() / 4).await;
+    c.router.take().unwrap().kill().await;
+    {
+        let rewind = c.bus.subscribe(&c.router_group(), &[c.events_topic.as_str()]).unwrap();
+        rewind.commit(&c.events_topic, 0, 0).unwrap();
+    }
+    c.start_router().await;
+    c.post(&lines[half..]).await;
+    c.until_delivered(want.len()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let dropped = c.shards_counter("cepheid_shard_duplicates_total").await;
+        if dropped > 0.0 {
+            eprintln!("repeats dropped: {dropped}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the shards dropped {dropped} repeated events");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let late = c.dead_letter_reasons().await.into_iter().filter(|r| r.starts_with("late at the shard")).count();
+    assert_eq!(late, 0, "events sent again were dead-lettered as late instead of dropped as repeats");
     let got = c.finish().await;
     assert_same(&got, &want);
 }
@@ -777,14 +856,9 @@ async fn redis_restarted_mid_stream_loses_nothing() {
     c.post(&lines[third..2 * third]).await;
     // Redis stays down until a shard has failed to reach it (a checkpoint, or
     // loading a passivated key's state).
-    let shards: Vec<String> = c.probes.iter().filter(|(n, _)| n.starts_with("matcher-shard")).map(|(_, u)| u.clone()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let mut failed = 0.0;
-        for u in &shards {
-            failed += counter(u, "cepheid_shard_redis_errors_total").await;
-        }
-        if failed > 0.0 {
+        if c.shards_counter("cepheid_shard_redis_errors_total").await > 0.0 {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "no shard noticed that Redis was down");

@@ -6,11 +6,13 @@
 //! waiting for the watermark at a checkpoint are read again from the topic by
 //! the next shard (and those of an earlier version's meta restored from it);
 //! a keyed topic recreated under a checkpoint is read from its start as new.
+//! An event a router sends again (same events-topic position) is taken once,
+//! also across a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cepheid_bus::frame::{Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION};
+use cepheid_bus::frame::{Entry, FrameWriter, Origin, FRAME_HEADER, FRAME_VERSION};
 use cepheid_bus::Bus;
 use cepheid_engine::engine::EngineConfig;
 use cepheid_matcher_shard::checkpoint::Meta;
@@ -121,9 +123,21 @@ impl Setup {
 
     /// Sends a frame of `(key, time, payload)` entries, cut short by `cut` bytes, with the router `r1`'s watermark.
     async fn send_frame(&self, entries: &[(String, i64, String)], watermark: Option<i64>, cut: usize) {
+        let entries: Vec<_> = entries.iter().map(|e| (None, e.clone())).collect();
+        self.send_entries(&entries, watermark, cut).await
+    }
+
+    /// Sends a frame of entries as a router writes them: each with where the
+    /// router read its event (events partition, offset, index in the record).
+    async fn send_frame_from(&self, entries: &[((i32, i64, u32), (String, i64, String))], watermark: Option<i64>) {
+        let entries: Vec<_> = entries.iter().map(|((partition, offset, index), e)| (Some(Origin { partition: *partition, offset: *offset, index: *index }), e.clone())).collect();
+        self.send_entries(&entries, watermark, 0).await
+    }
+
+    async fn send_entries(&self, entries: &[(Option<Origin>, (String, i64, String))], watermark: Option<i64>, cut: usize) {
         let mut w = FrameWriter::default();
-        for (key, t, payload) in entries {
-            w.push(&Entry { key: key.as_bytes(), time: *t, source: "clickstream", trace: None, payload: payload.as_bytes() });
+        for (origin, (key, t, payload)) in entries {
+            w.push(&Entry { key: key.as_bytes(), time: *t, source: "clickstream", trace: None, payload: payload.as_bytes(), origin: *origin });
         }
         let mut payload = w.take();
         payload.truncate(payload.len() - cut);
@@ -322,5 +336,52 @@ async fn records_of_a_recreated_topic_are_read_as_new() {
     assert_eq!((report.log_resets, report.events, report.replayed, report.replayed_skipped), (1, 2, 0, 0), "{report:?}");
     let meta = setup.read_meta().await;
     assert_eq!((meta.offset, meta.read), (2, Some(2)), "the new log's positions: {meta:?}");
+    setup.clean_up().await;
+}
+
+/// A router that takes over an events partition reads it again from its
+/// predecessor's last committed offset, and sends again what the predecessor
+/// had already sent: the shard takes each events-topic position once — per
+/// events partition, judged record by record (an event routed to two keys of a
+/// partition has one origin in one frame) — and after a restart it still
+/// does, while the records it reads again are judged among themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_router_sends_again_are_taken_once() {
+    let setup = Setup::new("repeats").await;
+    let (stop, shard) = setup.start();
+    let mut matches = setup.matches().await;
+
+    // Offset 0: events of events-topic records 10 and 11 (11's event twice, as two routes); no watermark yet.
+    setup.send_frame_from(&[((0, 10, 0), buy(1, 1_000)), ((0, 10, 1), buy(2, 1_100)), ((0, 11, 0), buy(3, 1_200)), ((0, 11, 0), buy(3, 1_200))], None).await;
+    // Offset 1: another events partition, further back in its own offsets.
+    setup.send_frame_from(&[((1, 5, 0), buy(5, 1_400))], None).await;
+    // Offset 2: the successor from record 10 on, then one new event; its watermark releases them all.
+    setup.send_frame_from(&[((0, 10, 0), buy(1, 1_000)), ((0, 10, 1), buy(2, 1_100)), ((0, 11, 0), buy(3, 1_200)), ((0, 11, 0), buy(3, 1_200)), ((0, 12, 0), buy(4, 1_300))], Some(5_000)).await;
+    assert_eq!(match_users(&mut matches, 6).await, vec![1, 2, 3, 3, 4, 5], "each event once (user 3's two routes both)");
+    // Offset 3: an event left waiting; offset 4: it again; offset 5: a late
+    // event (its dead letter tells that the records before it were read).
+    setup.send_frame_from(&[((0, 13, 0), buy(6, 6_000))], Some(5_000)).await;
+    setup.send_frame_from(&[((0, 13, 0), buy(6, 6_000))], Some(5_000)).await;
+    setup.send_frame_from(&[((0, 14, 0), buy(8, 4_000))], Some(5_000)).await;
+    assert_eq!(recv(&mut setup.dead_letters(), "dead letter").await.payload, event(4_000, 8).as_bytes());
+    stop.send(()).unwrap();
+    let first = shard.await.unwrap().unwrap();
+    assert_eq!((first.events, first.duplicates, first.late, first.matches), (8, 5, 1, 6), "{first:?}");
+    let meta = setup.read_meta().await;
+    assert_eq!((meta.offset, meta.read), (3, Some(6)), "{meta:?}");
+    assert_eq!(meta.origins.into_iter().collect::<Vec<_>>(), vec![(0, (14, 0)), (1, (5, 0))], "the latest position taken per events partition");
+
+    // Restarted: offsets 3 to 5 are read again; 3's event is held again (a
+    // position before the stored one, but read first among these), 4's is
+    // still the repeat, 5's was late.
+    let (stop, shard) = setup.start();
+    setup.send_frame_from(&[((0, 15, 0), buy(7, 6_500)), ((0, 13, 0), buy(6, 6_000))], Some(7_000)).await;
+    assert_eq!(match_users(&mut matches, 2).await, vec![6, 7], "the waiting event once, and the new one");
+    stop.send(()).unwrap();
+    let second = shard.await.unwrap().unwrap();
+    assert_eq!((second.replayed, second.replayed_skipped, second.events, second.duplicates, second.matches), (1, 2, 1, 1, 2), "{second:?}");
+    if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), matches.recv()).await {
+        panic!("a match too many: user {}", user_of(&m));
+    }
     setup.clean_up().await;
 }

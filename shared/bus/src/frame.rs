@@ -12,6 +12,19 @@
 //! varint len, traceparent (0: none) · varint len, event
 //! ```
 //!
+//! or `0xCF 0x02` followed by entries that also say where their event was read
+//! ([`Origin`]; the router's frames, so that a shard can tell an event a
+//! router sends again from a new one):
+//!
+//! ```text
+//! … as above · varint events partition + 1 (0: no origin) ·
+//! [varint offset · varint index within that record]
+//! ```
+//!
+//! A frame's first entry decides its format: entries with an origin make a
+//! frame of format 2, entries without one a frame of format 1 (ingest's, which
+//! routers of every version read).
+//!
 //! Record-level headers (the router's watermark) apply after the last entry.
 
 /// Header that marks a framed record (its value is the format version).
@@ -29,6 +42,25 @@ pub const FRAME_VERSION: &[u8] = b"1";
 pub const FRONTIER_HEADER: &str = "cepheid-frontier";
 
 const MAGIC: [u8; 2] = [0xCF, 0x01];
+const MAGIC_ORIGINS: [u8; 2] = [0xCF, 0x02];
+
+/// Where a router read an event: the events topic's partition, the record's
+/// offset, and the event's index within that record (an ingest frame holds
+/// many events). Within one events partition, origins in the order read are
+/// ascending in (`offset`, `index`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub partition: i32,
+    pub offset: i64,
+    pub index: u32,
+}
+
+impl Origin {
+    /// Its place within its partition: later events have greater ones.
+    pub fn position(&self) -> (i64, u32) {
+        (self.offset, self.index)
+    }
+}
 
 /// One event of a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +73,8 @@ pub struct Entry<'a> {
     pub trace: Option<&'a str>,
     /// The event as received.
     pub payload: &'a [u8],
+    /// Where the router read it (frames of format 2 only).
+    pub origin: Option<Origin>,
 }
 
 /// A frame being filled.
@@ -48,18 +82,35 @@ pub struct Entry<'a> {
 pub struct FrameWriter {
     buf: Vec<u8>,
     count: usize,
+    /// The frame is of format 2 (its entries carry origins).
+    origins: bool,
 }
 
 impl FrameWriter {
+    /// Adds an entry. The first entry decides the frame's format (see the
+    /// module's doc): an entry with an origin in a frame begun without one
+    /// loses it, so a writer's entries should all have one or none.
     pub fn push(&mut self, e: &Entry<'_>) {
         if self.buf.is_empty() {
-            self.buf.extend_from_slice(&MAGIC);
+            self.origins = e.origin.is_some();
+            self.buf.extend_from_slice(if self.origins { &MAGIC_ORIGINS } else { &MAGIC });
         }
+        debug_assert!(self.origins || e.origin.is_none(), "an entry with an origin in a frame of format 1");
         bytes(&mut self.buf, e.key);
         varint(&mut self.buf, ((e.time << 1) ^ (e.time >> 63)) as u64);
         bytes(&mut self.buf, e.source.as_bytes());
         bytes(&mut self.buf, e.trace.unwrap_or_default().as_bytes());
         bytes(&mut self.buf, e.payload);
+        if self.origins {
+            match e.origin {
+                Some(o) => {
+                    varint(&mut self.buf, u64::from(o.partition as u32) + 1);
+                    varint(&mut self.buf, o.offset as u64);
+                    varint(&mut self.buf, u64::from(o.index));
+                }
+                None => varint(&mut self.buf, 0),
+            }
+        }
         self.count += 1;
     }
 
@@ -101,7 +152,7 @@ fn bytes(out: &mut Vec<u8>, b: &[u8]) {
 /// Why a frame cannot be read (from the entry on: the ones before it were good).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("not a frame of format 1 (it starts with {0:02x?})")]
+    #[error("not a frame of format 1 or 2 (it starts with {0:02x?})")]
     Format(Vec<u8>),
     #[error("entry {entry}: cut short at byte {at}")]
     Truncated { entry: usize, at: usize },
@@ -109,11 +160,15 @@ pub enum FrameError {
     Source { entry: usize },
     #[error("entry {entry}: its traceparent is not UTF-8")]
     Trace { entry: usize },
+    #[error("entry {entry}: its origin is out of range")]
+    Origin { entry: usize },
 }
 
 /// The entries of a frame's payload, in order.
 pub fn entries(payload: &[u8]) -> Entries<'_> {
-    Entries { buf: payload, at: if payload.starts_with(&MAGIC) { 2 } else { 0 }, start: 0, entry: 0, failed: !payload.starts_with(&MAGIC), first: true }
+    let origins = payload.starts_with(&MAGIC_ORIGINS);
+    let known = origins || payload.starts_with(&MAGIC);
+    Entries { buf: payload, at: if known { 2 } else { 0 }, start: 0, entry: 0, failed: !known, first: true, origins }
 }
 
 /// Iterator over a frame's entries; after an error it ends.
@@ -125,6 +180,8 @@ pub struct Entries<'a> {
     entry: usize,
     failed: bool,
     first: bool,
+    /// Format 2: every entry ends with its origin.
+    origins: bool,
 }
 
 impl<'a> Entries<'a> {
@@ -165,7 +222,24 @@ impl<'a> Entries<'a> {
         let source = std::str::from_utf8(self.bytes().ok_or_else(|| cut(self.at))?).map_err(|_| FrameError::Source { entry })?;
         let trace = std::str::from_utf8(self.bytes().ok_or_else(|| cut(self.at))?).map_err(|_| FrameError::Trace { entry })?;
         let payload = self.bytes().ok_or_else(|| cut(self.at))?;
-        Ok(Entry { key, time, source, trace: (!trace.is_empty()).then_some(trace), payload })
+        let origin = if self.origins {
+            match self.varint().ok_or_else(|| cut(self.at))? {
+                0 => None,
+                p => {
+                    let offset = self.varint().ok_or_else(|| cut(self.at))?;
+                    let index = self.varint().ok_or_else(|| cut(self.at))?;
+                    let out_of_range = || FrameError::Origin { entry };
+                    Some(Origin {
+                        partition: i32::try_from(p - 1).map_err(|_| out_of_range())?,
+                        offset: i64::try_from(offset).map_err(|_| out_of_range())?,
+                        index: u32::try_from(index).map_err(|_| out_of_range())?,
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Entry { key, time, source, trace: (!trace.is_empty()).then_some(trace), payload, origin })
     }
 }
 
@@ -201,9 +275,9 @@ mod tests {
     fn entries_come_back_in_order() {
         let mut w = FrameWriter::default();
         let es = [
-            Entry { key: b"userId|7", time: 1_700_000_000_123, source: "clickstream", trace: None, payload: br#"{"a":1}"# },
-            Entry { key: b"userId,productId|7|3", time: -5, source: "orders", trace: Some("00-abc-def-01"), payload: b"" },
-            Entry { key: b"", time: i64::MIN, source: "", trace: None, payload: &[0xff; 300] },
+            Entry { key: b"userId|7", time: 1_700_000_000_123, source: "clickstream", trace: None, payload: br#"{"a":1}"#, origin: None },
+            Entry { key: b"userId,productId|7|3", time: -5, source: "orders", trace: Some("00-abc-def-01"), payload: b"", origin: None },
+            Entry { key: b"", time: i64::MIN, source: "", trace: None, payload: &[0xff; 300], origin: None },
         ];
         for e in &es {
             w.push(e);
@@ -217,10 +291,39 @@ mod tests {
     }
 
     #[test]
+    fn origins_come_back_with_their_entries() {
+        let at = |partition, offset, index| Some(Origin { partition, offset, index });
+        let es = [
+            Entry { key: b"userId|7", time: 5, source: "clickstream", trace: None, payload: b"{}", origin: at(0, 0, 0) },
+            Entry { key: b"userId|8", time: 6, source: "clickstream", trace: Some("00-abc-def-01"), payload: b"{}", origin: at(3, 1 << 40, 399) },
+            Entry { key: b"userId|9", time: 7, source: "clickstream", trace: None, payload: b"{}", origin: None },
+            Entry { key: b"userId|9", time: 7, source: "clickstream", trace: None, payload: b"{}", origin: at(i32::MAX, i64::MAX, u32::MAX) },
+        ];
+        let mut w = FrameWriter::default();
+        for e in &es {
+            w.push(e);
+        }
+        let buf = w.take();
+        assert_eq!(buf[..2], [0xCF, 0x02], "a frame whose first entry has an origin is of format 2");
+        let back: Vec<Entry> = entries(&buf).collect::<Result<_, _>>().unwrap();
+        assert_eq!(back, es);
+        // Without origins the writer still writes format 1, which routers of every version read.
+        w.push(&Entry { origin: None, ..es[0] });
+        assert_eq!(w.take()[..2], [0xCF, 0x01]);
+        // An origin past what its fields hold is an error at its entry, not a wrapped number.
+        let mut w = FrameWriter::default();
+        w.push(&Entry { origin: at(0, 1, 0), ..es[0] });
+        let mut f = w.take();
+        f.truncate(f.len() - 3);
+        f.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x10, 0x00, 0x00]); // partition + 1 = 2^32, offset 0, index 0
+        assert!(matches!(entries(&f).next(), Some(Err(FrameError::Origin { entry: 0 }))), "{:?}", entries(&f).next());
+    }
+
+    #[test]
     fn damage_is_reported_at_the_entry() {
         let mut w = FrameWriter::default();
-        w.push(&Entry { key: b"k1", time: 1, source: "s", trace: None, payload: b"one" });
-        w.push(&Entry { key: b"k2", time: 2, source: "s", trace: None, payload: b"two" });
+        w.push(&Entry { key: b"k1", time: 1, source: "s", trace: None, payload: b"one", origin: None });
+        w.push(&Entry { key: b"k2", time: 2, source: "s", trace: None, payload: b"two", origin: None });
         let buf = w.take();
         let cut: Vec<_> = entries(&buf[..buf.len() - 1]).collect();
         assert_eq!(cut.len(), 2);
