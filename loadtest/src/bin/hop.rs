@@ -8,6 +8,11 @@
 //! Records are sent one at a time, each after the previous one arrived and a
 //! random pause (so they land at any point of the consumer's fetch cycle).
 //!
+//! With `--backlog N` the partition first gets N batches of one record each
+//! (each sent after the previous one was acknowledged): how a hop's latency
+//! depends on what the partition already holds (tansu's memory storage lists
+//! a partition's stored batches at every fetch that finds new data there).
+//!
 //! `cargo run --release -p cepheid-loadtest --bin hop -- --records 500`
 
 use std::time::{Duration, Instant};
@@ -27,6 +32,9 @@ struct Args {
     /// librdkafka's linger.ms for the producer.
     #[arg(long, default_value_t = 5)]
     linger_ms: u64,
+    /// Batches stored in the partition before the measured records.
+    #[arg(long, default_value_t = 0)]
+    backlog: usize,
     /// Also append a JSON line with the results to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -43,10 +51,18 @@ async fn main() -> anyhow::Result<()> {
     let bus = Bus::kafka(&KafkaConfig { bootstrap: a.bootstrap.clone(), properties })?;
     let topic = format!("cepheid-hop-{}", std::process::id());
     bus.create_topic(&topic, 1).await?;
+    for i in 0..a.backlog {
+        bus.send(&topic, Some(0), None, format!("backlog {i}").as_bytes(), &[]).await?;
+    }
     let mut consumer = bus.subscribe(&format!("{topic}-group"), &[&topic])?;
-    // Until the member has its partition, records would wait for the rebalance.
+    // Until the member has its partition (and has read the backlog), records would wait.
     bus.send(&topic, Some(0), None, b"warm-up", &[]).await?;
-    tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await.map_err(|_| anyhow::anyhow!("no record within 60 s"))??;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(600), consumer.recv()).await.map_err(|_| anyhow::anyhow!("the warm-up record not received within 600 s"))??;
+        if m.payload == b"warm-up" {
+            break;
+        }
+    }
     let mut seed = 0x9E3779B97F4A7C15u64 ^ std::process::id() as u64;
     let mut next = || {
         seed ^= seed << 13;
@@ -73,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let out = serde_json::json!({
         "bench": "hop",
         "records": a.records,
+        "backlog": a.backlog,
         "fetch_wait_ms": a.fetch_wait_ms,
         "linger_ms": a.linger_ms,
         "hop_ms": {"p50": percentile(&took, 0.5), "p95": percentile(&took, 0.95), "p99": percentile(&took, 0.99), "min": took[0], "max": took[took.len() - 1]},
