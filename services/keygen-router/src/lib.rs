@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
-use cepheid_bus::frame::{self, Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION, FRONTIER_HEADER};
+use cepheid_bus::frame::{self, Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION, FRONTIER_HEADER, ORIGIN_TOPIC_HEADER};
 use cepheid_bus::{partition_for, Bus};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use cepheid_engine::engine::EngineConfig;
@@ -522,7 +522,7 @@ pub async fn run(
             _ = tick.tick() => {
                 // Every event framed so far goes before the watermark that may pass it.
                 // (Partitions whose watermark moved are told by `send_frames`.)
-                report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
+                report.frames += out.send_frames(&bus, &cfg, &mut router, &router_id).await?;
                 out.keep_alive(&bus, &cfg.keyed_topic, &router_id, Duration::from_millis(cfg.watermark_interval_ms.max(10))).await?;
             }
             m = consumer.recv() => {
@@ -566,7 +566,7 @@ pub async fn run(
                 out.done(&m.topic, m.partition, m.offset + 1);
                 // Waited long enough (a steady stream never pauses for the idle branch below).
                 if out.frames_due(&cfg) {
-                    report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
+                    report.frames += out.send_frames(&bus, &cfg, &mut router, &router_id).await?;
                 }
                 if out.len() >= OUTBOX_LIMIT {
                     out.flush(&consumer).await?;
@@ -574,7 +574,7 @@ pub async fn run(
             }
             // The events topic has nothing at the moment: the frames go.
             _ = std::future::ready(()), if out.has_frames() => {
-                report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
+                report.frames += out.send_frames(&bus, &cfg, &mut router, &router_id).await?;
             }
             // Nothing else to do: wait for the acknowledgements and commit.
             r = out.acked(), if !out.is_empty() => {
@@ -583,7 +583,7 @@ pub async fn run(
             }
         }
     }
-    report.frames += out.send_frames(&bus, &cfg.keyed_topic, &mut router, &router_id).await?;
+    report.frames += out.send_frames(&bus, &cfg, &mut router, &router_id).await?;
     report.watermarks_sent += std::mem::take(&mut out.watermark_records);
     out.flush(&consumer).await?;
     telemetry.flush();
@@ -654,7 +654,7 @@ impl RouteCtx<'_> {
                     self.report.routed += 1;
                 }
                 if full {
-                    self.report.frames += self.out.send_frames(self.bus, &self.cfg.keyed_topic, self.router, self.router_id).await?;
+                    self.report.frames += self.out.send_frames(self.bus, self.cfg, self.router, self.router_id).await?;
                 }
             }
         }
@@ -736,7 +736,8 @@ impl Outbox {
     /// moved since it was last told: a match there that waits for the
     /// watermark must not wait for the next event bound for it (or the
     /// `watermark_interval_ms` tick).
-    async fn send_frames(&mut self, bus: &Bus, topic: &str, router: &mut Router, router_id: &str) -> anyhow::Result<u64> {
+    async fn send_frames(&mut self, bus: &Bus, cfg: &RouterConfig, router: &mut Router, router_id: &str) -> anyhow::Result<u64> {
+        let topic = cfg.keyed_topic.as_str();
         self.opened = None;
         let mut sent = 0;
         let now = tokio::time::Instant::now();
@@ -754,7 +755,7 @@ impl Outbox {
                 continue;
             }
             let payload = self.frames[p].take();
-            let mut headers = vec![(FRAME_HEADER, FRAME_VERSION)];
+            let mut headers = vec![(FRAME_HEADER, FRAME_VERSION), (ORIGIN_TOPIC_HEADER, cfg.events_topic.as_bytes())];
             if let Some(m) = &text {
                 headers.extend([("cepheid-watermarks", m.as_bytes()), ("cepheid-router", router_id.as_bytes())]);
             }
@@ -882,7 +883,7 @@ mod tests {
         let mut keyed = bus.subscribe("reader", &["keyed"]).unwrap();
         let mut router = Router::new(EngineConfig::default());
         router.route_from("clickstream", 0, r#"{"eventTime":10000,"userId":7}"#).unwrap();
-        let cfg = RouterConfig::default();
+        let cfg = RouterConfig { keyed_topic: "keyed".into(), ..RouterConfig::default() };
         let mut out = Outbox::new(3);
         let every = Duration::from_millis(200);
         let event = Entry { key: b"userId|7", time: 10_000, source: "clickstream", trace: None, payload: b"{}", origin: None };
@@ -891,7 +892,7 @@ mod tests {
 
         // t = 0: a frame to one partition; the watermark moved, so the others get a record at once.
         out.frame(3, &event, &cfg);
-        assert_eq!(out.send_frames(&bus, "keyed", &mut router, "r").await.unwrap(), 1);
+        assert_eq!(out.send_frames(&bus, &cfg, &mut router, "r").await.unwrap(), 1);
         assert_eq!(told_by_records(&mut keyed).await, others);
         // t = 100 ms: every partition was told lately.
         tokio::time::advance(Duration::from_millis(100)).await;
@@ -901,7 +902,7 @@ mod tests {
         // the others, told at 0, hear it again; the framed one does not.
         tokio::time::advance(Duration::from_millis(150)).await;
         out.frame(3, &event, &cfg);
-        out.send_frames(&bus, "keyed", &mut router, "r").await.unwrap();
+        out.send_frames(&bus, &cfg, &mut router, "r").await.unwrap();
         out.keep_alive(&bus, "keyed", "r", every).await.unwrap();
         assert_eq!(told_by_records(&mut keyed).await, others);
         // t = 450 ms: no traffic; every partition hears it again.

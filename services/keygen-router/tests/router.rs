@@ -156,6 +156,7 @@ async fn take(keyed: &mut cepheid_bus::Consumer, wp: &mut std::collections::BTre
             continue;
         }
         assert!(m.key.is_none(), "a frame's partition is its events' (they have their own keys)");
+        assert_eq!(m.header(frame::ORIGIN_TOPIC_HEADER), Some(&b"cepheid.events"[..]), "a frame names the events topic its entries were read from");
         let entries: Vec<frame::Entry> = frame::entries(&m.payload).collect::<Result<_, _>>().expect("a readable frame");
         assert!(!entries.is_empty());
         if let Some(w) = m.header("cepheid-watermarks") {

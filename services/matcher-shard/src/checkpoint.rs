@@ -83,12 +83,21 @@ pub struct Meta {
     /// ascending; each owner's numbers run up to the next entry's first.
     #[serde(default)]
     pub lineage: Vec<(i64, u64)>,
-    /// Per events partition, the latest origin (record offset, index in it)
-    /// of the router frames' entries read up to `read`: an entry at or before
-    /// it was sent again by a router that took over the events partition
-    /// before its predecessor's offsets were committed, and is dropped.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub origins: std::collections::BTreeMap<i32, (i64, u32)>,
+    /// Per events topic and partition, the latest origin (record offset,
+    /// index in it) of the router frames' entries read up to `read`: an entry
+    /// at or before it was sent again by a router that took over the events
+    /// partition before its predecessor's offsets were committed, and is dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<OriginMark>,
+}
+
+/// The latest events-topic position a partition took (see [`Meta::origins`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginMark {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub index: u32,
 }
 
 /// Does a cell stamped `(epoch, seq)` belong to the checkpoint whose meta has

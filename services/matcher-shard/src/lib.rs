@@ -304,6 +304,9 @@ struct Held {
 }
 type Pending = TimeOrdered<Held>;
 
+/// Per events topic, per partition: the latest origin (offset, index) taken.
+type Positions = FxHashMap<String, FxHashMap<i32, (i64, u32)>>;
+
 /// A key with state (running, passivated, or both).
 struct KeySlot {
     actor: Option<ActorRef<KeyMsg>>,
@@ -350,15 +353,15 @@ struct Partition {
     next_seq: u64,
     /// Which epoch wrote which checkpoint numbers ([`Meta::lineage`]), this one's included.
     lineage: Vec<(i64, u64)>,
-    /// Per events partition, the latest origin of the frame entries read
-    /// ([`Meta::origins`]): an entry at or before it is a router's repeat.
-    origins: FxHashMap<i32, (i64, u32)>,
+    /// Per events topic and partition, the latest origin of the frame entries
+    /// read ([`Meta::origins`]): an entry at or before it is a router's repeat.
+    origins: Positions,
     /// The same for the records read again after the last restore (before
     /// `replay_to`), built up as they are read again: `origins` is as of
     /// `replay_to` and would take every one of them for a repeat. (A repeat
     /// whose first copy came before the re-read records is not held again
     /// anyway: it has the time of an event released before the checkpoint.)
-    replay_origins: FxHashMap<i32, (i64, u32)>,
+    replay_origins: Positions,
     /// Repeats dropped in a row, from records at these offsets (logged when
     /// the run ends).
     repeats: Option<(u64, i64, i64)>,
@@ -471,7 +474,15 @@ impl Partition {
             pending: carried,
             seq,
             lineage: self.lineage.clone(),
-            origins: self.origins.iter().map(|(p, o)| (*p, *o)).collect(),
+            origins: {
+                let mut o: Vec<checkpoint::OriginMark> = self
+                    .origins
+                    .iter()
+                    .flat_map(|(topic, ps)| ps.iter().map(|(p, (offset, index))| checkpoint::OriginMark { topic: topic.clone(), partition: *p, offset: *offset, index: *index }))
+                    .collect();
+                o.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+                o
+            },
         }
     }
 
@@ -654,8 +665,14 @@ impl Shard {
                 l.push((a.epoch, meta.seq + 1));
                 l
             },
-            origins: meta.origins.into_iter().collect(),
-            replay_origins: FxHashMap::default(),
+            origins: {
+                let mut t = Positions::default();
+                for o in meta.origins {
+                    t.entry(o.topic).or_default().insert(o.partition, (o.offset, o.index));
+                }
+                t
+            },
+            replay_origins: Positions::default(),
             repeats: None,
             since_checkpoint: 0,
             dirty_hint: 0,
@@ -761,7 +778,7 @@ impl Shard {
         if !replay {
             self.report.records += 1;
             if !p.replay_origins.is_empty() {
-                p.replay_origins = FxHashMap::default();
+                p.replay_origins = Positions::default();
             }
         }
         let partition = m.partition;
@@ -775,6 +792,7 @@ impl Shard {
             // signatures has one origin for all of them, in one frame).
             let mut latest: Vec<(i32, (i64, u32))> = Vec::new();
             let mut repeats = 0;
+            let origin_topic = m.header(frame::ORIGIN_TOPIC_HEADER).map(String::from_utf8_lossy).unwrap_or_default();
             while let Some(e) = entries.next() {
                 let origin = || format!("{}/{}/{}#{i}", m.topic, m.partition, m.offset);
                 match e {
@@ -782,7 +800,7 @@ impl Shard {
                         if let Some(o) = e.origin {
                             let p = &self.parts[&partition];
                             let taken = if replay { &p.replay_origins } else { &p.origins };
-                            if taken.get(&o.partition).is_some_and(|t| o.position() <= *t) {
+                            if taken.get(origin_topic.as_ref()).and_then(|t| t.get(&o.partition)).is_some_and(|t| o.position() <= *t) {
                                 repeats += 1;
                                 i += 1;
                                 continue;
@@ -806,7 +824,7 @@ impl Shard {
                 }
                 i += 1;
             }
-            self.taken(partition, m.offset, replay, latest, repeats);
+            self.taken(partition, m.offset, replay, &origin_topic, latest, repeats);
             let marks = m.header("cepheid-watermarks").and_then(|h| {
                 let w = serde_json::from_slice::<std::collections::BTreeMap<String, i64>>(h);
                 if w.is_err() {
@@ -856,12 +874,18 @@ impl Shard {
     /// Notes a frame's latest origins as taken, and its `repeats` (entries at or
     /// before what was taken, dropped); a run of records with repeats is
     /// logged once it ends.
-    fn taken(&mut self, partition: i32, offset: i64, replay: bool, latest: Vec<(i32, (i64, u32))>, repeats: u64) {
+    fn taken(&mut self, partition: i32, offset: i64, replay: bool, topic: &str, latest: Vec<(i32, (i64, u32))>, repeats: u64) {
         let p = self.parts.get_mut(&partition).expect("acquired");
         let taken = if replay { &mut p.replay_origins } else { &mut p.origins };
-        for (q, pos) in latest {
-            let t = taken.entry(q).or_insert(pos);
-            *t = (*t).max(pos);
+        if !latest.is_empty() {
+            if !taken.contains_key(topic) {
+                taken.insert(topic.to_string(), FxHashMap::default());
+            }
+            let taken = taken.get_mut(topic).expect("inserted");
+            for (q, pos) in latest {
+                let t = taken.entry(q).or_insert(pos);
+                *t = (*t).max(pos);
+            }
         }
         if replay {
             // Dropped the first time too.

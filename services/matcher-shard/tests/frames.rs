@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cepheid_bus::frame::{Entry, FrameWriter, Origin, FRAME_HEADER, FRAME_VERSION};
+use cepheid_bus::frame::{Entry, FrameWriter, Origin, FRAME_HEADER, FRAME_VERSION, ORIGIN_TOPIC_HEADER};
 use cepheid_bus::Bus;
 use cepheid_engine::engine::EngineConfig;
 use cepheid_matcher_shard::checkpoint::Meta;
@@ -124,17 +124,18 @@ impl Setup {
     /// Sends a frame of `(key, time, payload)` entries, cut short by `cut` bytes, with the router `r1`'s watermark.
     async fn send_frame(&self, entries: &[(String, i64, String)], watermark: Option<i64>, cut: usize) {
         let entries: Vec<_> = entries.iter().map(|e| (None, e.clone())).collect();
-        self.send_entries(&entries, watermark, cut).await
+        self.send_entries(None, &entries, watermark, cut).await
     }
 
-    /// Sends a frame of entries as a router writes them: each with where the
-    /// router read its event (events partition, offset, index in the record).
-    async fn send_frame_from(&self, entries: &[((i32, i64, u32), (String, i64, String))], watermark: Option<i64>) {
+    /// Sends a frame of entries as a router reading events topic `topic`
+    /// writes them: each with where the router read its event (events
+    /// partition, offset, index in the record).
+    async fn send_frame_from(&self, topic: &str, entries: &[((i32, i64, u32), (String, i64, String))], watermark: Option<i64>) {
         let entries: Vec<_> = entries.iter().map(|((partition, offset, index), e)| (Some(Origin { partition: *partition, offset: *offset, index: *index }), e.clone())).collect();
-        self.send_entries(&entries, watermark, 0).await
+        self.send_entries(Some(topic), &entries, watermark, 0).await
     }
 
-    async fn send_entries(&self, entries: &[(Option<Origin>, (String, i64, String))], watermark: Option<i64>, cut: usize) {
+    async fn send_entries(&self, topic: Option<&str>, entries: &[(Option<Origin>, (String, i64, String))], watermark: Option<i64>, cut: usize) {
         let mut w = FrameWriter::default();
         for (origin, (key, t, payload)) in entries {
             w.push(&Entry { key: key.as_bytes(), time: *t, source: "clickstream", trace: None, payload: payload.as_bytes(), origin: *origin });
@@ -143,6 +144,9 @@ impl Setup {
         payload.truncate(payload.len() - cut);
         let marks = watermark.map(|w| format!(r#"{{"clickstream":{w}}}"#)).unwrap_or_default();
         let mut headers = vec![(FRAME_HEADER, FRAME_VERSION)];
+        if let Some(t) = topic {
+            headers.push((ORIGIN_TOPIC_HEADER, t.as_bytes()));
+        }
         if watermark.is_some() {
             headers.extend([("cepheid-watermarks", marks.as_bytes()), ("cepheid-router", &b"r1"[..])]);
         }
@@ -352,30 +356,33 @@ async fn events_a_router_sends_again_are_taken_once() {
     let mut matches = setup.matches().await;
 
     // Offset 0: events of events-topic records 10 and 11 (11's event twice, as two routes); no watermark yet.
-    setup.send_frame_from(&[((0, 10, 0), buy(1, 1_000)), ((0, 10, 1), buy(2, 1_100)), ((0, 11, 0), buy(3, 1_200)), ((0, 11, 0), buy(3, 1_200))], None).await;
-    // Offset 1: another events partition, further back in its own offsets.
-    setup.send_frame_from(&[((1, 5, 0), buy(5, 1_400))], None).await;
-    // Offset 2: the successor from record 10 on, then one new event; its watermark releases them all.
-    setup.send_frame_from(&[((0, 10, 0), buy(1, 1_000)), ((0, 10, 1), buy(2, 1_100)), ((0, 11, 0), buy(3, 1_200)), ((0, 11, 0), buy(3, 1_200)), ((0, 12, 0), buy(4, 1_300))], Some(5_000)).await;
-    assert_eq!(match_users(&mut matches, 6).await, vec![1, 2, 3, 3, 4, 5], "each event once (user 3's two routes both)");
-    // Offset 3: an event left waiting; offset 4: it again; offset 5: a late
+    setup.send_frame_from("events", &[((0, 10, 0), buy(1, 1_000)), ((0, 10, 1), buy(2, 1_100)), ((0, 11, 0), buy(3, 1_200)), ((0, 11, 0), buy(3, 1_200))], None).await;
+    // Offset 1: another events partition, further back in its own offsets, and
+    // the same position of another events topic (a second router group).
+    setup.send_frame_from("events", &[((1, 5, 0), buy(5, 1_400))], None).await;
+    setup.send_frame_from("orders", &[((0, 10, 0), buy(9, 1_450))], None).await;
+    // Offset 3: the successor from record 10 on, then one new event; its watermark releases them all.
+    setup.send_frame_from("events", &[((0, 10, 0), buy(1, 1_000)), ((0, 10, 1), buy(2, 1_100)), ((0, 11, 0), buy(3, 1_200)), ((0, 11, 0), buy(3, 1_200)), ((0, 12, 0), buy(4, 1_300))], Some(5_000)).await;
+    assert_eq!(match_users(&mut matches, 7).await, vec![1, 2, 3, 3, 4, 5, 9], "each event once (user 3's two routes both)");
+    // Offset 4: an event left waiting; offset 5: it again; offset 6: a late
     // event (its dead letter tells that the records before it were read).
-    setup.send_frame_from(&[((0, 13, 0), buy(6, 6_000))], Some(5_000)).await;
-    setup.send_frame_from(&[((0, 13, 0), buy(6, 6_000))], Some(5_000)).await;
-    setup.send_frame_from(&[((0, 14, 0), buy(8, 4_000))], Some(5_000)).await;
+    setup.send_frame_from("events", &[((0, 13, 0), buy(6, 6_000))], Some(5_000)).await;
+    setup.send_frame_from("events", &[((0, 13, 0), buy(6, 6_000))], Some(5_000)).await;
+    setup.send_frame_from("events", &[((0, 14, 0), buy(8, 4_000))], Some(5_000)).await;
     assert_eq!(recv(&mut setup.dead_letters(), "dead letter").await.payload, event(4_000, 8).as_bytes());
     stop.send(()).unwrap();
     let first = shard.await.unwrap().unwrap();
-    assert_eq!((first.events, first.duplicates, first.late, first.matches), (8, 5, 1, 6), "{first:?}");
+    assert_eq!((first.events, first.duplicates, first.late, first.matches), (9, 5, 1, 7), "{first:?}");
     let meta = setup.read_meta().await;
-    assert_eq!((meta.offset, meta.read), (3, Some(6)), "{meta:?}");
-    assert_eq!(meta.origins.into_iter().collect::<Vec<_>>(), vec![(0, (14, 0)), (1, (5, 0))], "the latest position taken per events partition");
+    assert_eq!((meta.offset, meta.read), (4, Some(7)), "{meta:?}");
+    let origins: Vec<(&str, i32, i64, u32)> = meta.origins.iter().map(|o| (o.topic.as_str(), o.partition, o.offset, o.index)).collect();
+    assert_eq!(origins, vec![("events", 0, 14, 0), ("events", 1, 5, 0), ("orders", 0, 10, 0)], "the latest position taken per events topic and partition");
 
-    // Restarted: offsets 3 to 5 are read again; 3's event is held again (a
-    // position before the stored one, but read first among these), 4's is
-    // still the repeat, 5's was late.
+    // Restarted: offsets 4 to 6 are read again; 4's event is held again (a
+    // position before the stored one, but read first among these), 5's is
+    // still the repeat, 6's was late.
     let (stop, shard) = setup.start();
-    setup.send_frame_from(&[((0, 15, 0), buy(7, 6_500)), ((0, 13, 0), buy(6, 6_000))], Some(7_000)).await;
+    setup.send_frame_from("events", &[((0, 15, 0), buy(7, 6_500)), ((0, 13, 0), buy(6, 6_000))], Some(7_000)).await;
     assert_eq!(match_users(&mut matches, 2).await, vec![6, 7], "the waiting event once, and the new one");
     stop.send(()).unwrap();
     let second = shard.await.unwrap().unwrap();

@@ -41,6 +41,11 @@ pub const FRAME_VERSION: &[u8] = b"1";
 /// newest time too. It applies after the frame's entries.
 pub const FRONTIER_HEADER: &str = "cepheid-frontier";
 
+/// Header of a router's frame: the events topic its entries' origins are in
+/// (an [`Origin`] names the partition and offset, not the topic; two routers
+/// reading different events topics may feed one keyed topic).
+pub const ORIGIN_TOPIC_HEADER: &str = "cepheid-origin-topic";
+
 const MAGIC: [u8; 2] = [0xCF, 0x01];
 const MAGIC_ORIGINS: [u8; 2] = [0xCF, 0x02];
 
