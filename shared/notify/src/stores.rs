@@ -80,16 +80,6 @@ impl Store {
         }
     }
 
-    pub async fn is_set(&self, key: &str, clock: &dyn Clock) -> Result<bool, NotifyError> {
-        match self {
-            Store::Memory(m) => Ok(m.keys.lock().unwrap().get(key).is_some_and(|exp| *exp > clock.now())),
-            Store::Redis { con, prefix } => {
-                let n: i64 = redis::cmd("EXISTS").arg(format!("{prefix}:notify:{key}")).query_async(&mut con.clone()).await?;
-                Ok(n > 0)
-            }
-        }
-    }
-
     /// Which of `keys` are set, in one round trip.
     pub async fn which_set(&self, keys: &[String], clock: &dyn Clock) -> Result<Vec<bool>, NotifyError> {
         match self {
