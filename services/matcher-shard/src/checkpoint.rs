@@ -113,6 +113,21 @@ pub fn valid(lineage: &[(i64, u64)], committed: u64, epoch: i64, seq: u64) -> bo
     i > 0 && lineage[i - 1].0 == epoch
 }
 
+/// The lineage a new owner (`epoch`) of a partition whose last committed
+/// checkpoint is `committed` writes under: it writes the numbers from the next
+/// one on (what an earlier owner staged under them without committing never
+/// counts). Owners that committed nothing are dropped from the end: their
+/// entries name no number any more (the next entry starts at the same one),
+/// so a partition taken over and over without a checkpoint in between (a
+/// crash loop, a rebalance storm) does not grow its meta.
+pub fn lineage_for(mut lineage: Vec<(i64, u64)>, committed: u64, epoch: i64) -> Vec<(i64, u64)> {
+    while lineage.last().is_some_and(|(_, first)| *first > committed) {
+        lineage.pop();
+    }
+    lineage.push((epoch, committed + 1));
+    lineage
+}
+
 const STAMP: [u8; 2] = [0xC5, 0x01];
 
 /// A stored cell's stamp: the epoch and the checkpoint number that staged it.

@@ -658,13 +658,7 @@ impl Shard {
             deleted: FxHashMap::default(),
             seq: meta.seq,
             next_seq: meta.seq + 1,
-            lineage: {
-                // This epoch writes the numbers from the next one on; what an earlier
-                // owner staged under them without committing never counts.
-                let mut l = meta.lineage;
-                l.push((a.epoch, meta.seq + 1));
-                l
-            },
+            lineage: checkpoint::lineage_for(meta.lineage, meta.seq, a.epoch),
             origins: {
                 let mut t = Positions::default();
                 for o in meta.origins {

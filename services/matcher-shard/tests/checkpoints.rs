@@ -219,3 +219,24 @@ fn the_meta_names_its_checkpoint_and_lineage() {
     let now = serde_json::to_value(Meta { offset: 3, read: Some(9), ..m }).unwrap();
     assert_eq!((now["offset"].as_i64(), now["read"].as_i64(), now.get("pending")), (Some(3), Some(9), None), "{now}");
 }
+
+/// A new owner's lineage: owners that committed nothing leave it (their
+/// entries name no number), and which stamped cells count is the same as with
+/// them kept.
+#[test]
+fn owners_that_committed_nothing_leave_the_lineage() {
+    // Epoch 1 committed 1-4, epoch 2 took over and committed nothing, epoch 3 neither.
+    let kept = vec![(1, 1), (2, 5), (3, 5)];
+    let l = checkpoint::lineage_for(kept[..2].to_vec(), 4, 3);
+    assert_eq!(l, vec![(1, 1), (3, 5)]);
+    let l = checkpoint::lineage_for(l, 4, 4);
+    assert_eq!(l, vec![(1, 1), (4, 5)], "taken again without a checkpoint: still one entry past epoch 1's");
+    for epoch in 0..6 {
+        for seq in 0..8 {
+            assert_eq!(checkpoint::valid(&l, 4, epoch, seq), checkpoint::valid(&[(1, 1), (2, 5), (3, 5), (4, 5)], 4, epoch, seq), "epoch {epoch}, number {seq}");
+        }
+    }
+    // An owner that committed keeps its entry.
+    assert_eq!(checkpoint::lineage_for(vec![(1, 1), (2, 5)], 6, 3), vec![(1, 1), (2, 5), (3, 7)]);
+    assert_eq!(checkpoint::lineage_for(Vec::new(), 0, 1), vec![(1, 1)], "a partition's first owner");
+}
