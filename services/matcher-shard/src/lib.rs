@@ -787,14 +787,18 @@ impl Shard {
             let mut latest: Vec<(i32, (i64, u32))> = Vec::new();
             let mut repeats = 0;
             let origin_topic = m.header(frame::ORIGIN_TOPIC_HEADER).map(String::from_utf8_lossy).unwrap_or_default();
+            // What was taken before this record, per events partition of its topic (looked up once per record).
+            let before = {
+                let p = &self.parts[&partition];
+                let taken = if replay { &p.replay_origins } else { &p.origins };
+                taken.get(origin_topic.as_ref()).cloned().unwrap_or_default()
+            };
             while let Some(e) = entries.next() {
                 let origin = || format!("{}/{}/{}#{i}", m.topic, m.partition, m.offset);
                 match e {
                     Ok(e) => {
                         if let Some(o) = e.origin {
-                            let p = &self.parts[&partition];
-                            let taken = if replay { &p.replay_origins } else { &p.origins };
-                            if taken.get(origin_topic.as_ref()).and_then(|t| t.get(&o.partition)).is_some_and(|t| o.position() <= *t) {
+                            if before.get(&o.partition).is_some_and(|t| o.position() <= *t) {
                                 repeats += 1;
                                 i += 1;
                                 continue;

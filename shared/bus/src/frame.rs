@@ -27,9 +27,11 @@
 //!
 //! Record-level headers (the router's watermark) apply after the last entry.
 
-/// Header that marks a framed record (its value is the format version).
+/// Header that marks a framed record (its value is [`FRAME_VERSION`]).
 pub const FRAME_HEADER: &str = "cepheid-frame";
-/// The value of [`FRAME_HEADER`] for this format.
+/// The value of [`FRAME_HEADER`]: `1` for frames of both formats (the
+/// payload's first two bytes tell which; readers older than format 2 take a
+/// format-2 payload for unreadable).
 pub const FRAME_VERSION: &[u8] = b"1";
 /// Header of an ingest frame: per source, the newest event time of the post
 /// it came from, up to its last entry (a JSON object, e.g.
