@@ -476,13 +476,16 @@ impl Checkpoints {
         for key in keys {
             pipe.cmd("HMGET").arg(&state).arg(field(key, 0)).arg(field(key, 1));
         }
-        let answers: Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> = pipe.query_async(&mut c).await?;
+        let answers: Vec<Slots> = pipe.query_async(&mut c).await?;
         Ok(keys.iter().zip(answers).map(|(key, slots)| pick(&state, key, slots, lineage, committed)).collect())
     }
 }
 
+/// A key's two stored slots, as read.
+type Slots = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Of a key's two slots, the newest cell that counts under `lineage`.
-fn pick(state: &str, key: &str, slots: (Option<Vec<u8>>, Option<Vec<u8>>), lineage: &[(i64, u64)], committed: u64) -> Result<Found, CheckpointError> {
+fn pick(state: &str, key: &str, slots: Slots, lineage: &[(i64, u64)], committed: u64) -> Result<Found, CheckpointError> {
     let mut best: Option<(u64, Loaded)> = None;
     let mut found = false;
     for (slot, doc) in [(0u8, slots.0), (1u8, slots.1)] {

@@ -226,7 +226,7 @@ fn the_meta_names_its_checkpoint_and_lineage() {
 #[test]
 fn owners_that_committed_nothing_leave_the_lineage() {
     // Epoch 1 committed 1-4, epoch 2 took over and committed nothing, epoch 3 neither.
-    let kept = vec![(1, 1), (2, 5), (3, 5)];
+    let kept = [(1, 1), (2, 5), (3, 5)];
     let l = checkpoint::lineage_for(kept[..2].to_vec(), 4, 3);
     assert_eq!(l, vec![(1, 1), (3, 5)]);
     let l = checkpoint::lineage_for(l, 4, 4);

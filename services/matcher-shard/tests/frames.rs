@@ -22,6 +22,9 @@ use cepheid_types::MatchRecord;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
+/// A frame entry as the tests write it: `(key, time, payload)`.
+type Event = (String, i64, String);
+
 fn event(t: i64, user: i64) -> String {
     format!(r#"{{"eventTime":{t},"kind":"buy","userId":{user}}}"#)
 }
@@ -130,12 +133,12 @@ impl Setup {
     /// Sends a frame of entries as a router reading events topic `topic`
     /// writes them: each with where the router read its event (events
     /// partition, offset, index in the record).
-    async fn send_frame_from(&self, topic: &str, entries: &[((i32, i64, u32), (String, i64, String))], watermark: Option<i64>) {
+    async fn send_frame_from(&self, topic: &str, entries: &[((i32, i64, u32), Event)], watermark: Option<i64>) {
         let entries: Vec<_> = entries.iter().map(|((partition, offset, index), e)| (Some(Origin { partition: *partition, offset: *offset, index: *index }), e.clone())).collect();
         self.send_entries(Some(topic), &entries, watermark, 0).await
     }
 
-    async fn send_entries(&self, topic: Option<&str>, entries: &[(Option<Origin>, (String, i64, String))], watermark: Option<i64>, cut: usize) {
+    async fn send_entries(&self, topic: Option<&str>, entries: &[(Option<Origin>, Event)], watermark: Option<i64>, cut: usize) {
         let mut w = FrameWriter::default();
         for (origin, (key, t, payload)) in entries {
             w.push(&Entry { key: key.as_bytes(), time: *t, source: "clickstream", trace: None, payload: payload.as_bytes(), origin: *origin });
