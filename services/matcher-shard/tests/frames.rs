@@ -349,7 +349,7 @@ async fn records_of_a_recreated_topic_are_read_as_new() {
 /// A router that takes over an events partition reads it again from its
 /// predecessor's last committed offset, and sends again what the predecessor
 /// had already sent: the shard takes each events-topic position once — per
-/// events partition, judged record by record (an event routed to two keys of a
+/// events topic and partition, judged record by record (an event routed to two keys of a
 /// partition has one origin in one frame) — and after a restart it still
 /// does, while the records it reads again are judged among themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
