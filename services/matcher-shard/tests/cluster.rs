@@ -421,25 +421,34 @@ impl Cluster {
         }
     }
 
-    /// Per (rule, key) of the match records in the matches topic (each of
-    /// its partitions read up to its high watermark): the partitions they are in.
-    async fn match_partitions_by_key(&self) -> BTreeMap<(String, String), BTreeSet<i32>> {
-        let mut c = self.bus.subscribe(&format!("reader-{}", self.tag), &[self.matches_topic.as_str()]).unwrap();
+    /// Every record of `topic` so far: each of its partitions read up to its
+    /// high watermark, by a reader group of its own (`reader`).
+    async fn read_all(&self, topic: &str, reader: &str) -> Vec<cepheid_bus::Message> {
+        let mut c = self.bus.subscribe(&format!("{reader}-{}", self.tag), &[topic]).unwrap();
         let mut left = BTreeMap::new();
-        for p in 0..self.bus.partitions(&self.matches_topic).await.unwrap() {
-            let (low, high) = c.bounds(&self.matches_topic, p).await.unwrap();
+        for p in 0..self.bus.partitions(topic).await.unwrap() {
+            let (low, high) = c.bounds(topic, p).await.unwrap();
             if high > low {
                 left.insert(p, high - 1);
             }
         }
-        let mut by_key: BTreeMap<(String, String), BTreeSet<i32>> = BTreeMap::new();
+        let mut got = Vec::new();
         while !left.is_empty() {
-            let m = tokio::time::timeout(Duration::from_secs(60), c.recv()).await.expect("the matches topic read").unwrap();
-            let v: Value = serde_json::from_slice(&m.payload).unwrap();
-            by_key.entry((v["rule_id"].as_str().unwrap().to_string(), v["key"].to_string())).or_default().insert(m.partition);
-            if left.get(&m.partition) == Some(&m.offset) {
+            let m = tokio::time::timeout(Duration::from_secs(60), c.recv()).await.unwrap_or_else(|_| panic!("{topic} read")).unwrap();
+            if left.get(&m.partition).is_some_and(|last| m.offset >= *last) {
                 left.remove(&m.partition);
             }
+            got.push(m);
+        }
+        got
+    }
+
+    /// Per (rule, key) of the match records in the matches topic: the partitions they are in.
+    async fn match_partitions_by_key(&self) -> BTreeMap<(String, String), BTreeSet<i32>> {
+        let mut by_key: BTreeMap<(String, String), BTreeSet<i32>> = BTreeMap::new();
+        for m in self.read_all(&self.matches_topic, "reader").await {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            by_key.entry((v["rule_id"].as_str().unwrap().to_string(), v["key"].to_string())).or_default().insert(m.partition);
         }
         by_key
     }
@@ -455,19 +464,8 @@ impl Cluster {
 
     /// The reasons of every record in the dead-letter topic so far.
     async fn dead_letter_reasons(&self) -> Vec<String> {
-        let mut c = self.bus.subscribe(&format!("dead-reader-{}", self.tag), &[self.dead_topic.as_str()]).unwrap();
-        let (low, high) = c.bounds(&self.dead_topic, 0).await.unwrap();
-        let mut reasons = Vec::new();
-        if high > low {
-            loop {
-                let m = tokio::time::timeout(Duration::from_secs(60), c.recv()).await.expect("the dead-letter topic read").unwrap();
-                reasons.push(String::from_utf8_lossy(m.header("cepheid-reason").unwrap_or_default()).into_owned());
-                if m.offset >= high - 1 {
-                    break;
-                }
-            }
-        }
-        reasons
+        let dead = self.read_all(&self.dead_topic, "dead-reader").await;
+        dead.iter().map(|m| String::from_utf8_lossy(m.header("cepheid-reason").unwrap_or_default()).into_owned()).collect()
     }
 
     /// Stops everything (shards cleanly) and returns the delivered alerts, comparable and sorted.
