@@ -22,7 +22,9 @@
 //! router's watermark follows the post as a whole, not each partition's share
 //! of it, which may stop short of the post's newest event); a forwarded raw record is
 //! one record, keyed by the partition key, with the source in the
-//! `cepheid-source` header. The router reads both.
+//! `cepheid-source` header and where it was read in `cepheid-origin`
+//! (`topic/partition/offset`: records forwarded again after a restart are
+//! dropped as repeats downstream). The router reads both.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,7 +36,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cepheid_bus::frame::{Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION, FRONTIER_HEADER};
+use cepheid_bus::frame::{Entry, FrameWriter, FRAME_HEADER, FRAME_VERSION, FRONTIER_HEADER, RAW_ORIGIN_HEADER};
 use cepheid_bus::{partition_for, Bus};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use serde::Deserialize;
@@ -256,12 +258,14 @@ impl Ctx {
     /// Hands the event to the bus now (events enqueued one after another keep
     /// their order); the returned future is its acknowledgement.
     /// A traced event carries its trace onwards in the `traceparent` header.
-    async fn enqueue(&self, source: &str, schema: &Schema, text: &str, event: &Value, trace: Option<&Traced>) -> Result<cepheid_bus::Delivery, cepheid_bus::BusError> {
+    /// `origin`: where a raw record was read (header [`RAW_ORIGIN_HEADER`]).
+    async fn enqueue(&self, source: &str, schema: &Schema, text: &str, event: &Value, trace: Option<&Traced>, origin: Option<&str>) -> Result<cepheid_bus::Delivery, cepheid_bus::BusError> {
         let key = partition_key(schema, event);
         let traceparent = trace.map(Traced::traceparent);
-        let headers = [("cepheid-source", source.as_bytes()), (TRACEPARENT, traceparent.as_deref().unwrap_or_default().as_bytes())];
-        let headers = if traceparent.is_some() { &headers[..] } else { &headers[..1] };
-        self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), headers).await
+        let mut headers = vec![("cepheid-source", source.as_bytes())];
+        headers.extend(traceparent.as_deref().map(|t| (TRACEPARENT, t.as_bytes())));
+        headers.extend(origin.map(|o| (RAW_ORIGIN_HEADER, o.as_bytes())));
+        self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &headers).await
     }
 }
 
@@ -597,7 +601,29 @@ async fn forward(ctx: &Arc<Ctx>, m: &cepheid_bus::Message, first: bool) -> cephe
                 .telemetry
                 .continue_trace("ingest.accept", Kind::Consumer, m.header(TRACEPARENT))
                 .or_else(|| ctx.telemetry.start_trace("ingest.accept", Kind::Consumer));
-            ctx.enqueue(&source, schema, &text, &v, trace.as_ref()).await.map(|d| -> cepheid_bus::Delivery {
+            // The first send says where the record was read: should ingest stop before
+            // committing past it, the record is forwarded again after the restart, and
+            // shards drop the second copy by this origin. A send again after a refusal
+            // does not: records read after it may have been written before it, and a
+            // shard would take it for a repeat of an earlier position (if the refused
+            // send was written after all, it is taken twice).
+            let origin = first.then(|| format!("{}/{}/{}", m.topic, m.partition, m.offset));
+            // A full producer queue (or a partition count not yet known): wait and
+            // hand it over again, before anything read after it — taken for a failed
+            // send, the records after it would be written first.
+            // (Up to a minute; then it counts as a failed send.)
+            let (mut wait, give_up) = (Duration::from_millis(5), tokio::time::Instant::now() + Duration::from_secs(60));
+            let sent = loop {
+                match ctx.enqueue(&source, schema, &text, &v, trace.as_ref(), origin.as_deref()).await {
+                    Err(e) if e.is_transient() && tokio::time::Instant::now() < give_up => {
+                        tracing::debug!("ingest: raw record {}/{}/{} not handed to the bus yet ({e}); again in {wait:?}", m.topic, m.partition, m.offset);
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_millis(500));
+                    }
+                    r => break r,
+                }
+            };
+            sent.map(|d| -> cepheid_bus::Delivery {
                 let ctx = ctx.clone();
                 Box::pin(async move {
                     let r = d.await;
@@ -620,7 +646,7 @@ async fn forward(ctx: &Arc<Ctx>, m: &cepheid_bus::Message, first: bool) -> cephe
                     None,
                     None,
                     &m.payload,
-                    &[("cepheid-reason", reason.as_bytes()), ("cepheid-origin", format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
+                    &[("cepheid-reason", reason.as_bytes()), (RAW_ORIGIN_HEADER, format!("{}/{}/{}", m.topic, m.partition, m.offset).as_bytes())],
                 )
                 .await
         }

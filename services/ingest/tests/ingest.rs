@@ -113,6 +113,8 @@ async fn scenario(bus: Bus, tag: &str) {
             assert_eq!(m.header("cepheid-source"), Some(&b"clickstream"[..]));
             let v: Value = serde_json::from_slice(&m.payload).unwrap();
             assert_eq!(m.key.as_deref().map(|k| String::from_utf8(k.to_vec()).unwrap()), Some(v["userId"].to_string()));
+            // Where it was read: the raw topic's first record.
+            assert_eq!(m.header(frame::RAW_ORIGIN_HEADER), Some(format!("{raw}/0/0").as_bytes()));
             got.push(v["eventTime"].as_i64().unwrap());
         }
     }
@@ -174,11 +176,20 @@ async fn refused_forwards_are_sent_again() {
     }));
     let mut events = bus.subscribe(&format!("reader-{tag}"), &[cfg.events_topic.as_str()]).unwrap();
     let mut got = Vec::new();
+    let mut sent_again = 0;
     while got.len() < n {
         let m = tokio::time::timeout(std::time::Duration::from_secs(60), events.recv()).await.expect("every raw record forwarded").unwrap();
         let v: Value = serde_json::from_slice(&m.payload).unwrap();
-        got.push(v["eventTime"].as_i64().unwrap());
+        let t = v["eventTime"].as_i64().unwrap();
+        // The first send of raw record i (offset i) names it; a send again names
+        // nothing (records after it may have been written first).
+        match m.header(frame::RAW_ORIGIN_HEADER) {
+            Some(o) => assert_eq!(o, format!("{raw}/0/{t}").as_bytes()),
+            None => sent_again += 1,
+        }
+        got.push(t);
     }
+    assert!(sent_again >= 1, "no record was sent again without its origin");
     got.sort();
     got.dedup();
     assert_eq!(got, (0..n as i64).collect::<Vec<_>>(), "a raw record is missing from the events topic");

@@ -413,6 +413,9 @@ pub struct Report {
     pub rejected: u64,
     /// Events behind their source's watermark (sent to the dead-letter topic).
     pub late: u64,
+    /// Events ingest forwarded again from a raw topic (their raw position was
+    /// routed before), dropped.
+    pub duplicates: u64,
     pub watermarks_sent: u64,
     /// Rules loaded at the last count.
     pub rules: u64,
@@ -433,6 +436,7 @@ impl Report {
             ("cepheid_router_unrouted_total", "counter", "Events no enabled rule admits.", self.unrouted),
             ("cepheid_router_rejected_total", "counter", "Events that cannot be decoded (no time field, not JSON).", self.rejected),
             ("cepheid_router_late_total", "counter", "Events behind their source's watermark, dead-lettered.", self.late),
+            ("cepheid_router_duplicates_total", "counter", "Events ingest forwarded again from a raw topic (after a restart), dropped.", self.duplicates),
             ("cepheid_router_watermarks_total", "counter", "Watermark records sent.", self.watermarks_sent),
             ("cepheid_router_rules", "gauge", "Enabled rules loaded.", self.rules),
             ("cepheid_router_consumer_lag", "gauge", "Events of the assigned events partitions after the committed offsets.", self.consumer_lag),
@@ -506,6 +510,8 @@ pub async fn run(
     // Records are enqueued in order and acknowledged together: an event's
     // offset is committed once every record enqueued up to it is acknowledged.
     let mut out = Outbox::new(partitions);
+    // Per raw origin stream and partition, the last raw offset routed (since the last rebalance).
+    let mut raw_routed: std::collections::HashMap<(u32, i32), i64> = std::collections::HashMap::new();
     loop {
         report.rules = router.rule_count() as u64;
         report.watermarks_sent += std::mem::take(&mut out.watermark_records);
@@ -534,9 +540,36 @@ pub async fn run(
                 if let Some(assigned) = consumer.assignment_changed() {
                     let mine: Vec<i32> = assigned.iter().filter(|(t, _)| *t == cfg.events_topic).map(|(_, p)| *p).collect();
                     router.keep_partitions(&mine, wall_ms());
+                    // Only what was read while owning a partition without a break counts.
+                    raw_routed.clear();
                 }
                 router.heard_from(m.partition, wall_ms());
-                let input = Input { topic: &m.topic, partition: m.partition, offset: m.offset };
+                // Where its events were read: the events record, or — for a record
+                // ingest forwarded from a raw topic — the raw record (forwarded again
+                // after an ingest restart, it is at a new events offset).
+                let raw = if m.header(FRAME_HEADER).is_none() { m.header(frame::RAW_ORIGIN_HEADER) } else { None };
+                let origin = match raw.map(|h| (h, frame::parse_raw_origin(h))) {
+                    Some((_, Some((topic, partition, offset)))) => {
+                        let stream = out.stream(&frame::raw_stream(topic, &m.topic, m.partition));
+                        // Forwarded again (ingest restarted before committing it): already
+                        // routed — dropped here rather than dead-lettered as late (or sent
+                        // for the shards to drop).
+                        let last = raw_routed.entry((stream, partition)).or_insert(-1);
+                        if offset <= *last {
+                            report.duplicates += 1;
+                            out.done(&m.topic, m.partition, m.offset + 1);
+                            continue;
+                        }
+                        *last = offset;
+                        (stream, partition, offset)
+                    }
+                    Some((h, None)) => {
+                        tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset, "router: unreadable {} header {:?}; the record's origin is taken as its own", frame::RAW_ORIGIN_HEADER, String::from_utf8_lossy(h));
+                        (out.stream(&m.topic), m.partition, m.offset)
+                    }
+                    None => (out.stream(&m.topic), m.partition, m.offset),
+                };
+                let input = Input { topic: &m.topic, partition: m.partition, offset: m.offset, origin };
                 let mut ctx = RouteCtx { router: &mut router, out: &mut out, report: &mut report, bus: &bus, cfg: &cfg, telemetry: &telemetry, partitions, router_id: &router_id, key: String::new() };
                 if m.header(FRAME_HEADER).is_some() {
                     // Ingest's frame: the events of one post bound for this partition.
@@ -598,6 +631,8 @@ struct Input<'a> {
     topic: &'a str,
     partition: i32,
     offset: i64,
+    /// Its origin's stream, partition and offset (see [`frame::ORIGIN_TOPIC_HEADER`]).
+    origin: (u32, i32, i64),
 }
 
 /// What routing one event touches.
@@ -648,7 +683,8 @@ impl RouteCtx<'_> {
                     self.key.push_str(&r.signature);
                     self.key.push('|');
                     self.key.push_str(&r.key);
-                    let origin = Some(frame::Origin { partition: input.partition, offset: input.offset, index });
+                    let (stream, partition, offset) = input.origin;
+                    let origin = Some(frame::Origin { stream, partition, offset, index });
                     let e = Entry { key: self.key.as_bytes(), time, source, trace: traceparent.as_deref(), payload, origin };
                     full |= self.out.frame(self.partitions, &e, self.cfg);
                     self.report.routed += 1;
@@ -696,6 +732,10 @@ struct Outbox {
     last_told: Vec<Option<tokio::time::Instant>>,
     /// Watermark records sent by `send_frames` and `keep_alive`, not yet counted in the report.
     watermark_records: u64,
+    /// The origin streams named so far (entries' [`frame::Origin::stream`]
+    /// index it), and the list as every frame's [`ORIGIN_TOPIC_HEADER`].
+    streams: Vec<String>,
+    streams_header: String,
 }
 
 impl Outbox {
@@ -709,7 +749,19 @@ impl Outbox {
             told: vec![Vec::new(); partitions.max(1) as usize],
             last_told: vec![None; partitions.max(1) as usize],
             watermark_records: 0,
+            streams: Vec::new(),
+            streams_header: String::new(),
         }
+    }
+    /// The index of origin stream `name` (added to the list when new; the
+    /// list only grows, so frames sent earlier keep their meaning).
+    fn stream(&mut self, name: &str) -> u32 {
+        if let Some(i) = self.streams.iter().position(|s| s == name) {
+            return i as u32;
+        }
+        self.streams.push(name.to_string());
+        self.streams_header = self.streams.join(",");
+        (self.streams.len() - 1) as u32
     }
     fn len(&self) -> usize {
         self.acks.len()
@@ -755,7 +807,8 @@ impl Outbox {
                 continue;
             }
             let payload = self.frames[p].take();
-            let mut headers = vec![(FRAME_HEADER, FRAME_VERSION), (ORIGIN_TOPIC_HEADER, cfg.events_topic.as_bytes())];
+            let streams = self.streams_header.clone();
+            let mut headers = vec![(FRAME_HEADER, FRAME_VERSION), (ORIGIN_TOPIC_HEADER, streams.as_bytes())];
             if let Some(m) = &text {
                 headers.extend([("cepheid-watermarks", m.as_bytes()), ("cepheid-router", router_id.as_bytes())]);
             }

@@ -90,6 +90,23 @@ async fn service_follows_rule_changes_and_sends_watermarks() {
     let got = take(&mut keyed, &mut watermark_partitions, 1).await;
     assert_eq!(got, vec![("userId|7".to_string(), partition_for(b"userId|7", 3))]);
 
+    // A record ingest forwarded from raw topic click_stream1 (partition 2,
+    // offset 77): its entry's origin is the raw record, in the stream of that
+    // raw topic via this events partition, named in the frame's list.
+    let e = r#"{"eventTime":1500,"kind":"a","userId":7,"productId":1}"#;
+    bus.send(&cfg.events_topic, Some(0), None, e.as_bytes(), &[("cepheid-source", b"clickstream"), (frame::RAW_ORIGIN_HEADER, b"click_stream1/2/77")]).await.unwrap();
+    let m = loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), keyed.recv()).await.expect("a frame").unwrap();
+        if m.header(FRAME_HEADER).is_some() {
+            break m;
+        }
+    };
+    let streams: Vec<&str> = std::str::from_utf8(m.header(frame::ORIGIN_TOPIC_HEADER).unwrap()).unwrap().split(',').collect();
+    assert_eq!(streams, ["cepheid.events", "click_stream1 via cepheid.events/0"], "the streams named so far, in the order first met");
+    let entries: Vec<frame::Entry> = frame::entries(&m.payload).collect::<Result<_, _>>().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].origin, Some(frame::Origin { stream: 1, partition: 2, offset: 77, index: 0 }));
+
     // A rule with another key arrives live.
     store.apply(&rule("b", 1, r#""key_by":["userId","productId"],"pattern":[{"name":"x"}]"#)).await.unwrap();
     // Until the router has applied it, events route to `a` only: keep sending until both keys appear.
@@ -156,7 +173,8 @@ async fn take(keyed: &mut cepheid_bus::Consumer, wp: &mut std::collections::BTre
             continue;
         }
         assert!(m.key.is_none(), "a frame's partition is its events' (they have their own keys)");
-        assert_eq!(m.header(frame::ORIGIN_TOPIC_HEADER), Some(&b"cepheid.events"[..]), "a frame names the events topic its entries were read from");
+        let streams = String::from_utf8(m.header(frame::ORIGIN_TOPIC_HEADER).expect("origin streams").to_vec()).unwrap();
+        assert_eq!(streams.split(',').next(), Some("cepheid.events"), "a frame names the events topic its entries were read from");
         let entries: Vec<frame::Entry> = frame::entries(&m.payload).collect::<Result<_, _>>().expect("a readable frame");
         assert!(!entries.is_empty());
         if let Some(w) = m.header("cepheid-watermarks") {
@@ -171,7 +189,7 @@ async fn take(keyed: &mut cepheid_bus::Consumer, wp: &mut std::collections::BTre
             assert_eq!(e.source, "clickstream");
             // Where the router read it: plain records of events partition 0, one event each.
             let origin = e.origin.expect("the router's entries carry their origin");
-            assert_eq!((origin.partition, origin.index), (0, 0), "{origin:?}");
+            assert_eq!((origin.stream, origin.partition, origin.index), (0, 0, 0), "{origin:?}");
             out.push((key, m.partition));
         }
     }

@@ -83,17 +83,19 @@ pub struct Meta {
     /// ascending; each owner's numbers run up to the next entry's first.
     #[serde(default)]
     pub lineage: Vec<(i64, u64)>,
-    /// Per events topic and partition, the latest origin (record offset,
+    /// Per origin stream and partition, the latest origin (record offset,
     /// index in it) of the router frames' entries read up to `read`: an entry
-    /// at or before it was sent again by a router that took over the events
-    /// partition before its predecessor's offsets were committed, and is dropped.
+    /// at or before it was sent again — by a router that took over the events
+    /// partition before its predecessor's offsets were committed, or by ingest
+    /// forwarding raw records again after a restart — and is dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub origins: Vec<OriginMark>,
 }
 
-/// The latest events-topic position a partition took (see [`Meta::origins`]).
+/// The latest position a partition took in an origin stream (see [`Meta::origins`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OriginMark {
+    /// The stream: an events topic, or `RAW via EVENTS/P` ([`cepheid_bus::frame::ORIGIN_TOPIC_HEADER`]).
     pub topic: String,
     pub partition: i32,
     pub offset: i64,

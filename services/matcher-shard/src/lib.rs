@@ -198,9 +198,9 @@ pub struct Report {
     /// Events read again after a restore because the checkpoint left them
     /// waiting for the watermark (they are held again).
     pub replayed: u64,
-    /// Events a router sent again (their events-topic position was read
-    /// before: a router took over an events partition whose offsets its
-    /// predecessor had not committed), dropped.
+    /// Events sent again (their origin was read before: a router took over
+    /// an events partition whose offsets its predecessor had not committed,
+    /// or ingest forwarded raw records again after a restart), dropped.
     pub duplicates: u64,
     pub seeks: u64,
     /// Partitions whose log ended before their checkpoint's read position when
@@ -244,7 +244,7 @@ impl Report {
             ("cepheid_shard_log_resets_total", "counter", "Partitions taken whose log ended before their checkpoint's read position (topic recreated): read from its start as new records.", self.log_resets),
             ("cepheid_shard_replayed_skipped_total", "counter", "Records (and events of records) read again that the checkpoint already held.", self.replayed_skipped),
             ("cepheid_shard_replayed_total", "counter", "Events read again after a restore that the checkpoint left waiting for the watermark.", self.replayed),
-            ("cepheid_shard_duplicates_total", "counter", "Events a router sent again (an events-topic position already read: a router took over an events partition before its predecessor committed), dropped.", self.duplicates),
+            ("cepheid_shard_duplicates_total", "counter", "Events sent again (their origin already read: a router took over an events partition before its predecessor committed, or ingest forwarded raw records again), dropped.", self.duplicates),
             ("cepheid_shard_restored_keys_total", "counter", "Key states loaded from Redis.", self.restored_keys),
             ("cepheid_shard_passivated_total", "counter", "Key actors stopped after idling.", self.passivated),
             ("cepheid_shard_partitions", "gauge", "Partitions held.", self.partitions),
@@ -304,7 +304,9 @@ struct Held {
 }
 type Pending = TimeOrdered<Held>;
 
-/// Per events topic, per partition: the latest origin (offset, index) taken.
+/// Per origin stream (an events topic, or a raw topic via an events
+/// partition: [`frame::ORIGIN_TOPIC_HEADER`]), per partition: the latest
+/// origin (offset, index) taken.
 type Positions = FxHashMap<String, FxHashMap<i32, (i64, u32)>>;
 
 /// A key with state (running, passivated, or both).
@@ -353,8 +355,9 @@ struct Partition {
     next_seq: u64,
     /// Which epoch wrote which checkpoint numbers ([`Meta::lineage`]), this one's included.
     lineage: Vec<(i64, u64)>,
-    /// Per events topic and partition, the latest origin of the frame entries
-    /// read ([`Meta::origins`]): an entry at or before it is a router's repeat.
+    /// Per origin stream and partition, the latest origin of the frame entries
+    /// read ([`Meta::origins`]): an entry at or before it is a repeat (a
+    /// router reading again, or ingest forwarding a raw record again).
     origins: Positions,
     /// The same for the records read again after the last restore (before
     /// `replay_to`), built up as they are read again: `origins` is as of
@@ -781,31 +784,40 @@ impl Shard {
             // Many events in one record; the router's watermarks apply after all of them.
             let mut entries = frame::entries(&m.payload);
             let mut i = 0;
-            // The latest origin per events partition of this record's entries: they are
-            // judged against the records before it (an event routed to several key
+            // The latest origin per stream and partition of this record's entries: they
+            // are judged against the records before it (an event routed to several key
             // signatures has one origin for all of them, in one frame).
-            let mut latest: Vec<(i32, (i64, u32))> = Vec::new();
+            let mut latest: Vec<(u32, i32, (i64, u32))> = Vec::new();
             let mut repeats = 0;
-            let origin_topic = m.header(frame::ORIGIN_TOPIC_HEADER).map(String::from_utf8_lossy).unwrap_or_default();
-            // What was taken before this record, per events partition of its topic (looked up once per record).
-            let before = {
+            let streams: Vec<&str> = m
+                .header(frame::ORIGIN_TOPIC_HEADER)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .map(|h| h.split(',').collect())
+                .unwrap_or_default();
+            // What was taken before this record, per stream of its list (looked up once per record and stream).
+            let before: Vec<FxHashMap<i32, (i64, u32)>> = {
                 let p = &self.parts[&partition];
                 let taken = if replay { &p.replay_origins } else { &p.origins };
-                taken.get(origin_topic.as_ref()).cloned().unwrap_or_default()
+                streams.iter().map(|s| taken.get(*s).cloned().unwrap_or_default()).collect()
             };
             while let Some(e) = entries.next() {
                 let origin = || format!("{}/{}/{}#{i}", m.topic, m.partition, m.offset);
                 match e {
-                    Ok(e) => {
+                    Ok(mut e) => {
+                        if e.origin.is_some_and(|o| o.stream as usize >= streams.len()) {
+                            // Not a stream the record names: taken as it is (a repeat of it would be taken too).
+                            tracing::warn!("matcher-shard: {}: origin stream {} of {} named", origin(), e.origin.map_or(0, |o| o.stream), streams.len());
+                            e.origin = None;
+                        }
                         if let Some(o) = e.origin {
-                            if before.get(&o.partition).is_some_and(|t| o.position() <= *t) {
+                            if before[o.stream as usize].get(&o.partition).is_some_and(|t| o.position() <= *t) {
                                 repeats += 1;
                                 i += 1;
                                 continue;
                             }
-                            match latest.iter_mut().find(|(q, _)| *q == o.partition) {
-                                Some((_, l)) => *l = (*l).max(o.position()),
-                                None => latest.push((o.partition, o.position())),
+                            match latest.iter_mut().find(|(s, q, _)| *s == o.stream && *q == o.partition) {
+                                Some((_, _, l)) => *l = (*l).max(o.position()),
+                                None => latest.push((o.stream, o.partition, o.position())),
                             }
                         }
                         let source = self.source(e.source.as_bytes());
@@ -822,7 +834,7 @@ impl Shard {
                 }
                 i += 1;
             }
-            self.taken(partition, m.offset, replay, &origin_topic, latest, repeats);
+            self.taken(partition, m.offset, replay, &streams, latest, repeats);
             let marks = m.header("cepheid-watermarks").and_then(|h| {
                 let w = serde_json::from_slice::<std::collections::BTreeMap<String, i64>>(h);
                 if w.is_err() {
@@ -872,18 +884,16 @@ impl Shard {
     /// Notes a frame's latest origins as taken, and its `repeats` (entries at or
     /// before what was taken, dropped); a run of records with repeats is
     /// logged once it ends.
-    fn taken(&mut self, partition: i32, offset: i64, replay: bool, topic: &str, latest: Vec<(i32, (i64, u32))>, repeats: u64) {
+    fn taken(&mut self, partition: i32, offset: i64, replay: bool, streams: &[&str], latest: Vec<(u32, i32, (i64, u32))>, repeats: u64) {
         let p = self.parts.get_mut(&partition).expect("acquired");
         let taken = if replay { &mut p.replay_origins } else { &mut p.origins };
-        if !latest.is_empty() {
-            if !taken.contains_key(topic) {
-                taken.insert(topic.to_string(), FxHashMap::default());
+        for (stream, q, pos) in latest {
+            let stream = streams[stream as usize];
+            if !taken.contains_key(stream) {
+                taken.insert(stream.to_string(), FxHashMap::default());
             }
-            let taken = taken.get_mut(topic).expect("inserted");
-            for (q, pos) in latest {
-                let t = taken.entry(q).or_insert(pos);
-                *t = (*t).max(pos);
-            }
+            let t = taken.get_mut(stream).expect("inserted").entry(q).or_insert(pos);
+            *t = (*t).max(pos);
         }
         if replay {
             // Dropped the first time too.
@@ -899,7 +909,7 @@ impl Shard {
             (None, r) if r > 0 => p.repeats = Some((r, offset, offset)),
             (Some((n, first, last)), _) => {
                 tracing::info!(
-                    "matcher-shard: {}/{partition}: dropped {n} events a router sent again (records {first}..={last}; their events-topic positions were read before)",
+                    "matcher-shard: {}/{partition}: dropped {n} events sent again (records {first}..={last}; their origins were read before: a router read its events topic again, or ingest forwarded raw records again)",
                     p.topic
                 );
                 p.repeats = None;

@@ -132,7 +132,11 @@ struct Cluster {
     store: RedisRuleStore,
     alerts: PathBuf,
     _tmp: tempfile::TempDir,
+    ingest_cfg: cepheid_ingest::IngestConfig,
     ingest_url: String,
+    ingest: Option<Svc>,
+    /// The raw topic ingest reads (when the cluster was started with one).
+    raw_topic: String,
     /// Where each service serves /healthz, /readyz and /metrics.
     probes: Vec<(String, String)>,
     services: Vec<Svc>,
@@ -160,11 +164,13 @@ struct Opts {
     /// OTLP endpoint every service exports traces to (every event traced).
     otlp: Option<String>,
     rules: Vec<RuleSpec>,
+    /// Ingest also reads a raw topic (see [`Cluster::produce_raw`]).
+    raw: bool,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { shards: 2, redis: REDIS.into(), otlp: None, rules: rules() }
+        Opts { shards: 2, redis: REDIS.into(), otlp: None, rules: rules(), raw: false }
     }
 }
 
@@ -206,17 +212,13 @@ impl Cluster {
         }
         icfg.dead_letter_topic = dead_topic.clone();
         icfg.group = format!("ingest-{tag}");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ingest_url = format!("http://{}", listener.local_addr().unwrap());
-        let (b, t) = (bus.clone(), telemetry("cepheid-ingest"));
-        services.push(spawn(move |stop| async move {
-            cepheid_ingest::run(icfg, b, t, listener, async move {
-                let _ = stop.await;
-            })
-            .await
-            .unwrap();
-        }));
-        let probes = vec![("ingest".to_string(), ingest_url.clone())];
+        // A raw topic of one partition (the input's order kept), read as the clickstream.
+        let raw_topic = format!("raw-{tag}");
+        if opts.raw {
+            bus.create_topic(&raw_topic, 1).await.unwrap();
+            icfg.raw_topics.insert(raw_topic.clone(), "clickstream".into());
+        }
+        let probes = Vec::new();
         // notifier
         let mut ncfg = NotifierConfig::default();
         ncfg.targets.insert("alerts".into(), TargetConfig::File { path: alerts.clone() });
@@ -258,7 +260,10 @@ impl Cluster {
             store,
             alerts,
             _tmp: tmp,
-            ingest_url,
+            ingest_cfg: icfg,
+            ingest_url: String::new(),
+            ingest: None,
+            raw_topic,
             probes,
             services,
             router: None,
@@ -270,11 +275,40 @@ impl Cluster {
             matches_topic,
             dead_topic,
         };
+        c.start_ingest(c.ingest_cfg.group.clone()).await;
         c.start_router(c.router_group()).await;
         for _ in 0..opts.shards {
             c.add_shard().await;
         }
         c
+    }
+
+    /// Starts ingest, reading raw topics in consumer group `group`, on a port of its own.
+    async fn start_ingest(&mut self, group: String) {
+        let cfg = cepheid_ingest::IngestConfig { group, ..self.ingest_cfg.clone() };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.ingest_url = format!("http://{}", listener.local_addr().unwrap());
+        self.probes.retain(|(name, _)| name != "ingest");
+        self.probes.push(("ingest".into(), self.ingest_url.clone()));
+        let (b, t) = (self.bus.clone(), telemetry(&self.otlp, "cepheid-ingest"));
+        self.ingest = Some(spawn(move |stop| async move {
+            cepheid_ingest::run(cfg, b, t, listener, async move {
+                let _ = stop.await;
+            })
+            .await
+            .unwrap();
+        }));
+    }
+
+    /// Writes lines to the raw topic, one record each, in order.
+    async fn produce_raw(&self, lines: &[String]) {
+        let mut acks = Vec::with_capacity(lines.len());
+        for l in lines {
+            acks.push(self.bus.enqueue(&self.raw_topic, Some(0), None, l.as_bytes(), &[]).await.unwrap());
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
     }
 
     /// Starts the keygen-router in consumer group `group` (`r1`; a successor
@@ -453,13 +487,21 @@ impl Cluster {
         by_key
     }
 
-    /// A counter summed over the shards' /metrics.
-    async fn shards_counter(&self, name: &str) -> f64 {
-        let mut sum = 0.0;
-        for (_, url) in self.probes.iter().filter(|(n, _)| n.starts_with("matcher-shard")) {
-            sum += counter(url, name).await;
+    /// Waits (at most a minute) until counter `name`, summed over the services
+    /// whose probe name starts with `service`, is above zero; returns it.
+    async fn until_counted(&self, service: &str, name: &str) -> f64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut sum = 0.0;
+            for (_, url) in self.probes.iter().filter(|(n, _)| n.starts_with(service)) {
+                sum += counter(url, name).await;
+            }
+            if sum > 0.0 {
+                return sum;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{name} of {service} stayed at 0");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        sum
     }
 
     /// The reasons of every record in the dead-letter topic so far.
@@ -471,10 +513,7 @@ impl Cluster {
     /// Stops everything (shards cleanly) and returns the delivered alerts, comparable and sorted.
     async fn finish(mut self) -> Vec<String> {
         // Ingest and the router first, so that everything they took reaches the shards.
-        if let Some(r) = self.router.take() {
-            self.services.insert(1, r);
-        }
-        for s in self.services.drain(..) {
+        for s in self.ingest.take().into_iter().chain(self.router.take()).chain(self.services.drain(..)) {
             s.stop().await;
         }
         for s in self.shards.drain(..) {
@@ -605,20 +644,62 @@ async fn router_killed_and_reading_again(bus: Bus, tag: &str) {
     c.start_router(format!("{}-successor", c.router_group())).await;
     c.post(&lines[half..]).await;
     c.until_delivered(want.len()).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let dropped = c.shards_counter("cepheid_shard_duplicates_total").await;
-        if dropped > 0.0 {
-            eprintln!("repeats dropped: {dropped}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the shards dropped {dropped} repeated events");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let dropped = c.until_counted("matcher-shard", "cepheid_shard_duplicates_total").await;
+    eprintln!("repeats dropped: {dropped}");
     let late = c.dead_letter_reasons().await.into_iter().filter(|r| r.starts_with("late at the shard")).count();
     assert_eq!(late, 0, "events sent again were dead-lettered as late instead of dropped as repeats");
     let got = c.finish().await;
     assert_same(&got, &want);
+}
+
+/// Ingest forwarding a raw topic is killed mid-stream (aborted: nothing
+/// committed on the way out) and a successor reads the raw topic again from
+/// its start (a consumer group of its own: every record forwarded before is
+/// forwarded again, at new events offsets): the alerts are those of `cepheid
+/// run`, no event is taken twice or dead-lettered as late — the router drops
+/// the raw positions it routed before.
+async fn ingest_killed_and_forwarding_again(bus: Bus, tag: &str) {
+    let lines = input();
+    let want = embedded_alerts(&lines);
+    let mut c = Cluster::start_with(bus, tag, Opts { raw: true, ..Opts::default() }).await;
+    let half = lines.len() / 2;
+    c.produce_raw(&lines[..half]).await;
+    c.until_delivered(want.len() / 4).await;
+    c.ingest.take().unwrap().kill().await;
+    c.start_ingest(format!("{}-successor", c.ingest_cfg.group)).await;
+    c.produce_raw(&lines[half..]).await;
+    c.until_delivered(want.len()).await;
+    let dropped = c.until_counted("keygen-router", "cepheid_router_duplicates_total").await;
+    eprintln!("repeats dropped by the router: {dropped}");
+    // The input's own late events (behind the newest time before them by more
+    // than the bound: one events partition, so the router's watermark is that).
+    let bound = engine().default_source.out_of_orderness_ms;
+    let mut newest = i64::MIN;
+    let mut late_in_input = 0;
+    for l in &lines {
+        // (Lines ingest refuses have none.)
+        let Some(t) = serde_json::from_str::<Value>(l).ok().and_then(|v| v["eventTime"].as_i64()) else { continue };
+        if t < newest.saturating_sub(bound) {
+            late_in_input += 1;
+        } else {
+            newest = newest.max(t);
+        }
+    }
+    let late: Vec<String> = c.dead_letter_reasons().await.into_iter().filter(|r| r.starts_with("late")).collect();
+    assert_eq!(late.len(), late_in_input, "events forwarded again were dead-lettered as late instead of dropped as repeats: {:?}", &late[..late.len().min(5)]);
+    let got = c.finish().await;
+    assert_same(&got, &want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_killed_and_forwarding_again_repeats_nothing() {
+    ingest_killed_and_forwarding_again(Bus::memory(), "ingest-kill").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_killed_and_forwarding_again_repeats_nothing_on_kafka() {
+    let Some(bus) = kafka() else { return };
+    ingest_killed_and_forwarding_again(bus, "ingest-kill-kafka").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -867,14 +948,7 @@ async fn redis_restarted_mid_stream_loses_nothing() {
     c.post(&lines[third..2 * third]).await;
     // Redis stays down until a shard has failed to reach it (a checkpoint, or
     // loading a passivated key's state).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if c.shards_counter("cepheid_shard_redis_errors_total").await > 0.0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no shard noticed that Redis was down");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.until_counted("matcher-shard", "cepheid_shard_redis_errors_total").await;
     redis.up();
     c.post(&lines[2 * third..]).await;
     c.until_delivered(want.len()).await;

@@ -134,8 +134,16 @@ impl Setup {
     /// writes them: each with where the router read its event (events
     /// partition, offset, index in the record).
     async fn send_frame_from(&self, topic: &str, entries: &[((i32, i64, u32), Event)], watermark: Option<i64>) {
-        let entries: Vec<_> = entries.iter().map(|((partition, offset, index), e)| (Some(Origin { partition: *partition, offset: *offset, index: *index }), e.clone())).collect();
-        self.send_entries(Some(topic), &entries, watermark, 0).await
+        let entries: Vec<_> = entries.iter().map(|((partition, offset, index), e)| ((0, *partition, *offset, *index), e.clone())).collect();
+        self.send_frame_streams(topic, &entries, watermark).await
+    }
+
+    /// Sends a frame naming the origin streams `streams` (comma-separated),
+    /// each entry with its origin (stream index, partition, offset, index).
+    async fn send_frame_streams(&self, streams: &str, entries: &[(At, Event)], watermark: Option<i64>) {
+        let entries: Vec<_> =
+            entries.iter().map(|((stream, partition, offset, index), e)| (Some(Origin { stream: *stream, partition: *partition, offset: *offset, index: *index }), e.clone())).collect();
+        self.send_entries(Some(streams), &entries, watermark, 0).await
     }
 
     async fn send_entries(&self, topic: Option<&str>, entries: &[(Option<Origin>, Event)], watermark: Option<i64>, cut: usize) {
@@ -161,6 +169,9 @@ impl Setup {
         cepheid_state::delete_prefix(REDIS, &self.prefix).await.unwrap();
     }
 }
+
+/// An entry's origin: stream index, partition, offset, index in the record.
+type At = (u32, i32, i64, u32);
 
 /// The user of a match record.
 fn user_of(m: &cepheid_bus::Message) -> i64 {
@@ -393,5 +404,47 @@ async fn events_a_router_sends_again_are_taken_once() {
     if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), matches.recv()).await {
         panic!("a match too many: user {}", user_of(&m));
     }
+    setup.clean_up().await;
+}
+
+/// Events ingest forwarded from a raw topic carry the raw record as their
+/// origin, in a stream per raw topic and events partition (`RAW via
+/// EVENTS/P`): ingest forwarding them again after a restart (new events
+/// offsets, same raw positions) is taken once. Streams are judged apart, a
+/// frame's list names them in any order, and an origin naming no stream of
+/// its list is taken as it is.
+#[tokio::test]
+async fn events_ingest_forwards_again_are_taken_once_per_stream() {
+    let setup = Setup::new("raw-repeats").await;
+    let (stop, shard) = setup.start();
+    let mut matches = setup.matches().await;
+    let (posted, raw0, raw1) = ("events", "click via events/0", "click via events/1");
+
+    // Offset 0: a posted event and two forwarded from raw partition 0 via events partition 0.
+    let both = format!("{posted},{raw0}");
+    setup.send_frame_streams(&both, &[((0, 0, 3, 0), buy(1, 1_000)), ((1, 0, 100, 0), buy(2, 1_100)), ((1, 0, 101, 0), buy(3, 1_200))], None).await;
+    // Offset 1: raw partition 0 via events partition 1 (the list in another
+    // order): a stream of its own, though behind the other's position.
+    setup.send_frame_streams(&format!("{raw1},{posted}"), &[((0, 0, 50, 0), buy(4, 1_300))], None).await;
+    // Offset 2: ingest restarted and forwarded raw records 100 and 101 again,
+    // then a new one; the posted event once more (the router read again); an
+    // origin in stream 7 of a list of two.
+    setup
+        .send_frame_streams(
+            &both,
+            &[((1, 0, 100, 0), buy(2, 1_100)), ((1, 0, 101, 0), buy(3, 1_200)), ((0, 0, 3, 0), buy(1, 1_000)), ((1, 0, 102, 0), buy(5, 1_400)), ((7, 0, 1, 0), buy(6, 1_450))],
+            Some(5_000),
+        )
+        .await;
+    assert_eq!(match_users(&mut matches, 6).await, vec![1, 2, 3, 4, 5, 6], "each event once");
+    stop.send(()).unwrap();
+    let report = shard.await.unwrap().unwrap();
+    assert_eq!((report.events, report.duplicates, report.matches), (6, 3, 6), "{report:?}");
+    if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), matches.recv()).await {
+        panic!("a match too many: user {}", user_of(&m));
+    }
+    let meta = setup.read_meta().await;
+    let origins: Vec<(&str, i32, i64, u32)> = meta.origins.iter().map(|o| (o.topic.as_str(), o.partition, o.offset, o.index)).collect();
+    assert_eq!(origins, vec![(raw0, 0, 102, 0), (raw1, 0, 50, 0), (posted, 0, 3, 0)], "the latest position taken per stream and partition");
     setup.clean_up().await;
 }

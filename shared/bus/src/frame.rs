@@ -12,26 +12,31 @@
 //! varint len, traceparent (0: none) · varint len, event
 //! ```
 //!
-//! or `0xCF 0x02` followed by entries that also say where their event was read
-//! ([`Origin`]; the router's frames, so that a shard can tell an event a
-//! router sends again from a new one):
+//! or `0xCF 0x03` followed by entries that also say where their event was read
+//! ([`Origin`]; the router's frames, so that a shard can tell an event sent
+//! again from a new one):
 //!
 //! ```text
-//! … as above · varint events partition + 1 (0: no origin) ·
-//! [varint offset · varint index within that record]
+//! … as above · varint origin partition + 1 (0: no origin) ·
+//! [varint stream · varint offset · varint index within that record]
 //! ```
 //!
+//! where `stream` indexes the frame's list of origin streams (header
+//! [`ORIGIN_TOPIC_HEADER`]). Format 2 (`0xCF 0x02`, written until format 3)
+//! is the same without the stream (every origin in the list's first one);
+//! it is still read.
+//!
 //! A frame's first entry decides its format: entries with an origin make a
-//! frame of format 2, entries without one a frame of format 1 (ingest's, which
+//! frame of format 3, entries without one a frame of format 1 (ingest's, which
 //! routers of every version read).
 //!
 //! Record-level headers (the router's watermark) apply after the last entry.
 
 /// Header that marks a framed record (its value is [`FRAME_VERSION`]).
 pub const FRAME_HEADER: &str = "cepheid-frame";
-/// The value of [`FRAME_HEADER`]: `1` for frames of both formats (the
-/// payload's first two bytes tell which; readers older than format 2 take a
-/// format-2 payload for unreadable).
+/// The value of [`FRAME_HEADER`]: `1` for frames of every format (the
+/// payload's first two bytes tell which; a reader older than a format takes
+/// its payload for unreadable).
 pub const FRAME_VERSION: &[u8] = b"1";
 /// Header of an ingest frame: per source, the newest event time of the post
 /// it came from, up to its last entry (a JSON object, e.g.
@@ -43,27 +48,57 @@ pub const FRAME_VERSION: &[u8] = b"1";
 /// newest time too. It applies after the frame's entries.
 pub const FRONTIER_HEADER: &str = "cepheid-frontier";
 
-/// Header of a router's frame: the events topic its entries' origins are in
-/// (an [`Origin`] names the partition and offset, not the topic; two routers
-/// reading different events topics may feed one keyed topic).
+/// Header of a router's frame: the streams its entries' origins are in,
+/// separated by commas (Kafka topic names hold no comma); an [`Origin`]'s
+/// `stream` is an index into this list. A stream is the events topic the
+/// router read (an event posted to ingest: its origin is the events record),
+/// or `RAW via EVENTS/P` for an event ingest forwarded from raw topic `RAW`
+/// to partition `P` of events topic `EVENTS` (its origin is the raw record:
+/// ingest forwarding a raw record again, after a restart, writes it at a new
+/// events offset, but its raw position is the same). Within one stream and
+/// origin partition, the events of one router come in the order of their
+/// origins. Two routers reading different events topics may feed one keyed
+/// topic, so the names are kept whole.
 pub const ORIGIN_TOPIC_HEADER: &str = "cepheid-origin-topic";
+
+/// Header of a record ingest forwarded from a raw topic: where it was read,
+/// `TOPIC/PARTITION/OFFSET` (also on the dead letters of raw records).
+pub const RAW_ORIGIN_HEADER: &str = "cepheid-origin";
+
+/// The stream name of the events ingest forwarded from raw topic `raw` to
+/// partition `partition` of events topic `events` (see [`ORIGIN_TOPIC_HEADER`]).
+pub fn raw_stream(raw: &str, events: &str, partition: i32) -> String {
+    format!("{raw} via {events}/{partition}")
+}
+
+/// Reads a [`RAW_ORIGIN_HEADER`] value: (topic, partition, offset).
+pub fn parse_raw_origin(v: &[u8]) -> Option<(&str, i32, i64)> {
+    let v = std::str::from_utf8(v).ok()?;
+    let (rest, offset) = v.rsplit_once('/')?;
+    let (topic, partition) = rest.rsplit_once('/')?;
+    (!topic.is_empty()).then_some(())?;
+    Some((topic, partition.parse().ok()?, offset.parse().ok()?))
+}
 
 const MAGIC: [u8; 2] = [0xCF, 0x01];
 const MAGIC_ORIGINS: [u8; 2] = [0xCF, 0x02];
+const MAGIC_STREAMS: [u8; 2] = [0xCF, 0x03];
 
-/// Where a router read an event: the events topic's partition, the record's
-/// offset, and the event's index within that record (an ingest frame holds
-/// many events). Within one events partition, origins in the order read are
-/// ascending in (`offset`, `index`).
+/// Where an event was read: its stream (an index into the frame's
+/// [`ORIGIN_TOPIC_HEADER`] list), the partition and offset of its record
+/// there, and the event's index within that record (an ingest frame holds
+/// many events). Within one stream and partition, origins in the order read
+/// are ascending in (`offset`, `index`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Origin {
+    pub stream: u32,
     pub partition: i32,
     pub offset: i64,
     pub index: u32,
 }
 
 impl Origin {
-    /// Its place within its partition: later events have greater ones.
+    /// Its place within its stream's partition: later events have greater ones.
     pub fn position(&self) -> (i64, u32) {
         (self.offset, self.index)
     }
@@ -80,7 +115,7 @@ pub struct Entry<'a> {
     pub trace: Option<&'a str>,
     /// The event as received.
     pub payload: &'a [u8],
-    /// Where the router read it (frames of format 2 only).
+    /// Where the router read it (frames of formats 2 and 3 only).
     pub origin: Option<Origin>,
 }
 
@@ -89,7 +124,7 @@ pub struct Entry<'a> {
 pub struct FrameWriter {
     buf: Vec<u8>,
     count: usize,
-    /// The frame is of format 2 (its entries carry origins).
+    /// The frame is of format 3 (its entries carry origins).
     origins: bool,
 }
 
@@ -100,7 +135,7 @@ impl FrameWriter {
     pub fn push(&mut self, e: &Entry<'_>) {
         if self.buf.is_empty() {
             self.origins = e.origin.is_some();
-            self.buf.extend_from_slice(if self.origins { &MAGIC_ORIGINS } else { &MAGIC });
+            self.buf.extend_from_slice(if self.origins { &MAGIC_STREAMS } else { &MAGIC });
         }
         debug_assert!(self.origins || e.origin.is_none(), "an entry with an origin in a frame of format 1");
         bytes(&mut self.buf, e.key);
@@ -112,6 +147,7 @@ impl FrameWriter {
             match e.origin {
                 Some(o) => {
                     varint(&mut self.buf, u64::from(o.partition as u32) + 1);
+                    varint(&mut self.buf, u64::from(o.stream));
                     varint(&mut self.buf, o.offset as u64);
                     varint(&mut self.buf, u64::from(o.index));
                 }
@@ -159,7 +195,7 @@ fn bytes(out: &mut Vec<u8>, b: &[u8]) {
 /// Why a frame cannot be read (from the entry on: the ones before it were good).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("not a frame of format 1 or 2 (it starts with {0:02x?})")]
+    #[error("not a frame of format 1, 2 or 3 (it starts with {0:02x?})")]
     Format(Vec<u8>),
     #[error("entry {entry}: cut short at byte {at}")]
     Truncated { entry: usize, at: usize },
@@ -173,9 +209,10 @@ pub enum FrameError {
 
 /// The entries of a frame's payload, in order.
 pub fn entries(payload: &[u8]) -> Entries<'_> {
-    let origins = payload.starts_with(&MAGIC_ORIGINS);
+    let streams = payload.starts_with(&MAGIC_STREAMS);
+    let origins = streams || payload.starts_with(&MAGIC_ORIGINS);
     let known = origins || payload.starts_with(&MAGIC);
-    Entries { buf: payload, at: if known { 2 } else { 0 }, start: 0, entry: 0, failed: !known, first: true, origins }
+    Entries { buf: payload, at: if known { 2 } else { 0 }, start: 0, entry: 0, failed: !known, first: true, origins, streams }
 }
 
 /// Iterator over a frame's entries; after an error it ends.
@@ -187,8 +224,10 @@ pub struct Entries<'a> {
     entry: usize,
     failed: bool,
     first: bool,
-    /// Format 2: every entry ends with its origin.
+    /// Formats 2 and 3: every entry ends with its origin.
     origins: bool,
+    /// Format 3: an origin names its stream.
+    streams: bool,
 }
 
 impl<'a> Entries<'a> {
@@ -233,10 +272,12 @@ impl<'a> Entries<'a> {
             match self.varint().ok_or_else(|| cut(self.at))? {
                 0 => None,
                 p => {
+                    let stream = if self.streams { self.varint().ok_or_else(|| cut(self.at))? } else { 0 };
                     let offset = self.varint().ok_or_else(|| cut(self.at))?;
                     let index = self.varint().ok_or_else(|| cut(self.at))?;
                     let out_of_range = || FrameError::Origin { entry };
                     Some(Origin {
+                        stream: u32::try_from(stream).map_err(|_| out_of_range())?,
                         partition: i32::try_from(p - 1).map_err(|_| out_of_range())?,
                         offset: i64::try_from(offset).map_err(|_| out_of_range())?,
                         index: u32::try_from(index).map_err(|_| out_of_range())?,
@@ -299,19 +340,19 @@ mod tests {
 
     #[test]
     fn origins_come_back_with_their_entries() {
-        let at = |partition, offset, index| Some(Origin { partition, offset, index });
+        let at = |stream, partition, offset, index| Some(Origin { stream, partition, offset, index });
         let es = [
-            Entry { key: b"userId|7", time: 5, source: "clickstream", trace: None, payload: b"{}", origin: at(0, 0, 0) },
-            Entry { key: b"userId|8", time: 6, source: "clickstream", trace: Some("00-abc-def-01"), payload: b"{}", origin: at(3, 1 << 40, 399) },
+            Entry { key: b"userId|7", time: 5, source: "clickstream", trace: None, payload: b"{}", origin: at(0, 0, 0, 0) },
+            Entry { key: b"userId|8", time: 6, source: "clickstream", trace: Some("00-abc-def-01"), payload: b"{}", origin: at(2, 3, 1 << 40, 399) },
             Entry { key: b"userId|9", time: 7, source: "clickstream", trace: None, payload: b"{}", origin: None },
-            Entry { key: b"userId|9", time: 7, source: "clickstream", trace: None, payload: b"{}", origin: at(i32::MAX, i64::MAX, u32::MAX) },
+            Entry { key: b"userId|9", time: 7, source: "clickstream", trace: None, payload: b"{}", origin: at(u32::MAX, i32::MAX, i64::MAX, u32::MAX) },
         ];
         let mut w = FrameWriter::default();
         for e in &es {
             w.push(e);
         }
         let buf = w.take();
-        assert_eq!(buf[..2], [0xCF, 0x02], "a frame whose first entry has an origin is of format 2");
+        assert_eq!(buf[..2], [0xCF, 0x03], "a frame whose first entry has an origin is of format 3");
         let back: Vec<Entry> = entries(&buf).collect::<Result<_, _>>().unwrap();
         assert_eq!(back, es);
         // Without origins the writer still writes format 1, which routers of every version read.
@@ -319,11 +360,49 @@ mod tests {
         assert_eq!(w.take()[..2], [0xCF, 0x01]);
         // An origin past what its fields hold is an error at its entry, not a wrapped number.
         let mut w = FrameWriter::default();
-        w.push(&Entry { origin: at(0, 1, 0), ..es[0] });
+        w.push(&Entry { origin: at(0, 0, 1, 0), ..es[0] });
         let mut f = w.take();
-        f.truncate(f.len() - 3);
-        f.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x10, 0x00, 0x00]); // partition + 1 = 2^32, offset 0, index 0
+        f.truncate(f.len() - 4);
+        f.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x10, 0x00, 0x00, 0x00]); // partition + 1 = 2^32, stream 0, offset 0, index 0
         assert!(matches!(entries(&f).next(), Some(Err(FrameError::Origin { entry: 0 }))), "{:?}", entries(&f).next());
+    }
+
+    /// Format 2 (the eighth and ninth sessions' routers): origins without a
+    /// stream, all in the first stream of the list.
+    #[test]
+    fn format_2_origins_are_in_the_first_stream() {
+        let mut f = vec![0xCF, 0x02];
+        for (key, offset, index) in [(&b"userId|7"[..], 5u8, 0u8), (b"userId|8", 6, 2)] {
+            f.push(key.len() as u8);
+            f.extend_from_slice(key);
+            f.push(10); // time 5, zigzag
+            f.push(1);
+            f.push(b's');
+            f.push(0); // no traceparent
+            f.push(2);
+            f.extend_from_slice(b"{}");
+            f.extend_from_slice(&[3 + 1, offset, index]); // partition 3
+        }
+        f.push(b"k".len() as u8);
+        f.extend_from_slice(b"k\x0a\x01s\x00\x00\x00"); // time 5, no payload, no origin
+        let back: Vec<Entry> = entries(&f).collect::<Result<_, _>>().unwrap();
+        let origins: Vec<Option<Origin>> = back.iter().map(|e| e.origin).collect();
+        assert_eq!(
+            origins,
+            [Some(Origin { stream: 0, partition: 3, offset: 5, index: 0 }), Some(Origin { stream: 0, partition: 3, offset: 6, index: 2 }), None]
+        );
+        assert_eq!(back[1].key, b"userId|8");
+        assert_eq!(back[2].payload, b"");
+    }
+
+    #[test]
+    fn raw_origins_read_back() {
+        assert_eq!(parse_raw_origin(b"click_stream1/3/42"), Some(("click_stream1", 3, 42)));
+        assert_eq!(parse_raw_origin(b"a.b-c/0/0"), Some(("a.b-c", 0, 0)));
+        for bad in [&b"click_stream1/3"[..], b"/3/4", b"t/x/4", b"t/3/", b"", b"t/3/4/"] {
+            assert_eq!(parse_raw_origin(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(raw_stream("click_stream1", "cepheid.events", 2), "click_stream1 via cepheid.events/2");
     }
 
     #[test]
