@@ -789,6 +789,8 @@ impl Shard {
             // signatures has one origin for all of them, in one frame).
             let mut latest: Vec<(u32, i32, (i64, u32))> = Vec::new();
             let mut repeats = 0;
+            // An origin naming no stream of the record's list was logged.
+            let mut unnamed = false;
             let streams: Vec<&str> = m
                 .header(frame::ORIGIN_TOPIC_HEADER)
                 .and_then(|h| std::str::from_utf8(h).ok())
@@ -806,7 +808,10 @@ impl Shard {
                     Ok(mut e) => {
                         if e.origin.is_some_and(|o| o.stream as usize >= streams.len()) {
                             // Not a stream the record names: taken as it is (a repeat of it would be taken too).
-                            tracing::warn!("matcher-shard: {}: origin stream {} of {} named", origin(), e.origin.map_or(0, |o| o.stream), streams.len());
+                            if !unnamed {
+                                tracing::warn!("matcher-shard: {}: origin stream {} of {} named (the record's entries with such origins are taken as they are)", origin(), e.origin.map_or(0, |o| o.stream), streams.len());
+                                unnamed = true;
+                            }
                             e.origin = None;
                         }
                         if let Some(o) = e.origin {
