@@ -157,15 +157,10 @@ enum AbsenceEnd {
 
 fn absence_rules(dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, AbsenceEnd>> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(out) };
-    for e in entries {
-        let p = e?.path();
-        let fmt = match p.extension().and_then(|x| x.to_str()) {
-            Some("json") => cepheid_rules::RuleFormat::Json,
-            Some("yaml" | "yml") => cepheid_rules::RuleFormat::Yaml,
-            _ => continue,
-        };
-        let spec = cepheid_rules::parse_rule_str(&std::fs::read_to_string(&p)?, fmt).map_err(|d| anyhow::anyhow!("{}: {d}", p.display()))?;
+    if !dir.exists() {
+        return Ok(out);
+    }
+    for spec in cepheid_loadtest::examples::load_rules(&[dir.to_path_buf()])? {
         if let Some(last) = spec.pattern.last().filter(|s| s.negate) {
             let end = match (last.within, spec.within) {
                 (Some(w), _) => Some(AbsenceEnd::AfterLast(w)),

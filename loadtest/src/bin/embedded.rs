@@ -27,7 +27,7 @@ struct Args {
     users: usize,
     #[arg(long, default_value_t = 5_000)]
     products: usize,
-    /// Rule files to load (default: the five e-commerce example rules).
+    /// Rule files or directories of them to load (default: the five e-commerce example rules).
     #[arg(long)]
     rules: Vec<PathBuf>,
     /// Repeat the measurement this many times and report the median.
@@ -52,18 +52,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         a.rules.clone()
     };
-    let specs: Vec<_> = rules
-        .iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(p)?;
-            let fmt = if p.extension().is_some_and(|x| x == "yaml") {
-                cepheid_rules::RuleFormat::Yaml
-            } else {
-                cepheid_rules::RuleFormat::Json
-            };
-            cepheid_rules::parse_rule_str(&text, fmt).map_err(|d| anyhow::anyhow!("{}: {d}", p.display()))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let specs = cepheid_loadtest::examples::load_rules(&rules)?;
     let t0 = Instant::now();
     let paced = a.rate > 0.0;
     let params = Params { events: a.events, users: a.users, products: a.products, ..Params::default() };
