@@ -101,7 +101,7 @@ where
 /// server). For tear-down: tests, or removing a whole Cepheid installation.
 pub async fn delete_prefix(url: &str, prefix: &str) -> Result<u64, StateError> {
     let client = redis::Client::open(url)?;
-    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut con = connection_manager(&client, RESPONSE_TIMEOUT).await?;
     let mut cursor: u64 = 0;
     let mut deleted = 0;
     loop {
