@@ -6,32 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use cepheid_rules::{parse_rule_str, RuleFormat, RuleSpec};
+use cepheid_rules::RuleSpec;
 
-/// Rule files of a directory (not recursive), sorted.
-pub fn rule_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && format_of(p).is_some())
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-fn format_of(p: &Path) -> Option<RuleFormat> {
-    match p.extension()?.to_str()? {
-        "json" => Some(RuleFormat::Json),
-        "yaml" | "yml" => Some(RuleFormat::Yaml),
-        _ => None,
-    }
-}
-
-/// Reads and checks one rule file; the error is the rendered diagnostics.
-pub fn read_rule_file(p: &Path) -> Result<RuleSpec, String> {
-    let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read: {e}"))?;
-    let fmt = format_of(p).unwrap_or(RuleFormat::Json);
-    parse_rule_str(&text, fmt).map_err(|d| d.to_string())
-}
+pub use cepheid_rules::files::{read_rule_file, rule_files};
 
 /// One change found by a poll.
 #[derive(Debug)]

@@ -8,7 +8,8 @@ use std::collections::{BinaryHeap, HashMap};
 
 use cepheid_engine::cell::{KeyCell, Released, RuleBook};
 use cepheid_engine::engine::EngineConfig;
-use cepheid_rules::{parse_rule_str, RuleFormat, RuleSpec};
+use cepheid_rules::files::{read_rule_file, rule_files};
+use cepheid_rules::RuleSpec;
 
 /// The rules of `rules/examples`, in file-name order.
 pub fn rules() -> Vec<RuleSpec> {
@@ -20,33 +21,15 @@ pub fn rules() -> Vec<RuleSpec> {
 /// JSON), a directory holds one per `.json`, `.yaml` or `.yml` file (in
 /// file-name order). An error names the file and what is wrong with it.
 pub fn load_rules(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<RuleSpec>> {
-    let format = |p: &std::path::Path| match p.extension().and_then(|x| x.to_str()) {
-        Some("yaml" | "yml") => Some(RuleFormat::Yaml),
-        Some("json") => Some(RuleFormat::Json),
-        _ => None,
-    };
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let mut in_dir: Vec<_> = std::fs::read_dir(p)
-                .map_err(|e| anyhow::anyhow!("{}: cannot read the directory: {e}", p.display()))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|f| f.is_file() && format(f).is_some())
-                .collect();
-            in_dir.sort();
-            files.extend(in_dir);
+            files.extend(rule_files(p).map_err(|e| anyhow::anyhow!("{}: cannot read the directory: {e}", p.display()))?);
         } else {
             files.push(p.clone());
         }
     }
-    files
-        .iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
-            parse_rule_str(&text, format(p).unwrap_or(RuleFormat::Json)).map_err(|d| anyhow::anyhow!("{}: {d}", p.display()))
-        })
-        .collect()
+    files.iter().map(|p| read_rule_file(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))).collect()
 }
 
 /// The example rules loaded as a matcher shard loads them, with their key signatures.

@@ -13,6 +13,7 @@ mod compile;
 mod diag;
 mod duration;
 mod expr;
+pub mod files;
 mod spec;
 
 pub use agg::{AggKind, AggSpec, AggState, SerValue};
