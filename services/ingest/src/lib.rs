@@ -262,10 +262,13 @@ impl Ctx {
     async fn enqueue(&self, source: &str, schema: &Schema, text: &str, event: &Value, trace: Option<&Traced>, origin: Option<&str>) -> Result<cepheid_bus::Delivery, cepheid_bus::BusError> {
         let key = partition_key(schema, event);
         let traceparent = trace.map(Traced::traceparent);
-        let mut headers = vec![("cepheid-source", source.as_bytes())];
-        headers.extend(traceparent.as_deref().map(|t| (TRACEPARENT, t.as_bytes())));
-        headers.extend(origin.map(|o| (RAW_ORIGIN_HEADER, o.as_bytes())));
-        self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &headers).await
+        let mut headers: [(&str, &[u8]); 3] = [("cepheid-source", source.as_bytes()), ("", b""), ("", b"")];
+        let mut n = 1;
+        for h in [traceparent.as_deref().map(|t| (TRACEPARENT, t.as_bytes())), origin.map(|o| (RAW_ORIGIN_HEADER, o.as_bytes()))].into_iter().flatten() {
+            headers[n] = h;
+            n += 1;
+        }
+        self.bus.enqueue(&self.cfg.events_topic, None, key.as_deref().map(str::as_bytes), text.as_bytes(), &headers[..n]).await
     }
 }
 

@@ -550,7 +550,7 @@ pub async fn run(
                 let raw = if m.header(FRAME_HEADER).is_none() { m.header(frame::RAW_ORIGIN_HEADER) } else { None };
                 let origin = match raw.map(|h| (h, frame::parse_raw_origin(h))) {
                     Some((_, Some((topic, partition, offset)))) => {
-                        let stream = out.stream(&frame::raw_stream(topic, &m.topic, m.partition));
+                        let stream = out.raw_stream(topic, &m.topic, m.partition);
                         // Forwarded again (ingest restarted before committing it): already
                         // routed — dropped here rather than dead-lettered as late (or sent
                         // for the shards to drop).
@@ -736,6 +736,8 @@ struct Outbox {
     /// index it), and the list as every frame's [`ORIGIN_TOPIC_HEADER`].
     streams: Vec<String>,
     streams_header: String,
+    /// (raw topic, events partition) → its stream's index (no name formatted per record).
+    raw_streams: Vec<(String, i32, u32)>,
 }
 
 impl Outbox {
@@ -751,7 +753,17 @@ impl Outbox {
             watermark_records: 0,
             streams: Vec::new(),
             streams_header: String::new(),
+            raw_streams: Vec::new(),
         }
+    }
+    /// The index of the stream of raw topic `raw` via partition `partition` of events topic `events`.
+    fn raw_stream(&mut self, raw: &str, events: &str, partition: i32) -> u32 {
+        if let Some((_, _, i)) = self.raw_streams.iter().find(|(t, p, _)| t == raw && *p == partition) {
+            return *i;
+        }
+        let i = self.stream(&frame::raw_stream(raw, events, partition));
+        self.raw_streams.push((raw.to_string(), partition, i));
+        i
     }
     /// The index of origin stream `name` (added to the list when new; the
     /// list only grows, so frames sent earlier keep their meaning).
