@@ -6,6 +6,10 @@
 //!   ones go to the events topic, and the answer comes only after the bus
 //!   acknowledged them: `202` when all were accepted, `400` naming each bad
 //!   line and the reason (the good ones are kept), `503` when the bus failed.
+//!   A post carrying an `Idempotency-Key` header is safe to send again
+//!   ([`ledger`]): what it got stored is remembered in Redis, and the same
+//!   post under the same key stores only the lines not stored yet (`409`
+//!   while another post under the key runs, `422` for another body).
 //! - Raw topics (e.g. `click_stream1`): records are checked the same way and
 //!   forwarded; bad ones go to the dead-letter topic with the reason in the
 //!   `cepheid-reason` header. Forwards are pipelined (up to 10 000 awaiting
@@ -32,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -41,6 +45,10 @@ use cepheid_bus::{partition_for, Bus};
 use cepheid_telemetry::{Kind, Telemetry, Traced, TRACEPARENT};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+pub mod ledger;
+
+use ledger::{Begin, LedgerError, PostLedger};
 
 /// Field types a schema can require.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -132,6 +140,22 @@ pub struct IngestConfig {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[serde(default = "max_body")]
     pub max_body_bytes: usize,
+    /// Posts with an `Idempotency-Key` header: how long what they stored is
+    /// remembered (ms); the same post sent again within it stores only the
+    /// lines not stored yet.
+    #[serde(default = "idempotency_ttl_ms")]
+    pub idempotency_ttl_ms: u64,
+    /// How long a key stays held after the post running under it stopped
+    /// renewing it (a killed ingest); renewed every third of it while it runs.
+    #[serde(default = "idempotency_lock_ms")]
+    pub idempotency_lock_ms: u64,
+}
+
+fn idempotency_ttl_ms() -> u64 {
+    24 * 3_600_000
+}
+fn idempotency_lock_ms() -> u64 {
+    30_000
 }
 
 fn max_body() -> usize {
@@ -210,6 +234,7 @@ struct Ctx {
     bus: Bus,
     metrics: Arc<Metrics>,
     telemetry: Arc<Telemetry>,
+    ledger: PostLedger,
 }
 
 /// Counters served at `/metrics`.
@@ -224,6 +249,12 @@ pub struct Metrics {
     dead_lettered: std::sync::atomic::AtomicU64,
     /// Events handed to the bus whose acknowledgement is awaited (their request is not answered yet).
     awaiting_ack: std::sync::atomic::AtomicU64,
+    /// Lines of posts sent again that an earlier post under the same `Idempotency-Key` stored.
+    repeated: std::sync::atomic::AtomicU64,
+    /// Posts answered 409: another post under the same key was running.
+    key_conflicts: std::sync::atomic::AtomicU64,
+    /// Keyed posts whose stored lines could not be recorded (Redis unreachable).
+    key_unrecorded: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -243,6 +274,9 @@ impl Metrics {
             ("cepheid_ingest_raw_retries_total", "counter", "Raw records sent again after the bus refused them.", get(&self.raw_retries)),
             ("cepheid_ingest_dead_lettered_total", "counter", "Raw records sent to the dead-letter topic.", get(&self.dead_lettered)),
             ("cepheid_ingest_events_awaiting_ack", "gauge", "Posted events handed to the bus and not yet acknowledged.", get(&self.awaiting_ack)),
+            ("cepheid_ingest_repeated_lines_total", "counter", "Lines of posts sent again under an Idempotency-Key that an earlier post already stored (not stored again).", get(&self.repeated)),
+            ("cepheid_ingest_idempotency_conflicts_total", "counter", "Posts answered 409: another post under the same Idempotency-Key was being stored.", get(&self.key_conflicts)),
+            ("cepheid_ingest_idempotency_unrecorded_total", "counter", "Posts under an Idempotency-Key whose stored lines could not be recorded in Redis (sent again, they would be stored twice).", get(&self.key_unrecorded)),
         ] {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
         }
@@ -311,15 +345,118 @@ fn items(body: &str) -> Result<Vec<(usize, String)>, String> {
     }
 }
 
-async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, body: String) -> impl IntoResponse {
+/// The request header that makes a post safe to send again ([`ledger`]).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// What storing a post's lines came to.
+struct Stored {
+    /// Lines the bus acknowledged.
+    accepted: Vec<usize>,
+    rejected: Vec<Value>,
+    failed: Vec<Value>,
+}
+
+async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, headers: HeaderMap, body: String) -> axum::response::Response {
     let source = q.source.unwrap_or_else(|| "default".into());
-    let Some(schema) = ctx.schema(&source) else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": format!("unknown source `{source}`: no schema is registered for it")})));
-    };
+    if ctx.schema(&source).is_none() {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": format!("unknown source `{source}`: no schema is registered for it")}))).into_response();
+    }
     let items = match items(&body) {
         Ok(i) => i,
-        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e, "accepted": 0}))),
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e, "accepted": 0}))).into_response(),
     };
+    let key = match headers.get(IDEMPOTENCY_KEY).map(|v| v.to_str().map_err(|_| "`Idempotency-Key` may hold visible ASCII characters only".to_string()).and_then(|k| ledger::check_key(k).map(|()| k.to_string()))) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e, "accepted": 0}))).into_response(),
+    };
+    let Some(key) = key else {
+        let stored = store(&ctx, &source, items).await;
+        return answer(&source, stored, 0, None);
+    };
+    let held = match ctx.ledger.begin(&key, ledger::digest(&source, &body)).await {
+        Ok(Begin::Held(h)) => h,
+        Ok(Begin::Busy) => {
+            Metrics::add(&ctx.metrics.key_conflicts, 1);
+            let body = json!({"error": format!("a post with `Idempotency-Key` {key} is being stored; send it again once that one is answered"), "accepted": 0});
+            return (StatusCode::CONFLICT, [(axum::http::header::RETRY_AFTER, "1")], Json(body)).into_response();
+        }
+        Ok(Begin::OtherPost) => {
+            let body = json!({"error": format!("`Idempotency-Key` {key} was used for a post with another source or body; a post sent again must be the same"), "accepted": 0});
+            return (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response();
+        }
+        Err(e @ LedgerError::Disabled) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string(), "accepted": 0}))).into_response(),
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": format!("nothing stored, retry: {e}"), "accepted": 0}))).into_response(),
+    };
+    // The post runs to its end even when its client leaves (a timeout, a
+    // dropped connection): what it stores is recorded under the key, so the
+    // same post sent again stores only the rest.
+    let task = tokio::spawn(async move {
+        let keeper = ctx.ledger.keep(&held);
+        let already = held.stored.count();
+        Metrics::add(&ctx.metrics.repeated, already);
+        let items: Vec<(usize, String)> = items.into_iter().filter(|(line, _)| !held.stored.contains(*line as u64)).collect();
+        let stored = store(&ctx, &source, items).await;
+        let mut backoff = cepheid_state::Backoff::default();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match ctx.ledger.finish(&held, stored.accepted.iter().map(|l| *l as u64)).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    Metrics::add(&ctx.metrics.key_unrecorded, 1);
+                    tracing::warn!("post with `Idempotency-Key` {key}: its lock expired while it ran (Redis unreachable?); a post sent again meanwhile may have stored lines twice");
+                    break;
+                }
+                Err(e) if attempts < 5 => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!("post with `Idempotency-Key` {key}: recording what it stored: {e}; retrying in {} ms", wait.as_millis());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    Metrics::add(&ctx.metrics.key_unrecorded, 1);
+                    tracing::error!("post with `Idempotency-Key` {key}: what it stored ({} lines) could not be recorded: {e}; sent again, they would be stored twice", stored.accepted.len());
+                    break;
+                }
+            }
+        }
+        drop(keeper);
+        answer(&source, stored, already, Some(&key))
+    });
+    match task.await {
+        Ok(r) => r,
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": format!("storing the post failed: {e}")}))).into_response(),
+    }
+}
+
+/// The answer to a post: `202` when every line is stored, `400` naming bad
+/// lines (the good ones kept), `503` naming lines the bus did not take.
+/// `already`: lines earlier posts under the same key stored.
+fn answer(source: &str, stored: Stored, already: u64, key: Option<&str>) -> axum::response::Response {
+    let Stored { accepted, rejected, failed } = stored;
+    let status = if !failed.is_empty() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if !rejected.is_empty() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut body = json!({"source": source, "accepted": accepted.len() as u64 + already, "rejected": rejected, "failed": failed});
+    if key.is_some() {
+        body["already_accepted"] = json!(already);
+    }
+    if already > 0 {
+        (status, [("idempotent-replayed", "true")], Json(body)).into_response()
+    } else {
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Checks a post's lines and stores the good ones, answering only once the
+/// bus acknowledged them.
+async fn store(ctx: &Ctx, source: &str, items: Vec<(usize, String)>) -> Stored {
+    let schema = ctx.schema(source).expect("the source was checked");
+    let source = source.to_string();
     let mut rejected = Vec::new();
     let mut good = Vec::new();
     let now = now_ms();
@@ -332,6 +469,7 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
             },
         }
     }
+    Metrics::add(&ctx.metrics.rejected, rejected.len() as u64);
     // The events bound for one partition go as frames (one record each, in the
     // order posted: the order the router sees); the answer comes only once the
     // bus acknowledged every frame.
@@ -342,7 +480,7 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
             ctx.metrics.awaiting_ack.fetch_sub(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
             Metrics::add(&ctx.metrics.failed, good.len() as u64);
             let failed: Vec<Value> = good.iter().map(|(line, _, _)| json!({"line": line, "reason": format!("not stored, retry: {e}")})).collect();
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"source": source, "accepted": 0, "rejected": rejected, "failed": failed})));
+            return Stored { accepted: Vec::new(), rejected, failed };
         }
     };
     let mut frames: BTreeMap<i32, Framing> = BTreeMap::new();
@@ -399,27 +537,19 @@ async fn post_events(State(ctx): State<Arc<Ctx>>, Query(q): Query<SourceQuery>, 
     }
     let results = futures_util::future::join_all(acks).await;
     ctx.metrics.awaiting_ack.fetch_sub(good.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let mut accepted = 0;
+    let mut accepted = Vec::new();
     let mut failed = Vec::new();
     for (lines, r) in results {
         match r {
-            Ok(()) => accepted += lines.len() as u64,
+            Ok(()) => accepted.extend(lines),
             Err(e) => failed.extend(lines.iter().map(|line| json!({"line": line, "reason": format!("not stored, retry: {e}")}))),
         }
     }
+    accepted.sort_unstable();
     failed.sort_by_key(|f| f["line"].as_u64());
-    Metrics::add(&ctx.metrics.accepted, accepted);
-    Metrics::add(&ctx.metrics.rejected, rejected.len() as u64);
+    Metrics::add(&ctx.metrics.accepted, accepted.len() as u64);
     Metrics::add(&ctx.metrics.failed, failed.len() as u64);
-    let body = json!({"source": source, "accepted": accepted, "rejected": rejected, "failed": failed});
-    let status = if !failed.is_empty() {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else if !rejected.is_empty() {
-        StatusCode::BAD_REQUEST
-    } else {
-        StatusCode::ACCEPTED
-    };
-    (status, Json(body))
+    Stored { accepted, rejected, failed }
 }
 
 async fn readyz(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
@@ -430,8 +560,8 @@ async fn readyz(State(ctx): State<Arc<Ctx>>) -> impl IntoResponse {
 }
 
 /// The HTTP routes (tests can serve them on any listener).
-pub fn router(cfg: IngestConfig, bus: Bus) -> Router {
-    routes(Arc::new(Ctx { cfg, bus, metrics: Arc::default(), telemetry: Arc::default() }))
+pub fn router(cfg: IngestConfig, bus: Bus, ledger: PostLedger) -> Router {
+    routes(Arc::new(Ctx { cfg, bus, metrics: Arc::default(), telemetry: Arc::default(), ledger }))
 }
 
 fn routes(ctx: Arc<Ctx>) -> Router {
@@ -455,12 +585,13 @@ pub async fn run(
     bus: Bus,
     telemetry: Arc<Telemetry>,
     listener: tokio::net::TcpListener,
+    ledger: PostLedger,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     bus.create_topic(&cfg.events_topic, cfg.events_partitions).await?;
     bus.create_topic(&cfg.dead_letter_topic, 1).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(Ctx { cfg: cfg.clone(), bus: bus.clone(), metrics: Arc::default(), telemetry: telemetry.clone() });
+    let ctx = Arc::new(Ctx { cfg: cfg.clone(), bus: bus.clone(), metrics: Arc::default(), telemetry: telemetry.clone(), ledger });
     let mut raw = Vec::new();
     if !cfg.raw_topics.is_empty() {
         raw.push(tokio::spawn(consume_raw(ctx.clone(), stop_rx.clone())));

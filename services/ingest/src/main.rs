@@ -4,7 +4,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::Context;
-use cepheid_runtime::{config_arg, load, shutdown_signal, KafkaSettings};
+use cepheid_runtime::{config_arg, load, shutdown_signal, KafkaSettings, RedisSettings};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -12,6 +12,7 @@ struct Settings {
     #[serde(default)]
     ingest: cepheid_ingest::IngestConfig,
     kafka: KafkaSettings,
+    redis: RedisSettings,
     #[serde(default)]
     telemetry: cepheid_telemetry::TelemetrySettings,
 }
@@ -23,5 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let bus = cfg.kafka.bus()?;
     let listener = tokio::net::TcpListener::bind(&cfg.ingest.listen).await.with_context(|| format!("binding {}", cfg.ingest.listen))?;
     tracing::info!("cepheid-ingest: POST http://{}/v1/events?source=NAME", listener.local_addr()?);
-    cepheid_ingest::run(cfg.ingest, bus, telemetry, listener, shutdown_signal()).await
+    // Connected on the first post carrying an `Idempotency-Key`: other posts never wait for Redis.
+    let ledger = cepheid_ingest::ledger::PostLedger::redis(&cfg.redis.url, &cfg.redis.prefix, cfg.ingest.idempotency_ttl_ms, cfg.ingest.idempotency_lock_ms)?;
+    cepheid_ingest::run(cfg.ingest, bus, telemetry, listener, ledger, shutdown_signal()).await
 }

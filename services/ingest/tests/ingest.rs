@@ -3,8 +3,11 @@
 
 use cepheid_bus::frame::{self, FRAME_HEADER};
 use cepheid_bus::{partition_for, Bus};
-use cepheid_ingest::{run, IngestConfig};
+use cepheid_ingest::ledger::PostLedger;
+use cepheid_ingest::IngestConfig;
 use serde_json::Value;
+
+mod common;
 
 fn config(tag: &str) -> IngestConfig {
     let mut cfg: IngestConfig = serde_json::from_value(serde_json::json!({
@@ -26,22 +29,10 @@ async fn scenario(bus: Bus, tag: &str) {
     let cfg = config(tag);
     let raw = format!("click_stream1-{tag}");
     bus.create_topic(&raw, 1).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run(cfg.clone(), bus.clone(), Default::default(), listener, async move {
-        let _ = stopped.await;
-    }));
+    // Answering once its topics are created.
+    let server = common::start(cfg.clone(), bus.clone(), PostLedger::disabled()).await;
+    let url = server.url.clone();
     let http = reqwest::Client::new();
-    // Wait until the service answers (it creates its topics first).
-    loop {
-        if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        tokio::task::yield_now().await;
-    }
     assert_eq!(http.get(format!("{url}/healthz")).send().await.unwrap().status(), 200);
 
     // NDJSON with one bad line: 400 names it; the good ones are kept.
@@ -124,8 +115,7 @@ async fn scenario(bus: Bus, tag: &str) {
     let d = tokio::time::timeout(std::time::Duration::from_secs(20), dead.recv()).await.expect("dead letter").unwrap();
     assert!(String::from_utf8_lossy(d.header("cepheid-reason").unwrap()).contains("missing time field `eventTime`"));
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -168,12 +158,8 @@ async fn refused_forwards_are_sent_again() {
     }
     // Every record is in the raw topic; the next produce requests (ingest's) are refused.
     mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 3]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(run(cfg.clone(), bus.clone(), Default::default(), listener, async move {
-        let _ = stopped.await;
-    }));
+    let server = common::start(cfg.clone(), bus.clone(), PostLedger::disabled()).await;
+    let url = server.url.clone();
     let mut events = bus.subscribe(&format!("reader-{tag}"), &[cfg.events_topic.as_str()]).unwrap();
     let mut got = Vec::new();
     let mut sent_again = 0;
@@ -200,7 +186,6 @@ async fn refused_forwards_are_sent_again() {
         .and_then(|v| v.trim().parse().ok())
         .expect("the retries metric");
     assert!(retries >= 1.0, "no forward was refused: the test did not exercise the retry ({metrics})");
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    server.stop().await;
     drop(mock);
 }

@@ -291,8 +291,10 @@ impl Cluster {
         self.probes.retain(|(name, _)| name != "ingest");
         self.probes.push(("ingest".into(), self.ingest_url.clone()));
         let (b, t) = (self.bus.clone(), telemetry(&self.otlp, "cepheid-ingest"));
+        // Posts carry an `Idempotency-Key` (see `post`): remembered in the test's Redis prefix.
+        let ledger = cepheid_ingest::ledger::PostLedger::redis(&self.redis, &self.prefix, cfg.idempotency_ttl_ms, cfg.idempotency_lock_ms).unwrap();
         self.ingest = Some(spawn(move |stop| async move {
-            cepheid_ingest::run(cfg, b, t, listener, async move {
+            cepheid_ingest::run(cfg, b, t, listener, ledger, async move {
                 let _ = stop.await;
             })
             .await
@@ -399,8 +401,15 @@ impl Cluster {
         }));
     }
 
-    /// Posts lines to ingest in batches; returns (accepted, rejected).
+    /// Posts lines to ingest in batches, each under an `Idempotency-Key` of
+    /// its own (as a careful client sends them: the keyed path end to end);
+    /// returns (accepted, rejected).
     async fn post(&self, lines: &[String]) -> (u64, u64) {
+        self.post_with(lines, true).await
+    }
+
+    /// Posts lines in batches, under keys or not (ingest then needs no Redis).
+    async fn post_with(&self, lines: &[String], keyed: bool) -> (u64, u64) {
         let http = reqwest::Client::new();
         loop {
             if http.get(format!("{}/readyz", self.ingest_url)).send().await.is_ok_and(|r| r.status() == 200) {
@@ -409,11 +418,27 @@ impl Cluster {
             tokio::task::yield_now().await;
         }
         let (mut accepted, mut rejected) = (0, 0);
+        static POSTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         for chunk in lines.chunks(400) {
             let body = chunk.join("\n");
-            let r = http.post(format!("{}/v1/events?source=clickstream", self.ingest_url)).body(body).send().await.unwrap();
-            let status = r.status().as_u16();
-            let v: Value = r.json().await.unwrap();
+            let key = keyed.then(|| format!("{}-post-{}", self.prefix, POSTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let (status, v) = loop {
+                let mut req = http.post(format!("{}/v1/events?source=clickstream", self.ingest_url)).body(body.clone());
+                if let Some(k) = &key {
+                    req = req.header("Idempotency-Key", k);
+                }
+                let r = req.send().await.unwrap();
+                let status = r.status().as_u16();
+                let v: Value = r.json().await.unwrap();
+                // Under a key a 503 is safe to send again (e.g. ingest's Redis
+                // connection coming back after an outage): what was stored is not stored again.
+                if key.is_some() && status == 503 && tokio::time::Instant::now() < deadline {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                break (status, v);
+            };
             assert!(status == 202 || status == 400, "ingest answered {status}: {v}");
             accepted += v["accepted"].as_u64().unwrap();
             rejected += v["rejected"].as_array().unwrap().len() as u64;
@@ -945,11 +970,25 @@ async fn redis_restarted_mid_stream_loses_nothing() {
     c.post(&lines[..third]).await;
     c.until_delivered(1).await;
     redis.down();
-    c.post(&lines[third..2 * third]).await;
+    // Posts without an `Idempotency-Key` do not need Redis.
+    c.post_with(&lines[third..2 * third], false).await;
     // Redis stays down until a shard has failed to reach it (a checkpoint, or
     // loading a passivated key's state).
     c.until_counted("matcher-shard", "cepheid_shard_redis_errors_total").await;
+    // A post under a key cannot be remembered now: refused whole, nothing stored.
+    let body = lines[2 * third..].join("\n");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/events?source=clickstream", c.ingest_url))
+        .header("Idempotency-Key", format!("{}-during-outage", c.prefix))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("redis") && v["accepted"] == 0, "{v}");
     redis.up();
+    // Sent again once Redis is back: stored.
     c.post(&lines[2 * third..]).await;
     c.until_delivered(want.len()).await;
     let got = c.finish().await;
