@@ -83,6 +83,10 @@ struct Args {
     /// Also append a JSON line with the results to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Send each post under an `Idempotency-Key` of its own (ingest then
+    /// remembers it in Redis: what keyed posts cost).
+    #[arg(long)]
+    keys: bool,
 }
 
 async fn scrape(http: &reqwest::Client, url: &str, metric: &str) -> anyhow::Result<f64> {
@@ -268,6 +272,8 @@ async fn main() -> anyhow::Result<()> {
     let cpu0 = cpu_seconds(&a.pids);
     let start = Instant::now();
     let start_wall_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() * 1e3;
+    // Keys unique to this run (`--keys`): posts of an earlier run are not repeats.
+    let run_id = format!("{}-{}", std::process::id(), start_wall_ms as u64);
     let mut acked: BTreeMap<i64, Instant> = BTreeMap::new(); // event time → ack of its batch
     let mut frontier: Vec<(i64, Instant)> = Vec::new(); // highest event time posted so far, at each ack
     let mut accepted = 0u64;
@@ -280,8 +286,13 @@ async fn main() -> anyhow::Result<()> {
         }
         let permit = inflight.clone().acquire_owned().await?;
         let (http, url, body) = (http.clone(), format!("{}/v1/events?source=clickstream", a.ingest), chunk.join("\n"));
+        let key = a.keys.then(|| format!("loadtest-{run_id}-{i}"));
         posts.push(tokio::spawn(async move {
-            let r = http.post(url).body(body).send().await?;
+            let mut req = http.post(url).body(body);
+            if let Some(k) = key {
+                req = req.header("Idempotency-Key", k);
+            }
+            let r = req.send().await?;
             let status = r.status();
             let text = r.text().await?;
             let now = Instant::now();
@@ -430,7 +441,7 @@ async fn main() -> anyhow::Result<()> {
     let cpu: BTreeMap<String, f64> = cpu1.iter().map(|(k, v)| (k.clone(), ((v - cpu0.get(k).copied().unwrap_or(0.0)) * 100.0).round() / 100.0)).collect();
     let eps = accepted as f64 / done.as_secs_f64();
     let report = serde_json::json!({
-        "events": accepted, "batch": a.batch, "target_rate": a.rate,
+        "events": accepted, "batch": a.batch, "target_rate": a.rate, "idempotency_keys": a.keys,
         "out_of_orderness_ms": a.lateness_ms,
         "start_wall_ms": start_wall_ms,
         "post_seconds": posted.as_secs_f64(), "through_seconds": done.as_secs_f64(), "events_per_second": eps,
