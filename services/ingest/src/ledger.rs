@@ -12,6 +12,7 @@
 //! stopped renewing it — a killed ingest holds no key for longer).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -130,28 +131,41 @@ pub struct PostLedger(Option<std::sync::Arc<Inner>>);
 
 static TOKENS: AtomicU64 = AtomicU64::new(0);
 
-/// Sets the record and gives the lock up, if still held by this post.
-const FINISH: &str = r"
+/// Sets the record, and gives the lock up if still held by this post (1) or
+/// leaves it to whoever holds it now (0).
+static FINISH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
-return 0";
+return 0",
+    )
+});
 
 /// Renews the lock, if still held by this post.
-const RENEW: &str = r"
+static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
-return 0";
+return 0",
+    )
+});
 
 /// Gives the lock up, if still held by this post.
-const RELEASE: &str = r"
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
-return 0";
+return 0",
+    )
+});
 
 impl PostLedger {
     /// No Redis: posts carrying a key are refused with a clear answer.
@@ -225,7 +239,7 @@ impl PostLedger {
                 tokio::time::sleep(every).await;
                 let renewed: Result<i64, LedgerError> = async {
                     let mut con = ledger.con().await?;
-                    Ok(redis::Script::new(RENEW).key(&lock).arg(&token).arg(inner.lock_ms).invoke_async(&mut con).await?)
+                    Ok(RENEW.key(&lock).arg(&token).arg(inner.lock_ms).invoke_async(&mut con).await?)
                 }
                 .await;
                 match renewed {
@@ -249,7 +263,7 @@ impl PostLedger {
         let r = Record { digest: held.digest.clone(), lines: held.stored.with(lines) };
         let text = serde_json::to_string(&r).expect("a record serialises");
         let mut con = self.con().await?;
-        let kept: i64 = redis::Script::new(FINISH).key(&lock).key(&record).arg(&held.token).arg(text).arg(inner.ttl_ms).invoke_async(&mut con).await?;
+        let kept: i64 = FINISH.key(&lock).key(&record).arg(&held.token).arg(text).arg(inner.ttl_ms).invoke_async(&mut con).await?;
         Ok(kept == 1)
     }
 
@@ -258,7 +272,7 @@ impl PostLedger {
         let Ok((lock, _)) = self.keys(&held.key) else { return };
         let r: Result<i64, LedgerError> = async {
             let mut con = self.con().await?;
-            Ok(redis::Script::new(RELEASE).key(&lock).arg(&held.token).invoke_async(&mut con).await?)
+            Ok(RELEASE.key(&lock).arg(&held.token).invoke_async(&mut con).await?)
         }
         .await;
         if let Err(e) = r {
