@@ -142,7 +142,8 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// Posts with an `Idempotency-Key` header: how long what they stored is
     /// remembered (ms); the same post sent again within it stores only the
-    /// lines not stored yet.
+    /// lines not stored yet. Each keyed post holds ~270 bytes of Redis for
+    /// this long: an hour by default, longer than clients retry.
     #[serde(default = "idempotency_ttl_ms")]
     pub idempotency_ttl_ms: u64,
     /// How long a key stays held after the post running under it stopped
@@ -152,7 +153,7 @@ pub struct IngestConfig {
 }
 
 fn idempotency_ttl_ms() -> u64 {
-    24 * 3_600_000
+    3_600_000
 }
 fn idempotency_lock_ms() -> u64 {
     30_000
