@@ -32,7 +32,7 @@ app.kubernetes.io/component: {{ .component }}
   "kafka" (dict "bootstrap" .Values.kafka.bootstrap "properties" .Values.kafka.properties)
   "ingest" (dict "listen" (printf "0.0.0.0:%v" .Values.ingest.port) "events_partitions" .Values.topics.events)
   "router" (dict "listen" (printf "0.0.0.0:%v" .Values.router.port) "events_partitions" .Values.topics.events "keyed_partitions" .Values.topics.keyed)
-  "shard" (dict "listen" (printf "0.0.0.0:%v" .Values.shard.port) "keyed_partitions" .Values.topics.keyed "matches_partitions" .Values.topics.matches "checkpoint_interval_ms" .Values.shard.checkpointIntervalMs "passivate_after_ms" .Values.shard.passivateAfterMs "threads" .Values.shard.threads)
+  "shard" (dict "listen" (printf "0.0.0.0:%v" .Values.shard.port) "keyed_partitions" .Values.topics.keyed "matches_partitions" .Values.topics.matches "checkpoint_interval_ms" .Values.shard.checkpointIntervalMs "passivate_after_ms" .Values.shard.passivateAfterMs "max_running_keys" .Values.shard.maxRunningKeys "threads" .Values.shard.threads)
   "notifier_service" (dict "listen" (printf "0.0.0.0:%v" .Values.notifier.port) "matches_partitions" .Values.topics.matches)
   "telemetry" (dict "otlp_endpoint" .Values.telemetry.otlpEndpoint "sample_ratio" .Values.telemetry.sampleRatio "log_format" .Values.telemetry.logFormat "log_level" .Values.telemetry.logLevel)
 -}}

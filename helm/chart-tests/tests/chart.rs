@@ -135,6 +135,7 @@ fn chart_renders_and_validates_with_default_values() {
     assert_eq!(cfg.shard.keyed_partitions, cfg.router.keyed_partitions, "router and shards agree on the keyed topic");
     assert_eq!(cfg.ingest.events_partitions, cfg.router.events_partitions, "whichever creates the events topic, it has the same partitions");
     assert_eq!(cfg.shard.listen, "0.0.0.0:9103");
+    assert_eq!(cfg.shard.max_running_keys, 150_000, "the chart bounds a shard's running keys (its memory limit)");
     assert_eq!(cfg.telemetry.log_format, cepheid_telemetry::LogFormat::Json);
     assert!(cepheid_telemetry::Telemetry::new("check", &cfg.telemetry).is_ok(), "the chart's telemetry settings are accepted");
     // Every container is probed on real endpoints and runs as non-root.

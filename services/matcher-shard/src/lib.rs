@@ -81,6 +81,14 @@ pub struct ShardConfig {
     /// A key's actor is stopped (its state stays in Redis) after this long without work.
     #[serde(default = "passivate_ms")]
     pub passivate_after_ms: u64,
+    /// At most this many key actors running in the shard (0: no bound): at
+    /// each checkpoint, past this many the least recently used keys whose
+    /// state is stored are passivated too, however recently used — memory
+    /// stays bounded under a burst of new keys (a key holds ~17 KB running,
+    /// BENCHMARKS.md, "Memory"). Keys changed since the checkpoint are not
+    /// stored yet and stay until the next one.
+    #[serde(default)]
+    pub max_running_keys: u64,
     /// A Redis command of the checkpoints (staging, commit, loading a key)
     /// not answered within this long (ms) fails and is retried: a Redis on
     /// busy cores can take seconds, and a checkpoint that times out is
@@ -208,6 +216,8 @@ pub struct Report {
     pub log_resets: u64,
     pub restored_keys: u64,
     pub passivated: u64,
+    /// Of them, passivated before their idle time to keep within `max_running_keys`.
+    pub passivated_for_bound: u64,
     pub partitions: u64,
     pub active_keys: u64,
     pub stored_keys: u64,
@@ -246,7 +256,8 @@ impl Report {
             ("cepheid_shard_replayed_total", "counter", "Events read again after a restore that the checkpoint left waiting for the watermark.", self.replayed),
             ("cepheid_shard_duplicates_total", "counter", "Events sent again (their origin already read: a router took over an events partition before its predecessor committed, or ingest forwarded raw records again), dropped.", self.duplicates),
             ("cepheid_shard_restored_keys_total", "counter", "Key states loaded from Redis.", self.restored_keys),
-            ("cepheid_shard_passivated_total", "counter", "Key actors stopped after idling.", self.passivated),
+            ("cepheid_shard_passivated_total", "counter", "Key actors stopped after idling (or to keep within max_running_keys).", self.passivated),
+            ("cepheid_shard_passivated_for_bound_total", "counter", "Key actors stopped before their idle time to keep within max_running_keys.", self.passivated_for_bound),
             ("cepheid_shard_partitions", "gauge", "Partitions held.", self.partitions),
             ("cepheid_shard_active_keys", "gauge", "Keys with a running actor.", self.active_keys),
             ("cepheid_shard_stored_keys", "gauge", "Keys with state, running or passivated.", self.stored_keys),
@@ -329,6 +340,16 @@ struct KeySlot {
     /// Its entry in the stored timer index as of the last checkpoint (`None`:
     /// not known, written at the next one).
     indexed: Option<Option<i64>>,
+}
+
+impl KeySlot {
+    /// Stops the key's actor; its state is in Redis as of the last checkpoint.
+    fn passivate(&mut self) {
+        if let Some(a) = self.actor.take() {
+            a.stop(None);
+        }
+        self.partials = 0;
+    }
 }
 
 struct Partition {
@@ -1470,6 +1491,8 @@ impl Shard {
             anyhow::bail!(why);
         }
         let partition = t.partition;
+        // The running-keys bound, shared out over the partitions held.
+        let bound = (self.cfg.max_running_keys > 0).then(|| (self.cfg.max_running_keys as usize).div_ceil(self.parts.len().max(1)));
         let Some(p) = self.parts.get_mut(&partition).filter(|p| p.epoch == t.epoch) else { return Ok(()) };
         p.committing = false;
         p.unasked = None;
@@ -1528,21 +1551,42 @@ impl Shard {
         if t.passivate {
             let idle = Duration::from_millis(self.cfg.passivate_after_ms);
             let now = Instant::now();
-            for s in p.keys.values_mut() {
-                if !s.dirty && s.stored && s.actor.is_some() && now.saturating_duration_since(s.last_used) >= idle {
-                    if let Some(a) = s.actor.take() {
-                        a.stop(None);
-                    }
-                    s.partials = 0;
-                    self.report.passivated += 1;
+            let mut running = 0usize;
+            // Keys that could go (stored, not changed since): the least recently used first.
+            let mut could: Vec<(Instant, Arc<str>)> = Vec::new();
+            for (k, s) in p.keys.iter_mut() {
+                if s.actor.is_none() {
+                    continue;
                 }
+                if !s.dirty && s.stored && now.saturating_duration_since(s.last_used) >= idle {
+                    s.passivate();
+                    self.report.passivated += 1;
+                    continue;
+                }
+                running += 1;
+                if bound.is_some() && !s.dirty && s.stored {
+                    could.push((s.last_used, k.clone()));
+                }
+            }
+            if let Some(excess) = bound.and_then(|b| running.checked_sub(b)).filter(|e| *e > 0) {
+                let n = excess.min(could.len());
+                if n < could.len() {
+                    could.select_nth_unstable(n);
+                }
+                for (_, k) in &could[..n] {
+                    if let Some(s) = p.keys.get_mut(k) {
+                        s.passivate();
+                    }
+                }
+                self.report.passivated += n as u64;
+                self.report.passivated_for_bound += n as u64;
             }
         }
         tracing::debug!(partition, took_us = applied.elapsed().as_micros() as u64, "matcher-shard: checkpoint applied");
         Ok(())
     }
 
-    /// Drops routers not heard from for a while; their old watermarks no longer hold partitions back.
+        /// Drops routers not heard from for a while; their old watermarks no longer hold partitions back.
     async fn expire_routers(&mut self) -> anyhow::Result<()> {
         let limit = Duration::from_millis(self.cfg.router_expiry_ms);
         let mut advance = Vec::new();

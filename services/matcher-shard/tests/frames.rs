@@ -7,7 +7,7 @@
 //! the next shard (and those of an earlier version's meta restored from it);
 //! a keyed topic recreated under a checkpoint is read from its start as new.
 //! An event a router sends again (same events-topic position) is taken once,
-//! also across a restart.
+//! also across a restart. Running keys stay within `max_running_keys`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,7 @@ async fn recv(c: &mut cepheid_bus::Consumer, what: &str) -> cepheid_bus::Message
 /// a rule store of its own, a memory bus with a one-partition keyed topic and
 /// a dead-letter topic.
 struct Setup {
+    rule: String,
     prefix: String,
     store: RedisRuleStore,
     bus: Bus,
@@ -47,10 +48,14 @@ type Running = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow
 
 impl Setup {
     async fn new(name: &str) -> Setup {
+        Setup::with_rule(name, r#"{"id":"buys","version":1,"key_by":"userId","pattern":[{"name":"a","where":"kind = 'buy'"}]}"#).await
+    }
+
+    async fn with_rule(name: &str, rule: &str) -> Setup {
         let tag = format!("{name}-{}", std::process::id());
         let prefix = format!("cepheid-test:{tag}");
         let store = RedisRuleStore::connect(REDIS, &prefix).await.unwrap();
-        let rule = cepheid_rules::parse_rule_json(r#"{"id":"buys","version":1,"key_by":"userId","pattern":[{"name":"a","where":"kind = 'buy'"}]}"#).unwrap();
+        let rule = cepheid_rules::parse_rule_json(rule).unwrap();
         store.apply(&rule).await.unwrap();
         let cfg = ShardConfig {
             keyed_topic: format!("keyed-{tag}"),
@@ -66,7 +71,7 @@ impl Setup {
         let bus = Bus::memory();
         bus.create_topic(&cfg.keyed_topic, 1).await.unwrap();
         bus.create_topic(&cfg.dead_letter_topic, 1).await.unwrap();
-        Setup { prefix, store, bus, cfg }
+        Setup { rule: rule.id.clone(), prefix, store, bus, cfg }
     }
 
     /// A reader of the dead-letter topic, from its beginning.
@@ -99,6 +104,11 @@ impl Setup {
 
     /// Starts a shard; the sender stops it, the handle gives its report.
     fn start(&self) -> Running {
+        self.start_on(None)
+    }
+
+    /// Starts a shard serving its probes and metrics on `http`.
+    fn start_on(&self, http: Option<tokio::net::TcpListener>) -> Running {
         let deps = cepheid_matcher_shard::Deps {
             bus: self.bus.clone(),
             rules: self.store.clone(),
@@ -108,7 +118,7 @@ impl Setup {
             telemetry: Default::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let shard = tokio::spawn(cepheid_matcher_shard::run(self.cfg.clone(), EngineConfig::default(), deps, None, async move {
+        let shard = tokio::spawn(cepheid_matcher_shard::run(self.cfg.clone(), EngineConfig::default(), deps, http, async move {
             let _ = stopped.await;
         }));
         (stop, shard)
@@ -165,7 +175,7 @@ impl Setup {
     }
 
     async fn clean_up(self) {
-        self.store.delete("buys").await.unwrap();
+        self.store.delete(&self.rule).await.unwrap();
         cepheid_state::delete_prefix(REDIS, &self.prefix).await.unwrap();
     }
 }
@@ -447,4 +457,51 @@ async fn events_ingest_forwards_again_are_taken_once_per_stream() {
     let origins: Vec<(&str, i32, i64, u32)> = meta.origins.iter().map(|o| (o.topic.as_str(), o.partition, o.offset, o.index)).collect();
     assert_eq!(origins, vec![(raw0, 0, 102, 0), (raw1, 0, 50, 0), (posted, 0, 3, 0)], "the latest position taken per stream and partition");
     setup.clean_up().await;
+}
+
+/// The value of a shard metric (0 when not served yet).
+async fn metric(url: &str, name: &str) -> f64 {
+    let Ok(r) = reqwest::get(format!("{url}/metrics")).await else { return 0.0 };
+    let text = r.text().await.unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' '))).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// With `max_running_keys`, a checkpoint passivates the least recently used
+/// stored keys beyond the bound however recently they were used (idle
+/// passivation is an hour away here): a burst of new keys does not grow the
+/// running actors past it, and the passivated keys come back from Redis with
+/// their partial matches when their next events arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_keys_stay_within_the_bound() {
+    let mut s = Setup::with_rule(
+        "bound",
+        r#"{"id":"pairs","version":1,"key_by":"userId","pattern":[{"name":"a","where":"kind = 'buy'"},{"name":"b","where":"kind = 'buy'"}]}"#,
+    )
+    .await;
+    s.cfg.checkpoint_interval_ms = 100;
+    s.cfg.passivate_after_ms = 3_600_000;
+    s.cfg.max_running_keys = 10;
+    let users = 100;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, shard) = s.start_on(Some(listener));
+    let mut matches = s.matches().await;
+    // Each user's first buy: a partial match per key, 100 keys running.
+    let first: Vec<Event> = (0..users).map(|u| buy(u, 1_000 + u)).collect();
+    s.send_frame(&first, Some(1_000 + users), 0).await;
+    // A checkpoint stores them, then passivates all but the 10 used last.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metric(&url, "cepheid_shard_passivated_for_bound_total").await < (users - 10) as f64 || metric(&url, "cepheid_shard_active_keys").await > 10.0 {
+        assert!(tokio::time::Instant::now() < deadline, "running keys never came down to the bound");
+        tokio::task::yield_now().await;
+    }
+    // Each user's second buy completes its match: 90 keys come back from Redis.
+    let second: Vec<Event> = (0..users).map(|u| buy(u, 5_000 + u)).collect();
+    s.send_frame(&second, Some(5_000 + users), 0).await;
+    assert_eq!(match_users(&mut matches, users as usize).await, (0..users).collect::<Vec<_>>());
+    stop.send(()).unwrap();
+    let report = shard.await.unwrap().unwrap();
+    assert!(report.restored_keys >= (users - 10) as u64, "{report:?}");
+    assert!(report.passivated_for_bound >= (users - 10) as u64, "{report:?}");
+    s.clean_up().await;
 }
