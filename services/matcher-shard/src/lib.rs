@@ -83,10 +83,11 @@ pub struct ShardConfig {
     pub passivate_after_ms: u64,
     /// At most this many key actors running in the shard (0: no bound): at
     /// each checkpoint, past this many the least recently used keys whose
-    /// state is stored are passivated too, however recently used — memory
-    /// stays bounded under a burst of new keys (a key holds ~17 KB running,
-    /// BENCHMARKS.md, "Memory"). Keys changed since the checkpoint are not
-    /// stored yet and stay until the next one.
+    /// state it stored (and that did not change since) are passivated too,
+    /// however recently used — a burst of keys that then go quiet leaves
+    /// memory at once (a key holds ~17 KB running, BENCHMARKS.md, "Memory").
+    /// Not a hard limit: keys changing faster than checkpoints complete are
+    /// never stored-and-unchanged, and stay running.
     #[serde(default)]
     pub max_running_keys: u64,
     /// A Redis command of the checkpoints (staging, commit, loading a key)
