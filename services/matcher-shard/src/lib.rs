@@ -1587,7 +1587,7 @@ impl Shard {
         Ok(())
     }
 
-        /// Drops routers not heard from for a while; their old watermarks no longer hold partitions back.
+    /// Drops routers not heard from for a while; their old watermarks no longer hold partitions back.
     async fn expire_routers(&mut self) -> anyhow::Result<()> {
         let limit = Duration::from_millis(self.cfg.router_expiry_ms);
         let mut advance = Vec::new();
