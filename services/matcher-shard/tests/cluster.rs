@@ -359,6 +359,8 @@ impl Cluster {
             checkpoint_records: 300,
             // Every idle key is passivated at each checkpoint: restores are exercised throughout.
             passivate_after_ms: 0,
+            // (Every idle key goes at each checkpoint anyway.)
+            max_running_keys: 0,
             redis_timeout_ms: ShardConfig::default().redis_timeout_ms,
             router_expiry_ms: 60_000,
             release_interval_ms: 20,
