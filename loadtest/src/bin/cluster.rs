@@ -349,6 +349,21 @@ async fn main() -> anyhow::Result<()> {
     for s in &shards {
         matched += scrape(&http, s, "cepheid_shard_matches_total").await?;
     }
+    // Each shard's keys at the end (where its memory goes): running, with state, passivated, loaded back.
+    let mut shard_keys = serde_json::Map::new();
+    for s in &shards {
+        let mut m = serde_json::Map::new();
+        for (name, metric) in [
+            ("running", "cepheid_shard_active_keys"),
+            ("stored", "cepheid_shard_stored_keys"),
+            ("passivated", "cepheid_shard_passivated_total"),
+            ("passivated_for_bound", "cepheid_shard_passivated_for_bound_total"),
+            ("restored", "cepheid_shard_restored_keys_total"),
+        ] {
+            m.insert(name.into(), serde_json::json!(scrape(&http, s, metric).await?));
+        }
+        shard_keys.insert(s.clone(), m.into());
+    }
     let deduplicated = scrape_max(&http, &a.notifier, "cepheid_notifier_deduplicated_total").await - dedup0;
     // Match records the notifier read (matches and timeouts; a record read again counts again).
     let notifier_records = scrape_max(&http, &a.notifier, "cepheid_notifier_records_total").await - read0;
@@ -455,6 +470,7 @@ async fn main() -> anyhow::Result<()> {
         "beyond_lateness_by_rule_ms": beyond_by_rule,
         "after_shard_ms": {"p50": pct(&after_shard, 0.5), "p95": pct(&after_shard, 0.95), "p99": pct(&after_shard, 0.99)},
         "rss_mib": rss,
+        "shard_keys": shard_keys,
         "cpu_seconds": cpu,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
