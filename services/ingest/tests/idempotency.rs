@@ -177,11 +177,21 @@ async fn a_post_whose_client_left_is_stored_once() {
     let body = body(n);
     // A slow broker: every answer takes 5 s.
     ingest.mock.as_ref().unwrap().broker_round_trip_time(-1, Duration::from_secs(5)).unwrap();
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
-    let err = ingest.post(&impatient, Some("batch-1"), &body).await.unwrap_err();
-    assert!(err.is_timeout(), "{err}");
-    // Sent again at once: the first post is still being stored, under the key.
+    // The client leaves (its connection dropped) once its post holds the key,
+    // long before the broker answers.
     let http = reqwest::Client::new();
+    let url = format!("{}/v1/events?source=clickstream", ingest.server.url);
+    let first = tokio::spawn(http.post(url).header("Idempotency-Key", "batch-1").body(body.clone()).send());
+    let lock = format!("{}:ingest:post:{{batch-1}}:lock", ingest.prefix);
+    let mut redis = redis::Client::open(REDIS).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !redis::cmd("EXISTS").arg(&lock).query_async::<bool>(&mut redis).await.unwrap() {
+        assert!(tokio::time::Instant::now() < deadline, "the first post never took the key");
+        tokio::task::yield_now().await;
+    }
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    // Sent again at once: the first post is still being stored, under the key.
     let (status, v, _) = ingest.post(&http, Some("batch-1"), &body).await.unwrap();
     assert_eq!(status, 409, "the first post still holds the key: {v}");
     assert!(v["error"].as_str().unwrap().contains("batch-1"), "{v}");
