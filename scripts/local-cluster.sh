@@ -64,6 +64,19 @@ start_svc() { # name, command...
   echo $! >"$dir/$name.pid"
 }
 
+wait_shared() {
+  for _ in $(seq 1 300); do
+    local held=0
+    for port in 9103 9104; do
+      n=$(curl -fsS "http://127.0.0.1:$port/metrics" 2>/dev/null | awk '$1 == "cepheid_shard_assigned_partitions" {print $2}')
+      [ "${n:-0}" -gt 0 ] 2>/dev/null && held=$((held + 1))
+    done
+    if [ "$held" -eq 2 ]; then return 0; fi
+    sleep 0.2
+  done
+  echo "the shards have not shared the keyed partitions after 60 s (carrying on; see $dir/shard-*.log)" >&2
+}
+
 start() {
   if [ -e "$dir/broker.pid" ]; then echo "already started (scripts/local-cluster.sh stop first)"; exit 1; fi
   mkdir -p "$dir/broker"
@@ -111,6 +124,10 @@ start() {
   wait_ready http://127.0.0.1:9103/readyz matcher-shard-1
   wait_ready http://127.0.0.1:9104/readyz matcher-shard-2
   wait_ready http://127.0.0.1:9102/readyz notifier
+  # Both shards hold keyed partitions: the consumer group has shared them out
+  # (the first shard to join takes all of them until the second is let in),
+  # so what is posted now is not moved between shards a few seconds later.
+  wait_shared
   cat <<MSG
 Cepheid is running.
   ingest:  http://127.0.0.1:8080/v1/events?source=clickstream   (NDJSON or a JSON array)

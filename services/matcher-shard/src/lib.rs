@@ -220,6 +220,8 @@ pub struct Report {
     /// Of them, passivated before their idle time to keep within `max_running_keys`.
     pub passivated_for_bound: u64,
     pub partitions: u64,
+    /// Keyed partitions the consumer group assigned here (held or not read yet).
+    pub assigned_partitions: u64,
     pub active_keys: u64,
     pub stored_keys: u64,
     pub partial_matches: u64,
@@ -259,7 +261,8 @@ impl Report {
             ("cepheid_shard_restored_keys_total", "counter", "Key states loaded from Redis.", self.restored_keys),
             ("cepheid_shard_passivated_total", "counter", "Key actors stopped after idling (or to keep within max_running_keys).", self.passivated),
             ("cepheid_shard_passivated_for_bound_total", "counter", "Key actors stopped before their idle time to keep within max_running_keys.", self.passivated_for_bound),
-            ("cepheid_shard_partitions", "gauge", "Partitions held.", self.partitions),
+            ("cepheid_shard_partitions", "gauge", "Partitions held (taken on their first record).", self.partitions),
+            ("cepheid_shard_assigned_partitions", "gauge", "Keyed partitions the consumer group assigned to this shard, held or not read yet.", self.assigned_partitions),
             ("cepheid_shard_active_keys", "gauge", "Keys with a running actor.", self.active_keys),
             ("cepheid_shard_stored_keys", "gauge", "Keys with state, running or passivated.", self.stored_keys),
             ("cepheid_shard_partial_matches", "gauge", "Partial matches held by running actors.", self.partial_matches),
@@ -1648,6 +1651,7 @@ impl Shard {
     async fn follow_assignment(&mut self, consumer: &mut Consumer, assigned: &mut HashSet<i32>) {
         if let Some(now) = consumer.assignment_changed() {
             *assigned = now.iter().filter(|(t, _)| *t == self.cfg.keyed_topic).map(|(_, p)| *p).collect();
+            self.report.assigned_partitions = assigned.len() as u64;
             let gone: Vec<i32> = self.parts.keys().filter(|p| !assigned.contains(p)).copied().collect();
             for p in gone {
                 self.release(p, consumer).await;
