@@ -35,6 +35,13 @@ fn random_flink_cases() {
     run_dir("conformance-random");
 }
 
+/// Cepheid's own cases: where the spec parts from Flink, and rules found by
+/// `tools/flink-oracle` (Flink's results where it gives one).
+#[test]
+fn cepheid_cases() {
+    run_dir("cepheid");
+}
+
 #[test]
 fn example_rule_tests() {
     run_dir("../rules/examples/tests");

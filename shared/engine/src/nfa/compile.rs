@@ -124,8 +124,10 @@ pub fn build_nfa(rule: &CompiledRule) -> Nfa {
     let expr_reads_stages: Vec<bool> = c.exprs.iter().map(|e| e.reads_stages()).collect();
     let history_free = (0..c.states.len()).map(|s| history_free(&c.states, &expr_reads_stages, s as StateId)).collect();
     let has_stage_windows = c.states.iter().any(|s| s.window.is_some());
+    let proceed_cycles = proceed_cycles(&c.states);
     Nfa {
         history_free,
+        proceed_cycles,
         has_stage_windows,
         states: c.states,
         start,
@@ -150,6 +152,26 @@ fn cond_reads_stages(c: &Cond, reads: &[bool]) -> bool {
         Cond::And(a, b) => cond_reads_stages(a, reads) || cond_reads_stages(b, reads),
         Cond::Or(v) => v.iter().any(|x| cond_reads_stages(x, reads)),
     }
+}
+
+/// Do PROCEED edges (whatever their conditions) form a cycle?
+fn proceed_cycles(states: &[State]) -> bool {
+    // 0 unseen, 1 on the current path, 2 done
+    fn visit(states: &[State], s: usize, mark: &mut [u8]) -> bool {
+        mark[s] = 1;
+        for t in &states[s].transitions {
+            if t.action == Action::Proceed {
+                let x = t.target as usize;
+                if mark[x] == 1 || (mark[x] == 0 && visit(states, x, mark)) {
+                    return true;
+                }
+            }
+        }
+        mark[s] = 2;
+        false
+    }
+    let mut mark = vec![0u8; states.len()];
+    (0..states.len()).any(|s| mark[s] == 0 && visit(states, s, &mut mark))
 }
 
 /// No condition reachable from `s` through PROCEED edges reads stage history.

@@ -88,6 +88,35 @@ pub struct Nfa {
     pub history_free: Vec<bool>,
     /// Some state has a stage window.
     pub has_stage_windows: bool,
+    /// PROCEED edges form a cycle (a group repeating without bound whose every stage can be
+    /// passed without an event). Flink's NFA follows such a cycle for ever; walks over PROCEED
+    /// edges here do not enter a state already on their path. No other rule has one, and
+    /// there nothing changes.
+    pub proceed_cycles: bool,
+}
+
+/// The states on a walk's current path over PROCEED edges (tracked only when the NFA has
+/// PROCEED cycles): a walk pops `(state, depth)` entries depth-first, so the path to an entry
+/// at depth `d` is `path[..d]` when it is popped.
+#[derive(Default)]
+pub struct ProceedPath {
+    path: Vec<StateId>,
+}
+
+impl ProceedPath {
+    /// Records `s`, popped at depth `d`.
+    #[inline]
+    pub fn visit(&mut self, nfa: &Nfa, s: StateId, d: u32) {
+        if nfa.proceed_cycles {
+            self.path.truncate(d as usize);
+            self.path.push(s);
+        }
+    }
+    /// May a walk proceed into `t` from the state visited last?
+    #[inline]
+    pub fn may_enter(&self, nfa: &Nfa, t: StateId) -> bool {
+        !nfa.proceed_cycles || !self.path.contains(&t)
+    }
 }
 
 impl Nfa {

@@ -10,7 +10,7 @@ use cepheid_types::Event;
 
 use super::buffer::{EventId, NodeId, Path, SharedBuffer};
 use super::dewey::Dewey;
-use super::model::{Action, Cond, Nfa, StateId, StateKind};
+use super::model::{Action, Cond, Nfa, ProceedPath, StateId, StateKind};
 use super::pq::{JavaPq, PqKey};
 
 /// A partial match (Flink's `ComputationState`).
@@ -297,13 +297,16 @@ impl NfaState {
         }
         let cx = Ctx { nfa, event, aggs: None };
         let is_start = nfa.is_start(state);
-        let mut stack = vec![state];
+        let mut stack = vec![(state, 0u32)];
+        let mut path = ProceedPath::default();
         let (mut takes, mut ignores, mut self_ignores) = (0, 0, 0);
-        while let Some(s) = stack.pop() {
+        while let Some((s, d)) = stack.pop() {
+            path.visit(nfa, s, d);
             for t in &nfa.states[s as usize].transitions {
                 if check(nfa, &t.cond, &cx, cache) {
                     match t.action {
-                        Action::Proceed => stack.push(t.target),
+                        Action::Proceed if path.may_enter(nfa, t.target) => stack.push((t.target, d + 1)),
+                        Action::Proceed => {}
                         Action::Take => takes += 1,
                         Action::Ignore if t.target == state => self_ignores += 1,
                         Action::Ignore => ignores += 1,
@@ -443,8 +446,10 @@ impl NfaState {
         };
         // (state, deadline owed for windows of states proceeded through)
         let owed0 = if is_start { None } else { cs.deadline };
-        let mut stack: Vec<(StateId, Option<i64>)> = vec![(cs.state, owed0)];
-        while let Some((s, owed)) = stack.pop() {
+        let mut stack: Vec<(StateId, Option<i64>, u32)> = vec![(cs.state, owed0, 0)];
+        let mut path = ProceedPath::default();
+        while let Some((s, owed, d)) = stack.pop() {
+            path.visit(nfa, s, d);
             let own = if is_start { None } else { nfa.states[s as usize].window.map(|w| cs.prev_ts.saturating_add(w)) };
             for t in &nfa.states[s as usize].transitions {
                 if !check(nfa, &t.cond, &cx, cache) {
@@ -452,7 +457,8 @@ impl NfaState {
                 }
                 match t.action {
                     // Proceeding skips this state's stage: its window stays owed.
-                    Action::Proceed => stack.push((t.target, min(owed, own))),
+                    Action::Proceed if path.may_enter(nfa, t.target) => stack.push((t.target, min(owed, own), d + 1)),
+                    Action::Proceed => {}
                     Action::Take => {
                         // Stage windows are enforced on every take (the spec's
                         // rule; Flink checks only while resting in the stage).
@@ -569,14 +575,16 @@ impl NfaState {
     }
 
     fn final_after_proceed(&self, nfa: &Nfa, from: StateId, cx: &Ctx, cache: &mut CondCache) -> bool {
-        let mut stack = vec![from];
-        while let Some(s) = stack.pop() {
+        let mut stack = vec![(from, 0u32)];
+        let mut path = ProceedPath::default();
+        while let Some((s, d)) = stack.pop() {
+            path.visit(nfa, s, d);
             for t in &nfa.states[s as usize].transitions {
-                if t.action == Action::Proceed && check(nfa, &t.cond, cx, cache) {
+                if t.action == Action::Proceed && path.may_enter(nfa, t.target) && check(nfa, &t.cond, cx, cache) {
                     if nfa.kind(t.target) == StateKind::Final {
                         return true;
                     }
-                    stack.push(t.target);
+                    stack.push((t.target, d + 1));
                 }
             }
         }
@@ -629,13 +637,16 @@ impl Nfa {
     pub fn can_start(&self, event: &Event, cache: &mut CondCache) -> bool {
         cache.reset(self.exprs.len());
         let cx = Ctx { nfa: self, event, aggs: None };
-        let mut stack = vec![self.start];
-        while let Some(s) = stack.pop() {
+        let mut stack = vec![(self.start, 0u32)];
+        let mut path = ProceedPath::default();
+        while let Some((s, d)) = stack.pop() {
+            path.visit(self, s, d);
             for t in &self.states[s as usize].transitions {
                 if check(self, &t.cond, &cx, cache) {
                     match t.action {
                         Action::Take => return true,
-                        Action::Proceed => stack.push(t.target),
+                        Action::Proceed if path.may_enter(self, t.target) => stack.push((t.target, d + 1)),
+                        Action::Proceed => {}
                         Action::Ignore => {}
                     }
                 }
