@@ -35,6 +35,12 @@ fn random_flink_cases() {
     run_dir("conformance-random");
 }
 
+/// Random cases drawn by `tools/flink-oracle`, Flink 2.3's results.
+#[test]
+fn oracle_flink_cases() {
+    run_dir("conformance-oracle");
+}
+
 /// Cepheid's own cases: where the spec parts from Flink, and rules found by
 /// `tools/flink-oracle` (Flink's results where it gives one).
 #[test]
