@@ -661,24 +661,17 @@ public class Oracle {
 
     static Object arith(String op, Object a, Object b) {
         if (!(a instanceof Number) || !(b instanceof Number)) return null;
-        if (a instanceof Long && b instanceof Long) {
-            long x = (Long) a, y = (Long) b;
-            switch (op) {
-                case "+": return x + y;
-                case "-": return x - y;
-                case "*": return x * y;
-                case "/": return y == 0 ? null : x / y;
-                default: return y == 0 ? null : x % y;
-            }
-        }
+        boolean ints = a instanceof Long && b instanceof Long; // integer op integer stays an integer
         double x = ((Number) a).doubleValue(), y = ((Number) b).doubleValue();
-        switch (op) {
-            case "+": return x + y;
-            case "-": return x - y;
-            case "*": return x * y;
-            case "/": return y == 0 ? null : x / y;
-            default: return y == 0 ? null : x % y;
-        }
+        long p = ((Number) a).longValue(), q = ((Number) b).longValue();
+        if ((op.equals("/") || op.equals("%")) && y == 0) return null;
+        return switch (op) {
+            case "+" -> ints ? (Object) (p + q) : (Object) (x + y);
+            case "-" -> ints ? (Object) (p - q) : (Object) (x - y);
+            case "*" -> ints ? (Object) (p * q) : (Object) (x * y);
+            case "/" -> ints ? (Object) (p / q) : (Object) (x / y);
+            default -> ints ? (Object) (p % q) : (Object) (x % y);
+        };
     }
 
     // ---- keyed state in plain Java maps (one key), enough for SharedBuffer ----
