@@ -413,28 +413,23 @@ public class Oracle {
         }
 
         Expr or() {
-            Expr l = and();
-            while (eatKw("OR")) {
-                Expr a = l, b = and();
-                l = (ev, ctx) -> {
-                    Object x = a.eval(ev, ctx), y = b.eval(ev, ctx);
-                    if (Boolean.TRUE.equals(x) || Boolean.TRUE.equals(y)) return true;
-                    if (x == null || y == null) return null;
-                    return false;
-                };
-            }
-            return l;
+            return junction("OR", this::and, true);
         }
 
         Expr and() {
-            Expr l = not();
-            while (eatKw("AND")) {
-                Expr a = l, b = not();
+            return junction("AND", this::not, false);
+        }
+
+        /** `next (kw next)*`: OR when `decides` is true (TRUE decides it), AND when false. */
+        Expr junction(String kw, java.util.function.Supplier<Expr> next, boolean decides) {
+            Expr l = next.get();
+            while (eatKw(kw)) {
+                Expr a = l, b = next.get();
                 l = (ev, ctx) -> {
                     Object x = a.eval(ev, ctx), y = b.eval(ev, ctx);
-                    if (Boolean.FALSE.equals(x) || Boolean.FALSE.equals(y)) return false;
+                    if (Boolean.valueOf(decides).equals(x) || Boolean.valueOf(decides).equals(y)) return decides;
                     if (x == null || y == null) return null;
-                    return true;
+                    return !decides;
                 };
             }
             return l;

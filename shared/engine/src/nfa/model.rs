@@ -88,10 +88,11 @@ pub struct Nfa {
     pub history_free: Vec<bool>,
     /// Some state has a stage window.
     pub has_stage_windows: bool,
-    /// PROCEED edges form a cycle (a group repeating without bound whose every stage can be
-    /// passed without an event). Flink's NFA follows such a cycle for ever; walks over PROCEED
-    /// edges here do not enter a state already on their path. No other rule has one, and
-    /// there nothing changes.
+    /// PROCEED edges form a cycle (e.g. a group repeating without bound whose every stage can
+    /// be passed without an event). Flink's NFA follows such a cycle for ever once it enters
+    /// it; walks over PROCEED edges here then do not enter a state already on their path.
+    /// Only these rules track a path, and where Flink returns its walks never come back to a
+    /// state on their path, so their results are Flink's.
     pub proceed_cycles: bool,
 }
 
